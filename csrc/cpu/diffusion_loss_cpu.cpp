@@ -1,0 +1,71 @@
+// CPU kernel of ddrl::diffusion_loss_rows: one pass computes each row's mean squared residual
+// and, when asked, writes d(row loss)/d(pred) so the backward pass only rescales it.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "../row_inputs.h"
+#include "row_reduce_cpu.h"
+
+namespace ddrl::cpu {
+namespace {
+
+template <typename scalar_t, bool kGrad>
+void run(const at::Tensor& pred, const at::Tensor& x0, const at::Tensor& noise,
+         const at::Tensor& noise_coef, const at::Tensor& data_coef, int64_t rows, int64_t cols,
+         at::Tensor& row_loss, at::Tensor& grad) {
+  const scalar_t* p = pred.data_ptr<scalar_t>();
+  const scalar_t* d = x0.data_ptr<scalar_t>();
+  const scalar_t* e = noise.data_ptr<scalar_t>();
+  scalar_t* g = kGrad ? grad.data_ptr<scalar_t>() : nullptr;
+  const float* nc = noise_coef.data_ptr<float>();
+  const float* dc = data_coef.data_ptr<float>();
+  const int64_t nc_s = noise_coef.stride(0), dc_s = data_coef.stride(0);
+  float* out = row_loss.data_ptr<float>();
+  const float gscale = diffusion_grad_scale(cols);
+
+  reduce_rows(
+      rows, cols,
+      [&](int64_t row, int64_t start, int64_t count) {
+        const int64_t base = row * cols + start;
+        const float a = coef_at(nc, nc_s, row), b = coef_at(dc, dc_s, row);
+        const scalar_t *pp = p + base, *dd = d + base, *ee = e + base;
+        scalar_t* gg = kGrad ? g + base : nullptr;
+        return sum_chunk(count, [&](int64_t j) {
+          const float r = diffusion_residual(float(pp[j]), float(dd[j]), float(ee[j]), a, b);
+          if constexpr (kGrad) gg[j] = scalar_t(r * gscale);
+          return r * r;
+        });
+      },
+      [&](int64_t row, float sum_sq) { out[row] = diffusion_row_loss(sum_sq, cols); });
+}
+
+std::tuple<at::Tensor, at::Tensor> diffusion_loss_rows_cpu(
+    const at::Tensor& pred, const at::Tensor& x0, const at::Tensor& noise,
+    const at::Tensor& noise_coef, const at::Tensor& data_coef, bool write_grad) {
+  const char* op = "ddrl.diffusion_loss";
+  RowInputs in = prepare_row_inputs(op, {{"pred", &pred}, {"x0", &x0}, {"noise", &noise}});
+  check_row_coef(op, "noise_coef", noise_coef, in.rows, pred.device());
+  check_row_coef(op, "data_coef", data_coef, in.rows, pred.device());
+
+  at::Tensor row_loss = at::empty({in.rows}, pred.options().dtype(at::kFloat));
+  at::Tensor grad = write_grad ? at::empty(pred.sizes(), pred.options().dtype(in.dtype))
+                               : at::empty({0}, pred.options().dtype(in.dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.dtype, "diffusion_loss_cpu", [&] {
+    if (write_grad) {
+      run<scalar_t, true>(in.dense[0], in.dense[1], in.dense[2], noise_coef, data_coef, in.rows,
+                          in.cols, row_loss, grad);
+    } else {
+      run<scalar_t, false>(in.dense[0], in.dense[1], in.dense[2], noise_coef, data_coef, in.rows,
+                           in.cols, row_loss, grad);
+    }
+  });
+  return {row_loss, grad};
+}
+
+}  // namespace
+}  // namespace ddrl::cpu
+
+TORCH_LIBRARY_IMPL(ddrl, CPU, m) {
+  m.impl("diffusion_loss_rows", &ddrl::cpu::diffusion_loss_rows_cpu);
+}

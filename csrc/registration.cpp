@@ -1,0 +1,27 @@
+// The schemas of every ddrl op, in one place. Kernels register per backend in
+// csrc/cpu/*.cpp and csrc/cuda/*.cpp; the Python side (ddrl_engine/ops) adds fake kernels,
+// autograd and the public functions.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing ddrl_engine._C loads this library, whose static initialisers register the ops.
+// The module itself is empty (the pytorch/extension-cpp pattern).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(ddrl, m) {
+  // Per-row mean squared diffusion residual [rows] (fp32) and, when write_grad, the gradient of
+  // each row's loss w.r.t. pred (same shape as pred, in the inputs' common dtype; else empty).
+  m.def(
+      "diffusion_loss_rows(Tensor pred, Tensor x0, Tensor noise, Tensor noise_coef, "
+      "Tensor data_coef, bool write_grad) -> (Tensor, Tensor)");
+  // Per-row Gaussian log-density of x_next under N(mu, std^2) [rows] (fp32) and, when
+  // write_grad, d lp / d mu (same shape as x_next, in the inputs' common dtype; else empty).
+  m.def(
+      "step_logprob_rows(Tensor x_next, Tensor x, Tensor model_out, Tensor? offset, "
+      "Tensor x_coef, Tensor out_coef, Tensor std, bool mean, bool write_grad) -> (Tensor, Tensor)");
+  // out[i, ...] = src[i, ...] * scale[i] in fp32, written in `dtype` (the backward pass).
+  m.def("scale_rows(Tensor src, Tensor scale, ScalarType dtype) -> Tensor");
+}

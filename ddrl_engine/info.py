@@ -1,0 +1,41 @@
+"""`python -m ddrl_engine.info`: what the extension was built with and what can run here."""
+from __future__ import annotations
+
+import torch
+
+from ddrl_engine._loader import build_info, cuda_ops_available
+
+OPS = ("diffusion_loss_rows", "step_logprob_rows", "scale_rows")
+
+
+def op_backends(name: str) -> list[str]:
+    return [key for key in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(f"ddrl::{name}", key)]
+
+
+def report() -> str:
+    import ddrl_engine  # noqa: F401  (loads the extension)
+
+    info = build_info()
+    lines = ["ddrl-engine build:"]
+    for key in ("torch_version", "torch_cuda_version", "with_cuda", "no_cuda_reason", "cuda_arch_list", "nvcc"):
+        if info.get(key) not in ("", None) or key == "with_cuda":
+            lines.append(f"  {key:20s} {info.get(key)}")
+    lines.append("runtime:")
+    lines.append(f"  torch                {torch.__version__}")
+    ok, why = cuda_ops_available()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    lines.append(f"  cuda device          {gpu}")
+    lines.append(f"  cuda ops usable      {ok}{'' if ok else f' ({why})'}")
+    lines.append("ops (torch.ops.ddrl.*):")
+    for name in OPS:
+        lines.append(f"  {name:20s} {', '.join(op_backends(name)) or 'no kernels'}")
+    from ddrl_engine.attention import available_backends
+
+    lines.append("attention backends:")
+    for name, (usable, reason) in available_backends().items():
+        lines.append(f"  {name:20s} {'yes' if usable else 'no (' + reason + ')'}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())

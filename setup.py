@@ -1,0 +1,93 @@
+"""Builds ddrl_engine._C from csrc/ (flags and source globs live in csrc/build_config.json).
+
+Environment:
+  DDRL_ENGINE_CUDA=0        force a CPU-only build even when nvcc is found
+  TORCH_CUDA_ARCH_LIST      CUDA archs (default "9.0a"; e.g. "8.0;9.0a" to add A100)
+  CUDA_HOME                 the CUDA toolkit (default: what torch finds, e.g. /usr/local/cuda)
+  MAX_JOBS                  parallel compile jobs (ninja)
+"""
+import glob
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = Path(__file__).parent
+CONFIG = json.loads((ROOT / "csrc" / "build_config.json").read_text())
+
+
+def sources(patterns):
+    return sorted(str(p) for pattern in patterns for p in glob.glob(str(ROOT / pattern)))
+
+
+def nvcc_version():
+    nvcc = Path(cpp_extension.CUDA_HOME or "/usr/local/cuda") / "bin" / "nvcc"
+    out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True).stdout
+    return out.strip().splitlines()[-1] if out else "unknown"
+
+
+def want_cuda():
+    if os.environ.get("DDRL_ENGINE_CUDA", "1") == "0":
+        return False, "DDRL_ENGINE_CUDA=0"
+    if cpp_extension.CUDA_HOME is None:
+        return False, "nvcc not found (set CUDA_HOME)"
+    import torch
+
+    if torch.version.cuda is None:
+        return False, "the installed torch is a CPU-only build"
+    return True, ""
+
+
+WITH_CUDA, NO_CUDA_REASON = want_cuda()
+if WITH_CUDA:
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CONFIG["default_cuda_arch_list"])
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """Writes ddrl_engine/_build_info.json next to the extension: what it was built against."""
+
+    def run(self):
+        import torch
+
+        info = {
+            "torch_version": torch.__version__,
+            "torch_cuda_version": torch.version.cuda,
+            "with_cuda": WITH_CUDA,
+            "no_cuda_reason": NO_CUDA_REASON,
+            "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST", "") if WITH_CUDA else "",
+            "nvcc": nvcc_version() if WITH_CUDA else "",
+            "cxx_flags": CONFIG["cxx_flags"],
+            "nvcc_flags": CONFIG["nvcc_flags"] if WITH_CUDA else [],
+        }
+        (ROOT / "ddrl_engine" / "_build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        super().run()
+
+
+def extension():
+    include_dirs = [str(ROOT / d) for d in CONFIG["include_dirs"]]
+    extra = {"cxx": CONFIG["cxx_flags"]}
+    srcs = sources(CONFIG["cpu_sources"])
+    if WITH_CUDA:
+        srcs += sources(CONFIG["cuda_sources"])
+        extra["nvcc"] = CONFIG["nvcc_flags"]
+        make = cpp_extension.CUDAExtension
+    else:
+        make = cpp_extension.CppExtension
+    return make(
+        "ddrl_engine._C",
+        [os.path.relpath(s, ROOT) for s in srcs],
+        include_dirs=include_dirs,
+        extra_compile_args=extra,
+        extra_link_args=CONFIG["link_flags"],
+    )
+
+
+setup(
+    packages=find_packages(include=["ddrl_engine", "ddrl_engine.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+    package_data={"ddrl_engine": ["configs/*.toml"]},
+)
