@@ -13,7 +13,13 @@ import subprocess
 from pathlib import Path
 
 from setuptools import find_packages, setup
-from torch.utils import cpp_extension
+
+# torch guesses CUDA_HOME from `which nvcc`, which is wrong when nvcc is a symlink outside the
+# toolkit (e.g. /usr/local/bin/nvcc); prefer the standard prefix when nothing was set.
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and Path("/usr/local/cuda/bin/nvcc").exists():
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME at import)
 
 ROOT = Path(__file__).parent
 CONFIG = json.loads((ROOT / "csrc" / "build_config.json").read_text())

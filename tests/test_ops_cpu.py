@@ -1,0 +1,261 @@
+"""The fused ops on CPU against float64 references: values, gradients, layouts, errors,
+batch invariance, opcheck and torch.compile."""
+import pytest
+import torch
+
+import ddrl_engine  # noqa: F401
+from ddrl_engine import ops
+from ddrl_engine.ops.reference import diffusion_loss_ref, step_logprob_ref
+from tests.tolerances import reduction_tol, tol
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(1, 1), (3, 7), (2, 8193), (2, 3, 5, 8, 8), (4, 2, 4099)]
+
+
+def rand(shape, dtype, requires_grad=False):
+    return torch.randn(shape, dtype=dtype).requires_grad_(requires_grad)
+
+
+def coef(kind, n):
+    return 0.37 if kind == "float" else torch.rand(n) * 2 - 1
+
+
+def leaf64(t):
+    return t.detach().double().requires_grad_(t.requires_grad)
+
+
+def assert_grads(pairs):
+    for got, want in pairs:
+        assert got is not None and want is not None
+        torch.testing.assert_close(got.double(), want, **tol(got.dtype))
+
+
+# ---- diffusion_loss ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_diffusion_loss_matches_float64(shape, dtype, reduction, seed):
+    n = shape[0]
+    pred, x0, noise = (rand(shape, dtype, True) for _ in range(3))
+    nc, dc, w = coef("tensor", n), coef("float", n), torch.rand(n) + 0.5
+    kw = dict(noise_coef=nc, data_coef=dc, weight=w, reduction=reduction)
+    got = ops.diffusion_loss(pred, x0, noise, **kw)
+    ins64 = [leaf64(t) for t in (pred, x0, noise)]
+    want = diffusion_loss_ref(*ins64, **kw)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, **reduction_tol())
+    upstream = torch.randn_like(want)
+    (got.double() * upstream).sum().backward()
+    (want * upstream).sum().backward()
+    assert_grads([(pred.grad, ins64[0].grad), (x0.grad, ins64[1].grad), (noise.grad, ins64[2].grad)])
+
+
+@pytest.mark.parametrize("target", [(1.0, 0.0), (0.0, 1.0), (1.0, -1.0)])
+def test_diffusion_loss_standard_targets(target, seed):
+    pred, x0, noise = (torch.randn(4, 33) for _ in range(3))
+    nc, dc = target
+    got = ops.diffusion_loss(pred, x0, noise, noise_coef=nc, data_coef=dc, reduction="none")
+    want = ((pred - (nc * noise + dc * x0)) ** 2).mean(dim=1)
+    torch.testing.assert_close(got, want)
+
+
+def test_diffusion_loss_mixed_dtypes_and_only_pred_grad(seed):
+    pred = rand((3, 40), torch.bfloat16, True)
+    x0, noise = rand((3, 40), torch.float32), rand((3, 40), torch.float16)
+    got = ops.diffusion_loss(pred, x0, noise, noise_coef=1.0, data_coef=-1.0)
+    p64 = leaf64(pred)
+    want = diffusion_loss_ref(p64, x0, noise, noise_coef=1.0, data_coef=-1.0)
+    torch.testing.assert_close(got.double(), want, **reduction_tol())
+    got.backward()
+    want.backward()
+    assert pred.grad.dtype == torch.bfloat16
+    assert_grads([(pred.grad, p64.grad)])
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided", "expanded"])
+def test_diffusion_loss_non_contiguous(layout, seed):
+    base = torch.randn(6, 10, 12)
+    if layout == "transposed":
+        pred = base.transpose(1, 2)
+    elif layout == "strided":
+        pred = base[:, ::2, 1:]
+    else:
+        pred = torch.randn(6, 1, 12).expand(6, 10, 12)
+    assert not pred.is_contiguous()
+    pred = pred.requires_grad_() if pred.is_leaf else pred.detach().requires_grad_()
+    x0, noise = torch.randn(pred.shape), torch.randn(pred.shape)
+    got = ops.diffusion_loss(pred, x0, noise, noise_coef=0.5, data_coef=0.5, reduction="none")
+    want = diffusion_loss_ref(pred.contiguous(), x0, noise, noise_coef=0.5, data_coef=0.5, reduction="none")
+    torch.testing.assert_close(got.double(), want, **reduction_tol())
+    got.sum().backward()
+    torch.testing.assert_close(pred.grad, (2 * (pred - 0.5 * noise - 0.5 * x0) / pred[0].numel()).detach())
+
+
+def test_diffusion_loss_zero_rows():
+    z = torch.randn(0, 5, requires_grad=True)
+    assert ops.diffusion_loss(z, z, z, noise_coef=1.0, data_coef=0.0, reduction="none").shape == (0,)
+    total = ops.diffusion_loss(z, z, z, noise_coef=1.0, data_coef=0.0, reduction="sum")
+    total.backward()
+    assert total.item() == 0.0 and z.grad.shape == (0, 5)
+
+
+# ---- step_logprob -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("with_offset", [False, True])
+def test_step_logprob_matches_float64(shape, dtype, reduction, with_offset, seed):
+    n = shape[0]
+    x, model_out = rand(shape, dtype, True), rand(shape, dtype, True)
+    offset = rand(shape, dtype, True) if with_offset else None
+    std = torch.rand(n) + 0.2
+    xc, oc = coef("tensor", n), coef("float", n)
+    mu = (xc.reshape(-1, *[1] * (len(shape) - 1)) * x.detach().float() + oc * model_out.detach().float())
+    x_next = (mu + 0.7 * torch.randn(shape)).to(dtype).requires_grad_()
+    kw = dict(x_coef=xc, out_coef=oc, std=std, reduction=reduction)
+    got = ops.step_logprob(x_next, x, model_out, offset=offset, **kw)
+    ins64 = [None if t is None else leaf64(t) for t in (x_next, x, model_out, offset)]
+    want = step_logprob_ref(*ins64[:3], offset=ins64[3], **kw)
+    assert got.shape == (n,) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, **reduction_tol())
+    upstream = torch.randn(n, dtype=torch.float64)
+    (got.double() * upstream).sum().backward()
+    (want * upstream).sum().backward()
+    pairs = [(a.grad, b.grad) for a, b in zip((x_next, x, model_out, offset), ins64) if a is not None]
+    # Gradient scale grows with 1/std^2 and the element count; compare relative to its size.
+    for got_g, want_g in pairs:
+        scale = want_g.abs().max().clamp_min(1e-12)
+        torch.testing.assert_close(got_g.double() / scale, want_g / scale, **tol(got_g.dtype))
+
+
+def test_step_logprob_is_gaussian_density(seed):
+    # Sum reduction of an [N, 1] row is exactly the scalar normal log-density.
+    x_next, x, out = torch.randn(5, 1), torch.randn(5, 1), torch.randn(5, 1)
+    lp = ops.step_logprob(x_next, x, out, x_coef=0.8, out_coef=-0.3, std=0.6, reduction="sum")
+    want = torch.distributions.Normal(0.8 * x - 0.3 * out, 0.6).log_prob(x_next).squeeze(1)
+    torch.testing.assert_close(lp, want)
+
+
+def test_step_logprob_grad_only_model_out(seed):
+    x_next, x = torch.randn(3, 50), torch.randn(3, 50)
+    out = torch.randn(3, 50, requires_grad=True)
+    lp = ops.step_logprob(x_next, x, out, x_coef=1.0, out_coef=-0.1, std=0.3)
+    lp.sum().backward()
+    want = (x_next - (x - 0.1 * out.detach())) / 0.09 * -0.1 / 50
+    torch.testing.assert_close(out.grad, want, rtol=1e-5, atol=1e-6)
+
+
+# ---- properties shared by both ops --------------------------------------------------------
+
+@pytest.mark.parametrize("cols", [7, 8192, 20001])
+def test_batch_invariance_bitwise(cols, seed):
+    """A row's result must not depend on what else is in the batch (on-policy ratio == 1)."""
+    n = 9
+    a, b, c = (torch.randn(n, cols) for _ in range(3))
+    std = torch.rand(n) + 0.1
+    full_lp = ops.step_logprob(a, b, c, x_coef=0.9, out_coef=-0.2, std=std)
+    full_dl = ops.diffusion_loss(a, b, c, noise_coef=1.0, data_coef=-1.0, reduction="none")
+    for i in (0, 4, n - 1):
+        one_lp = ops.step_logprob(a[i:i + 1], b[i:i + 1], c[i:i + 1], x_coef=0.9, out_coef=-0.2, std=std[i:i + 1])
+        one_dl = ops.diffusion_loss(a[i:i + 1], b[i:i + 1], c[i:i + 1], noise_coef=1.0, data_coef=-1.0, reduction="none")
+        assert torch.equal(one_lp, full_lp[i:i + 1])
+        assert torch.equal(one_dl, full_dl[i:i + 1])
+    sub = ops.step_logprob(a[2:7], b[2:7], c[2:7], x_coef=0.9, out_coef=-0.2, std=std[2:7])
+    assert torch.equal(sub, full_lp[2:7])
+
+
+def test_thread_count_does_not_change_results(seed):
+    a, b, c = (torch.randn(4, 50000) for _ in range(3))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.step_logprob(a, b, c, x_coef=1.0, out_coef=0.5, std=0.4)
+        torch.set_num_threads(max(2, before))
+        many = ops.step_logprob(a, b, c, x_coef=1.0, out_coef=0.5, std=0.4)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, many)
+
+
+def _bad(fn, exc, match):
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+def test_bad_inputs_name_the_argument():
+    t = torch.randn(3, 4)
+    dl = ops.diffusion_loss
+    sl = ops.step_logprob
+    _bad(lambda: dl(t, torch.randn(3, 5), t, noise_coef=1.0, data_coef=0.0), ValueError, "'x0' has shape")
+    _bad(lambda: dl(t, t, t, noise_coef=torch.ones(2), data_coef=0.0), ValueError, "'noise_coef' must have shape \\[3\\]")
+    _bad(lambda: dl(t, t.long(), t, noise_coef=1.0, data_coef=0.0), TypeError, "'x0' must be float32")
+    _bad(lambda: dl(t, t, t, noise_coef=1.0, data_coef=0.0, reduction="avg"), ValueError, "'reduction'")
+    _bad(lambda: dl(t, t, t, noise_coef=1.0, data_coef=0.0, weight=torch.ones(4)), ValueError, "'weight'")
+    _bad(lambda: dl(torch.randn(()), torch.randn(()), torch.randn(()), noise_coef=1.0, data_coef=0.0), ValueError, "at least 1 dimension")
+    _bad(lambda: dl(t, t, t.to("meta"), noise_coef=1.0, data_coef=0.0), ValueError, "'noise' is on meta")
+    _bad(lambda: dl(torch.randn(3, 0), torch.randn(3, 0), torch.randn(3, 0), noise_coef=1.0, data_coef=0.0), ValueError, "no elements")
+    _bad(lambda: dl(t, t, t, noise_coef=float("nan"), data_coef=0.0), ValueError, "finite")
+    _bad(lambda: sl(t, t, t, x_coef=1.0, out_coef=1.0, std=0.0), ValueError, "'std' must be > 0")
+    _bad(lambda: sl(t, t, t, x_coef=1.0, out_coef=1.0, std=torch.tensor([0.1, -1.0, 0.2])), RuntimeError, "'std' must be > 0")
+    _bad(lambda: sl(t, t, t, x_coef=1.0, out_coef=1.0, std=1.0, reduction="none"), ValueError, "'reduction'")
+    _bad(lambda: sl(t, t, t, x_coef=torch.ones(3, 1), out_coef=1.0, std=1.0), ValueError, "'x_coef' must have shape")
+    _bad(lambda: sl(t, t, t.int(), x_coef=1.0, out_coef=1.0, std=1.0), TypeError, "'model_out'")
+    _bad(lambda: sl(t, t, t, x_coef=1.0, out_coef=1.0, std=1.0, offset=torch.randn(3, 3)), ValueError, "'offset' has shape")
+    _bad(lambda: sl(t, t, t, x_coef=torch.ones(3, dtype=torch.int64), out_coef=1.0, std=1.0), TypeError, "'x_coef' must be a floating")
+
+
+def test_raw_op_checks_in_cpp():
+    """Direct torch.ops calls (bypassing the Python wrapper) are still checked, naming the argument."""
+    t = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="'noise_coef' has length 2"):
+        torch.ops.ddrl.diffusion_loss_rows(t, t, t, torch.ones(2), torch.ones(3), False)
+    with pytest.raises(RuntimeError, match="'x' has shape"):
+        torch.ops.ddrl.step_logprob_rows(t, torch.randn(3, 5), t, None, torch.ones(3), torch.ones(3), torch.ones(3), True, False)
+    with pytest.raises(RuntimeError, match="'std' must be float32"):
+        torch.ops.ddrl.step_logprob_rows(t, t, t, None, torch.ones(3), torch.ones(3), torch.ones(3).double(), True, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
+    x = torch.randn(4, 3, 6, dtype=dtype)
+    coefs = [torch.rand(4) for _ in range(3)]
+    for write_grad in (False, True):
+        xr = x.clone().requires_grad_(write_grad)
+        torch.library.opcheck(torch.ops.ddrl.diffusion_loss_rows.default, (xr, x.clone(), x.clone(), coefs[0], coefs[1], write_grad))
+        torch.library.opcheck(torch.ops.ddrl.step_logprob_rows.default,
+                              (x.clone(), x.clone(), xr, None, coefs[0], coefs[1], coefs[2] + 0.1, True, write_grad))
+        torch.library.opcheck(torch.ops.ddrl.step_logprob_rows.default,
+                              (x.clone(), x.clone(), xr, x.clone(), coefs[0], coefs[1], coefs[2] + 0.1, False, write_grad))
+    torch.library.opcheck(torch.ops.ddrl.scale_rows.default, (x, coefs[0], torch.float16))
+
+
+def test_torch_compile_fullgraph(seed):
+    def step(pred, x0, noise, x_next, x, std):
+        dl = ops.diffusion_loss(pred, x0, noise, noise_coef=1.0, data_coef=-1.0)
+        lp = ops.step_logprob(x_next, x, pred, x_coef=0.95, out_coef=-0.05, std=std)
+        return dl + lp.mean()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    pred = torch.randn(4, 2, 8, 8, requires_grad=True)
+    others = [torch.randn(4, 2, 8, 8) for _ in range(4)]
+    std = torch.rand(4) + 0.5
+    eager_out = step(pred, *others, std)
+    (g_eager,) = torch.autograd.grad(eager_out, pred)
+    out = compiled(pred, *others, std)
+    (g_comp,) = torch.autograd.grad(out, pred)
+    torch.testing.assert_close(out, eager_out)
+    torch.testing.assert_close(g_comp, g_eager)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor(seed):
+    fn = torch.compile(lambda p, a, b: ops.diffusion_loss(p, a, b, noise_coef=1.0, data_coef=-1.0), fullgraph=True)
+    p = torch.randn(3, 64, requires_grad=True)
+    a, b = torch.randn(3, 64), torch.randn(3, 64)
+    out = fn(p, a, b)
+    out.backward()
+    want = diffusion_loss_ref(p.detach(), a, b, noise_coef=1.0, data_coef=-1.0)
+    torch.testing.assert_close(out.double(), want, **reduction_tol())
+    torch.testing.assert_close(p.grad, 2 * (p - (b - a)).detach() / p.numel())

@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Forward+backward benchmark of the fused ops against PyTorch eager and torch.compile, in one run.
+
+For each op and implementation it prints milliseconds, achieved GB/s counting the minimum bytes
+(each input read once, the one input gradient written once) and that as a percent of the machine's
+copy bandwidth, measured in the same run (a device-to-device clone of the same total size), plus
+the speedups of the engine over eager and compiled. --json writes the same rows machine-readably.
+
+  python tools/bench_ops.py --device cpu --dtype fp32 --elems 8M
+  python tools/bench_ops.py --device cuda --dtype bf16 --elems 64M
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+import ddrl_engine  # noqa: F401
+from ddrl_engine import ops
+from ddrl_engine.ops.reference import diffusion_loss_eager, step_logprob_eager
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_count(s: str) -> int:
+    mult = {"K": 2**10, "M": 2**20, "G": 2**30}
+    return int(float(s[:-1]) * mult[s[-1].upper()]) if s[-1].upper() in mult else int(s)
+
+
+def timer(device: str, fn, warmup: int, iters: int) -> float:
+    """Median milliseconds of fn() over iters runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str, nbytes: int, warmup: int, iters: int) -> float:
+    """GB/s of a plain clone (read + write) moving nbytes in total: the practical ceiling."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device).fill_(1)
+    ms = timer(device, lambda: src.clone(), warmup, iters)
+    return nbytes / ms / 1e6
+
+
+def cases(rows: int, cols: int, dtype, device: str):
+    """(name, engine fn, eager fn) taking no arguments, each running forward + backward."""
+    shape = (rows, cols)
+    mk = lambda: torch.randn(shape, dtype=dtype, device=device)  # noqa: E731
+    pred, x0, noise = mk().requires_grad_(), mk(), mk()
+    x_next, x, out = mk(), mk(), mk().requires_grad_()
+    std = torch.rand(rows, device=device) + 0.5
+
+    def run(fn, leaf, *args, **kw):
+        def go():
+            leaf.grad = None
+            fn(*args, **kw).mean().backward()
+        return go
+
+    dl_kw = dict(noise_coef=1.0, data_coef=-1.0)
+    lp_kw = dict(x_coef=0.98, out_coef=-0.05, std=std)
+    return [
+        ("diffusion_loss", pred, (pred, x0, noise), dl_kw, ops.diffusion_loss, diffusion_loss_eager, run),
+        ("step_logprob", out, (x_next, x, out), lp_kw, ops.step_logprob, step_logprob_eager, run),
+    ]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    ap.add_argument("--elems", default="8M", help="elements per tensor, e.g. 8M, 64M")
+    ap.add_argument("--rows", type=int, default=8, help="rows (samples x steps) the elements are split into")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--json", help="write the result rows to this file")
+    args = ap.parse_args()
+
+    dtype, device = DTYPES[args.dtype], args.device
+    cols = parse_count(args.elems) // args.rows
+    elems = cols * args.rows
+    min_bytes = 4 * elems * dtype.itemsize  # 3 inputs read + 1 gradient written
+    ceiling = copy_bandwidth(device, min_bytes, args.warmup, args.iters)
+    machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"# bench_ops: {device} ({machine}), {args.dtype}, {args.rows} x {cols} = {elems / 2**20:.1f}M elements, "
+          f"forward+backward, torch {torch.__version__}")
+    print(f"# copy ceiling measured here: {ceiling:.1f} GB/s (clone of {min_bytes / 2**20:.0f} MiB)")
+    print(f"{'op':16s} {'impl':10s} {'ms':>9s} {'GB/s':>9s} {'%copy':>7s} {'engine x':>9s}")
+    rows = []
+    for name, leaf, inputs, kw, engine, eager, run in cases(args.rows, cols, dtype, device):
+        impls = {"engine": engine, "eager": eager}
+        if not args.no_compile:
+            impls["compile"] = torch.compile(eager)
+        times = {impl: timer(device, run(fn, leaf, *inputs, **kw), args.warmup, args.iters) for impl, fn in impls.items()}
+        for impl, ms in times.items():
+            gbs = min_bytes / ms / 1e6
+            speed = times[impl] / times["engine"]
+            row = dict(op=name, impl=impl, ms=ms, gbs=gbs, pct_copy=100 * gbs / ceiling, engine_speedup=speed,
+                       device=device, machine=machine, dtype=args.dtype, elems=elems, rows=args.rows)
+            rows.append(row)
+            print(f"{name:16s} {impl:10s} {ms:9.3f} {gbs:9.1f} {row['pct_copy']:6.1f}% {speed:8.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(ceiling_gbs=ceiling, rows=rows), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
