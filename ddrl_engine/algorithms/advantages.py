@@ -1,0 +1,47 @@
+"""Group-normalised advantages (METHOD.md section 4, step 3)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def group_advantages(rewards: Tensor, group_size: int, *, eps: float = 1e-4, clip: float = 5.0,
+                     lambda_transform: bool = False, valid: Tensor | None = None,
+                     weights: Tensor | None = None) -> Tensor:
+    """rewards: [B] or [R, B] (R reward models), B = groups * group_size with each group contiguous.
+
+    A = (r - mean_G) / (std_G + eps) per reward model, averaged over models (weighted by `weights`
+    [R] when given, normalised to sum 1), optionally
+    A <- -exp(-A), then clamped to [-clip, clip]. `valid` ([B] bool) excludes dropped samples from
+    their group's statistics and gives them advantage 0 (so they contribute no policy gradient).
+    """
+    r = rewards.float()
+    if r.dim() == 1:
+        r = r.unsqueeze(0)
+    if r.dim() != 2:
+        raise ValueError(f"group_advantages: 'rewards' must be [B] or [R, B], got shape {list(rewards.shape)}")
+    num_models, batch = r.shape
+    if group_size < 1 or batch % group_size:
+        raise ValueError(f"group_advantages: batch of {batch} is not a multiple of group_size {group_size}")
+    groups = r.reshape(num_models, batch // group_size, group_size)
+    mask = torch.ones_like(groups, dtype=torch.bool) if valid is None else valid.reshape(1, -1, group_size).expand_as(groups)
+    count = mask.sum(-1, keepdim=True).clamp_min(1)
+    zeroed = torch.where(mask, groups, torch.zeros_like(groups))
+    mean = zeroed.sum(-1, keepdim=True) / count
+    # Population std over the valid members (a group of identical rewards gives A = 0).
+    var = (torch.where(mask, groups - mean, torch.zeros_like(groups)) ** 2).sum(-1, keepdim=True) / count
+    denom = var.sqrt() + eps
+    # A group whose rewards are all equal carries no preference: A = 0 (also when eps = 0).
+    adv = torch.where(denom > 0, (groups - mean) / denom.clamp_min(1e-30), torch.zeros_like(groups))
+    if weights is None:
+        adv = adv.mean(0)
+    else:
+        w = weights.to(adv).reshape(num_models, 1, 1)
+        adv = (adv * w).sum(0) / w.sum()
+    adv = adv.reshape(batch)
+    if lambda_transform:
+        adv = -torch.exp(-adv)
+    adv = adv.clamp(-clip, clip)
+    if valid is not None:
+        adv = torch.where(valid, adv, torch.zeros_like(adv))
+    return adv

@@ -1,0 +1,79 @@
+"""The single attention entry point of the engine, and the context that picks its backend.
+
+Models call `attention(q, k, v)` and never a backend directly, so the backend can be switched for a
+block of code (`with attention_backend("fp8"): ...`) without touching model code. The choice lives in
+a `ContextVar`, so it is scoped to the `with` block and to the current thread/task; nothing changes
+at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from typing import Iterator, Optional
+
+from torch import Tensor
+
+from .backends import BACKENDS
+
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "attention", "attention_backend", "current_attention_backend"]
+
+DEFAULT_BACKEND = "sdpa"
+
+_backend: ContextVar[str] = ContextVar("ddrl_engine_attention_backend", default=DEFAULT_BACKEND)
+
+
+def _check_backend_name(name: object, arg: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"{arg}={name!r} is not an attention backend; known: {sorted(BACKENDS)}")
+    return name
+
+
+def current_attention_backend() -> str:
+    """The backend `attention` uses when none is passed (default "sdpa")."""
+    return _backend.get()
+
+
+@contextlib.contextmanager
+def attention_backend(name: str) -> Iterator[str]:
+    """Use backend `name` as the default inside the `with` block (restored on exit, even on error)."""
+    token = _backend.set(_check_backend_name(name, "name"))
+    try:
+        yield name
+    finally:
+        _backend.reset(token)
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{arg} must have shape [B, H, S, D], got {tuple(t.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[:2] != v.shape[:2]:
+        raise ValueError(
+            f"q, k, v must share batch and heads [B, H]: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same sequence length: k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must have the same head dim: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device: {q.device}, {k.device}, {v.device}")
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, *, backend: Optional[str] = None, scale: Optional[float] = None
+) -> Tensor:
+    """Softmax attention over q, k, v of shape [B, H, S, D]; returns [B, H, S_q, D].
+
+    backend: "sdpa" or "fp8"; None uses `current_attention_backend()`.
+    scale: softmax scale; None means 1/sqrt(D).
+    """
+    name = current_attention_backend() if backend is None else _check_backend_name(backend, "backend")
+    _check_qkv(q, k, v)
+    if scale is not None and not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale!r}")
+    return BACKENDS[name](q, k, v, scale)

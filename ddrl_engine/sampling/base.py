@@ -1,0 +1,201 @@
+"""The sampler interface: a K-step stochastic denoising chain seen as a policy (METHOD.md section 3).
+
+A sampler owns the schedule of one chain x_0 -> x_1 -> ... -> x_K: for each stochastic step k the
+Gaussian transition x_{k+1} ~ N(x_coef_k x_k + out_coef_k f(x_k), std_k^2 I) (coefficients from
+`ddrl_engine.ops.transitions`, the one source of that math), the noise level the network sees, the
+final deterministic denoise, and the forward (noising) process the data loss trains on.
+
+Level index k runs over 0..K: 0..K-1 are the stochastic steps, K is the chain's last state (where
+`finish` evaluates the network, if it does). Every per-level quantity is a table of K+1 (or K)
+float32 values, built once in float64 on the CPU and moved by `to(device)`; per-step lookups are
+indexing views of those tables, so the step loop does no host synchronisation and no Python float
+math and can be captured in a CUDA graph. A step index is a Python int (a 0-dim result) or a long
+tensor [N] of per-row indices (an [N] result; not range-checked, since that would need a sync).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from ddrl_engine.ops.transitions import StepCoefs
+
+StepIndex = Union[int, Tensor]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-level tables of one sampler (index k = level k); see the module docstring.
+
+    network_level [K+1]: the t given to the policy at level k.
+    step [K]: the Gaussian transition of step k (level k -> level k+1).
+    data_scale, noise_scale [K+1]: the forward process x_k = data_scale_k x0 + noise_scale_k eps.
+    target_noise, target_data [K+1]: the network's training target at level k is
+        target_noise_k eps + target_data_k x0.
+    finish_x, finish_out: 0-dim; finish(x_K) = finish_x x_K + finish_out f(x_K, level K), or None
+        for the identity (a chain that already ends at zero noise).
+    """
+
+    network_level: Tensor
+    step: StepCoefs
+    data_scale: Tensor
+    noise_scale: Tensor
+    target_noise: Tensor
+    target_data: Tensor
+    finish_x: Tensor | None
+    finish_out: Tensor | None
+
+    def to(self, device: torch.device) -> "Schedule":
+        def mv(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device=device, dtype=torch.float32)
+
+        step = StepCoefs(mv(self.step.x_coef), mv(self.step.out_coef), mv(self.step.std))
+        return Schedule(mv(self.network_level), step, mv(self.data_scale), mv(self.noise_scale),
+                        mv(self.target_noise), mv(self.target_data), mv(self.finish_x), mv(self.finish_out))
+
+
+def check_num_steps(owner: str, num_steps) -> None:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int):
+        raise TypeError(f"{owner}: 'num_steps' must be an int, got {type(num_steps).__name__} {num_steps!r}")
+    if num_steps < 1:
+        raise ValueError(f"{owner}: 'num_steps' must be >= 1, got {num_steps}")
+
+
+def check_positive(owner: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}: '{name}' must be a number, got {type(value).__name__} {value!r}")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{owner}: '{name}' must be a finite number > 0, got {value}")
+
+
+class Sampler(ABC):
+    """Base of all samplers. Subclasses are frozen config dataclasses that implement `_schedule`.
+
+    Public interface (k: step/level index, int or long tensor [N]):
+        num_steps: K, the number of stochastic steps.
+        initial_scale: a Python float, x_0 = initial_scale * N(0, I).
+        to(device) -> self: moves the tables (a no-op when already there).
+        network_level(k), network_levels: the t the policy sees (see each sampler's docstring).
+        coefs(k) -> StepCoefs of step k in [0, K).
+        initial_noise / state_from_noise / initial_state: the chain's start.
+        finish(policy, x_K, cond): the samples the chain ends in.
+        noised(x0, eps, k), target_coefs(k): the forward process for the data loss.
+        sample_steps(n, generator, device): fresh step indices in [0, K) for the data loss.
+    """
+
+    name: str = ""
+    num_steps: int
+
+    # ---- subclass hooks ---------------------------------------------------------------------
+    @abstractmethod
+    def _schedule(self) -> Schedule:
+        """The float64 CPU tables of this configuration."""
+
+    @property
+    def initial_scale(self) -> float:
+        """Standard deviation of the chain's first state x_0 (1 unless overridden)."""
+        return 1.0
+
+    # ---- tables -----------------------------------------------------------------------------
+    def _init_tables(self) -> None:
+        # Called from the subclass's __post_init__ after validation (the dataclass is frozen).
+        table = self._schedule().to(torch.device("cpu"))
+        object.__setattr__(self, "_tables", table)
+
+    @property
+    def device(self) -> torch.device:
+        return self._tables.network_level.device
+
+    def to(self, device: torch.device | str) -> "Sampler":
+        """Moves the schedule tables to `device` (no-op if already there); returns self."""
+        device = torch.device(device)
+        current = self.device
+        if device.type != current.type or (device.index is not None and device.index != current.index):
+            object.__setattr__(self, "_tables", self._tables.to(device))
+        return self
+
+    def _index(self, k: StepIndex, upper: int, what: str):
+        if isinstance(k, Tensor):
+            if k.dtype not in (torch.int64, torch.int32) or k.dim() != 1:
+                raise TypeError(f"{type(self).__name__}.{what}: a tensor step index must be a 1-D "
+                                f"int64/int32 tensor, got {k.dtype} of shape {list(k.shape)}")
+            if k.device != self.device:
+                raise ValueError(f"{type(self).__name__}.{what}: step indices are on {k.device} but the "
+                                 f"schedule is on {self.device}; call sampler.to(device) first")
+            return k
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"{type(self).__name__}.{what}: step index must be an int or a long tensor, got {type(k).__name__}")
+        if not 0 <= k < upper:
+            raise IndexError(f"{type(self).__name__}.{what}: step index {k} out of range [0, {upper})")
+        return k
+
+    # ---- per-step lookups -------------------------------------------------------------------
+    def network_level(self, k: StepIndex) -> Tensor:
+        """The t given to the policy at level k in [0, K] (0-dim for an int k, [N] for a tensor)."""
+        return self._tables.network_level[self._index(k, self.num_steps + 1, "network_level")]
+
+    @property
+    def network_levels(self) -> Tensor:
+        """[K] network levels of the stochastic steps 0..K-1."""
+        return self._tables.network_level[: self.num_steps]
+
+    def coefs(self, k: StepIndex) -> StepCoefs:
+        """x_coef, out_coef, std of step k in [0, K) (0-dim for an int k, [N] for a tensor)."""
+        i = self._index(k, self.num_steps, "coefs")
+        s = self._tables.step
+        return StepCoefs(s.x_coef[i], s.out_coef[i], s.std[i])
+
+    # ---- start and end of the chain ---------------------------------------------------------
+    def initial_noise(self, shape, *, generator: torch.Generator | None, device) -> Tensor:
+        """The unit Gaussian draw the chain starts from: fp32, one randn call on `generator`."""
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+
+    def state_from_noise(self, noise: Tensor, dtype: torch.dtype) -> Tensor:
+        """x_0 = initial_scale * noise, in `dtype`."""
+        scale = self.initial_scale
+        return (noise if scale == 1.0 else noise * scale).to(dtype)
+
+    def initial_state(self, shape, generator: torch.Generator | None, device, dtype: torch.dtype = torch.float32) -> Tensor:
+        """A fresh x_0 of `shape` = [B, *sample_shape]."""
+        return self.state_from_noise(self.initial_noise(shape, generator=generator, device=device), dtype)
+
+    def finish(self, policy, x: Tensor, cond: Tensor) -> Tensor:
+        """The samples a chain ending in x = x_K gives: a deterministic final denoise at level K
+        (one network call) where the chain does not end at zero noise, else a copy of x."""
+        t = self.to(x.device)._tables
+        if t.finish_x is None:
+            return x.clone()
+        level = t.network_level[self.num_steps].expand(x.shape[0])
+        out = policy(x, level, cond)
+        return (t.finish_x * x.float() + t.finish_out * out.float()).to(x.dtype)
+
+    # ---- forward process (data loss) --------------------------------------------------------
+    def noised(self, x0: Tensor, eps: Tensor, k: StepIndex) -> Tensor:
+        """x at level k: data_scale_k x0 + noise_scale_k eps, computed in fp32, returned in x0's dtype.
+        k: an int, or a long tensor [B] of per-sample levels (B = x0.shape[0])."""
+        if x0.shape != eps.shape:
+            raise ValueError(f"noised: x0 {list(x0.shape)} and eps {list(eps.shape)} must have the same shape")
+        i = self._index(k, self.num_steps + 1, "noised")
+        a, b = self._tables.data_scale[i], self._tables.noise_scale[i]
+        if isinstance(i, Tensor):
+            a, b = row_view(a, x0), row_view(b, x0)
+        return (a * x0.float() + b * eps.float()).to(x0.dtype)
+
+    def target_coefs(self, k: StepIndex) -> tuple[Tensor, Tensor]:
+        """(noise_coef, data_coef) of level k: the network's target is noise_coef eps + data_coef x0
+        for x = noised(x0, eps, k) (the coefficients `ops.diffusion_loss` takes)."""
+        i = self._index(k, self.num_steps + 1, "target_coefs")
+        return self._tables.target_noise[i], self._tables.target_data[i]
+
+    def sample_steps(self, n: int, *, generator: torch.Generator | None = None, device=None) -> Tensor:
+        """n step indices drawn uniformly from [0, K): fresh levels for the data loss (long [n])."""
+        device = self.device if device is None else device
+        return torch.randint(0, self.num_steps, (n,), generator=generator, device=device)
+
+
+def row_view(v: Tensor, like: Tensor) -> Tensor:
+    """[N] -> [N, 1, ...] broadcastable against `like` ([N, ...])."""
+    return v.reshape(-1, *([1] * (like.dim() - 1)))

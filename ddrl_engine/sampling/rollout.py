@@ -1,0 +1,128 @@
+"""The rollout: run a sampler's chain under a policy without gradients, keeping every state and the
+old log-probabilities for the policy loss."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from ddrl_engine.sampling.base import Sampler
+from ddrl_engine.sampling.step import transition
+
+
+class StepRows(NamedTuple):
+    """Stored transitions flattened to rows (row b * S + s = sample b at the s-th chosen step), ready
+    for `transition(policy, sampler, x, k, cond, x_next=x_next)`."""
+
+    x: Tensor
+    x_next: Tensor
+    k: Tensor
+    cond: Tensor
+    old_log_prob: Tensor
+
+
+@dataclass
+class Rollout:
+    """One batch of chains (B samples, K steps).
+
+    states: [B, K+1, *sample_shape] in the rollout dtype; states[:, 0] is x_0, states[:, k+1] the
+        result of step k.
+    log_probs: fp32 [B, K], log p_old(states[:, k+1] | states[:, k]) under `reduction`.
+    levels: fp32 [K], the network level of each step.
+    samples: [B, *sample_shape], the chain's output after `sampler.finish` (never aliases states).
+    cond: long [B].
+    initial_noise: [B, *sample_shape], the unit Gaussian the chain started from (states[:, 0]
+        divided by sampler.initial_scale; a view of states[:, 0] when that scale is 1); the default
+        eps of the data loss.
+    reduction: "mean" or "sum", how log_probs reduce each sample's elements.
+    """
+
+    states: Tensor
+    log_probs: Tensor
+    levels: Tensor
+    samples: Tensor
+    cond: Tensor
+    initial_noise: Tensor
+    reduction: str
+
+    @property
+    def batch_size(self) -> int:
+        return self.states.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.log_probs.shape[1]
+
+    def step_rows(self, steps: Sequence[int] | Tensor | None = None) -> StepRows:
+        """The stored transitions of the chosen steps (default all), as B * S rows."""
+        device = self.states.device
+        if steps is None:
+            idx = torch.arange(self.num_steps, device=device)
+        elif isinstance(steps, Tensor):
+            idx = steps.to(device=device, dtype=torch.long)
+        else:
+            steps = [int(s) for s in steps]
+            bad = [s for s in steps if not 0 <= s < self.num_steps]
+            if bad:
+                raise IndexError(f"Rollout.step_rows: steps {bad} out of range [0, {self.num_steps})")
+            idx = torch.tensor(steps, dtype=torch.long, device=device)
+        b, s = self.batch_size, idx.numel()
+        sample_shape = self.states.shape[2:]
+        return StepRows(
+            x=self.states[:, idx].reshape(b * s, *sample_shape),
+            x_next=self.states[:, idx + 1].reshape(b * s, *sample_shape),
+            k=idx.repeat(b),
+            cond=self.cond.repeat_interleave(s),
+            old_log_prob=self.log_probs[:, idx].reshape(b * s),
+        )
+
+
+def group_conditions(cond: Tensor, group_size: int) -> Tensor:
+    """Each condition repeated group_size times in a row: [c0, c0, ..., c1, c1, ...] (GRPO groups)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_conditions: 'group_size' must be an int >= 1, got {group_size!r}")
+    if not isinstance(cond, Tensor) or cond.dim() != 1:
+        raise ValueError(f"group_conditions: 'cond' must be a 1-D tensor, got {getattr(cond, 'shape', type(cond))}")
+    return cond.repeat_interleave(group_size)
+
+
+@torch.no_grad()
+def rollout(
+    policy,
+    sampler: Sampler,
+    cond: Tensor,
+    *,
+    generator: torch.Generator | None,
+    sample_shape: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+    reduction: str = "mean",
+) -> Rollout:
+    """Runs the K-step chain for each condition (long [B], on the device to sample on).
+
+    Random draws, in order, all from `generator` (fp32 randn): the initial noise, then one eps per
+    step; the result is a deterministic function of the generator's state. The step loop writes into
+    preallocated buffers and has no host sync or data-dependent control flow (CUDA-graph ready).
+    """
+    if not isinstance(cond, Tensor) or cond.dim() != 1:
+        raise ValueError(f"rollout: 'cond' must be a 1-D tensor [B], got {getattr(cond, 'shape', type(cond))}")
+    device, batch, k_steps = cond.device, cond.shape[0], sampler.num_steps
+    sample_shape = tuple(int(s) for s in sample_shape)
+    sampler.to(device)
+
+    states = torch.empty((batch, k_steps + 1, *sample_shape), dtype=dtype, device=device)
+    log_probs = torch.empty((batch, k_steps), dtype=torch.float32, device=device)
+    noise = sampler.initial_noise((batch, *sample_shape), generator=generator, device=device)
+    x = sampler.state_from_noise(noise, dtype)
+    states[:, 0] = x
+    for k in range(k_steps):
+        step = transition(policy, sampler, x, k, cond, generator=generator, reduction=reduction)
+        states[:, k + 1] = step.x_next
+        log_probs[:, k] = step.log_prob
+        x = step.x_next
+    samples = sampler.finish(policy, x, cond)
+
+    initial_noise = states[:, 0] if sampler.initial_scale == 1.0 else noise.to(dtype)
+    return Rollout(states=states, log_probs=log_probs, levels=sampler.network_levels.clone(), samples=samples,
+                   cond=cond, initial_noise=initial_noise, reduction=reduction)

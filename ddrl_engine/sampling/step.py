@@ -1,0 +1,68 @@
+"""One stochastic denoising step: the single function both the rollout and the trainer's
+recomputation of log-probabilities go through, so old and new log-probs are the same math."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ddrl_engine.ops.step_logprob import step_logprob
+from ddrl_engine.sampling.base import Sampler, StepIndex, row_view
+
+
+class StepResult(NamedTuple):
+    """x_next: [B, ...] in x's dtype (sampled, detached, or the given one); log_prob: fp32 [B],
+    log p(x_next | x) (mean or sum over each row's elements); mean: fp32 [B, ...], the transition
+    mean mu (carries the policy's gradient, e.g. for a closed-form KL); model_out: the policy output."""
+
+    x_next: Tensor
+    log_prob: Tensor
+    mean: Tensor
+    model_out: Tensor
+
+
+def _per_row(v: Tensor, rows: int) -> Tensor:
+    # 0-dim (one step for the whole batch) -> a stride-0 [rows] view; [rows] stays as it is.
+    return v.expand(rows) if v.dim() == 0 else v
+
+
+def transition(
+    policy,
+    sampler: Sampler,
+    x: Tensor,
+    k: StepIndex,
+    cond: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    x_next: Tensor | None = None,
+    reduction: str = "mean",
+) -> StepResult:
+    """Step k of `sampler`'s chain from state x under `policy`.
+
+    model_out = policy(x, t_k [B], cond); mu = x_coef_k x + out_coef_k model_out; with x_next None,
+    x_next = mu + std_k eps (eps ~ N(0, I) in fp32 from `generator`; x_next is detached: the policy
+    gradient is a score-function one), else the given x_next is scored. log_prob comes from
+    `ops.step_logprob` and carries the gradient to model_out when the policy has one.
+
+    x: [B, *sample_shape]; cond: [B]; k: an int (one step for all rows) or a long tensor [B] of
+    per-row steps (rows of different steps in one batch: the trainer's recomputation).
+    No host synchronisation (safe inside a captured CUDA graph once the sampler is on x's device).
+    """
+    if x.dim() < 1 or cond.shape != (x.shape[0],):
+        raise ValueError(f"transition: cond must have shape [B] = [{x.shape[0] if x.dim() else '?'}] "
+                         f"matching x {list(x.shape)}, got {list(cond.shape)}")
+    rows = x.shape[0]
+    sampler.to(x.device)
+    level = _per_row(sampler.network_level(k), rows)
+    coefs = sampler.coefs(k)
+    x_coef, out_coef, std = (_per_row(c, rows) for c in (coefs.x_coef, coefs.out_coef, coefs.std))
+    model_out = policy(x, level, cond)
+    if model_out.shape != x.shape:
+        raise ValueError(f"transition: the policy returned shape {list(model_out.shape)} for x of shape {list(x.shape)}")
+    mean = row_view(x_coef, x) * x.float() + row_view(out_coef, x) * model_out.float()
+    if x_next is None:
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        x_next = (mean.detach() + row_view(std, x) * eps).to(x.dtype)
+    log_prob = step_logprob(x_next, x, model_out, x_coef=x_coef, out_coef=out_coef, std=std, reduction=reduction)
+    return StepResult(x_next, log_prob, mean, model_out)

@@ -1,0 +1,95 @@
+"""Builds the pieces of a run from its TrainConfig: model, sampler, data, rewards, monitors."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ddrl_engine.data import DataStream, digits_split, load_folder
+from ddrl_engine.models.dit import DiT
+from ddrl_engine.rewards import BrightnessReward, ClassConfidenceReward, ContrastReward, WeightedReward, reward_classifier
+from ddrl_engine.sampling import make_sampler
+from ddrl_engine.trainer.config import TrainConfig
+
+REWARD_NAMES = ("brightness", "contrast", "class_confidence")
+
+
+@dataclass
+class Dataset:
+    """Train and held-out tensors ([N, *sample_shape] in the model's range, long labels)."""
+
+    train_x: Tensor
+    train_y: Tensor
+    heldout_x: Tensor
+    heldout_y: Tensor
+    is_digits: bool
+
+
+def build_dataset(cfg: TrainConfig) -> Dataset:
+    if cfg.data.dataset == "digits":
+        split = digits_split(seed=0, heldout_fraction=cfg.data.heldout_fraction)
+        return Dataset(split.train_x, split.train_y, split.heldout_x, split.heldout_y, True)
+    if not cfg.data.path:
+        raise ValueError("config: 'data.path' must name a folder when data.dataset = 'folder'")
+    x, y = load_folder(cfg.data.path)
+    n_held = max(1, int(round(cfg.data.heldout_fraction * x.shape[0])))
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
+    held, train = perm[:n_held], perm[n_held:]
+    return Dataset(x[train], y[train], x[held], y[held], False)
+
+
+def build_model(cfg: TrainConfig) -> DiT:
+    return DiT(cfg.model)
+
+
+def build_sampler(cfg: TrainConfig):
+    s = cfg.sampler
+    extra = {"rectified_flow_sde": dict(noise_level=s.noise_level, shift=s.shift),
+             "ddim": dict(eta=s.eta), "edm_churn": dict(churn=s.churn)}[s.name]
+    return make_sampler(s.name, num_steps=s.num_steps, **extra)
+
+
+def build_rewards(cfg: TrainConfig, dataset: Dataset) -> WeightedReward:
+    rewards, weights = [], []
+    for name, weight in cfg.rewards.items():
+        if name == "brightness":
+            rewards.append(BrightnessReward())
+        elif name == "contrast":
+            rewards.append(ContrastReward())
+        elif name == "class_confidence":
+            if not dataset.is_digits:
+                raise ValueError("config: reward 'class_confidence' uses the digits classifier; it needs data.dataset = 'digits'")
+            rewards.append(ClassConfidenceReward(reward_classifier()))
+        else:
+            raise ValueError(f"config: unknown reward 'rewards.{name}' (known: {', '.join(REWARD_NAMES)})")
+        weights.append(weight)
+    return WeightedReward(rewards, weights)
+
+
+def build_data_stream(cfg: TrainConfig, dataset: Dataset, rollout_batch: int) -> DataStream:
+    batch = cfg.data.batch_size or rollout_batch
+    if cfg.algorithm.data_noise == "rollout" and batch != rollout_batch:
+        raise ValueError(f"config: data.batch_size = {batch} must equal the rollout batch ({rollout_batch}) when "
+                         "algorithm.data_noise = 'rollout' (each data sample is paired with a rollout's noise)")
+    return DataStream(dataset.train_x, dataset.train_y, batch, seed=cfg.run.seed)
+
+
+def build_evaluator(cfg: TrainConfig, dataset: Dataset, rewards: WeightedReward):
+    """The default evaluation; realism and class entropy use the held-out digits classifier."""
+    from ddrl_engine.monitors import FrechetDistance, realism_classifier_features
+    from ddrl_engine.trainer.evaluate import Evaluator
+
+    fd = logits_fn = None
+    if dataset.is_digits:
+        split = digits_split(seed=0, heldout_fraction=cfg.data.heldout_fraction)
+        features = realism_classifier_features(split)
+        fd = FrechetDistance(features, dataset.heldout_x)
+        from ddrl_engine.data import load_or_train_digits_classifier
+
+        clf = load_or_train_digits_classifier(split.heldout_x, split.heldout_y)
+        logits_fn = lambda x: clf.to(x.device).logits(x.float().clamp(-1, 1))  # noqa: E731
+    return Evaluator(rewards=rewards, heldout_x=dataset.heldout_x, heldout_y=dataset.heldout_y,
+                     num_classes=cfg.model.num_classes, samples_per_class=cfg.eval.samples_per_class,
+                     seed=cfg.eval.seed, heldout_levels=cfg.eval.heldout_loss_levels, fd=fd, logits_fn=logits_fn,
+                     reduction=cfg.algorithm.logprob_reduction)

@@ -1,0 +1,83 @@
+"""The held-out evaluation shared by every method: reward, realism, diversity, held-out data loss.
+
+Everything is drawn from a fixed seed, so two methods (or two evaluations of one method) see the
+same conditions and noise and differ only by their weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ddrl_engine.algorithms import data_loss
+from ddrl_engine.monitors import FrechetDistance, class_entropy, mean_pairwise_distance
+from ddrl_engine.rewards import WeightedReward
+from ddrl_engine.sampling import rollout
+
+
+def decode(samples: Tensor) -> Tensor:
+    """Samples as images: the model's [-1, 1] range, clipped as any image writer would."""
+    return samples.clamp(-1, 1)
+
+
+@dataclass
+class Evaluator:
+    rewards: WeightedReward
+    heldout_x: Tensor
+    heldout_y: Tensor
+    num_classes: int
+    samples_per_class: int
+    seed: int
+    heldout_levels: int
+    fd: Optional[FrechetDistance] = None
+    logits_fn: Optional[Callable[[Tensor], Tensor]] = None
+    reduction: str = "mean"
+
+    def eval_conditions(self, device) -> Tensor:
+        return torch.arange(self.num_classes, device=device).repeat_interleave(self.samples_per_class)
+
+    @torch.no_grad()
+    def samples(self, policy, sampler, sample_shape, device) -> Tensor:
+        gen = torch.Generator(device).manual_seed(self.seed)
+        ro = rollout(policy, sampler, self.eval_conditions(device), generator=gen, sample_shape=sample_shape,
+                     reduction=self.reduction)
+        return decode(ro.samples)
+
+    @torch.no_grad()
+    def heldout_data_loss(self, policy, sampler, device) -> float:
+        """The diffusion loss on held-out data at fixed levels and noise: the forward-KL estimate."""
+        gen = torch.Generator(device).manual_seed(self.seed + 1)
+        x0, y = self.heldout_x.to(device), self.heldout_y.to(device)
+        ks = torch.linspace(0, sampler.num_steps - 1, self.heldout_levels).round().long().unique().tolist()
+        total = 0.0
+        for k in ks:
+            eps = torch.randn(x0.shape, generator=gen, device=device)
+            level = sampler.network_level(k).to(device).expand(x0.shape[0])
+            pred = policy(sampler.noised(x0, eps, k), level, y)
+            nc, dc = sampler.target_coefs(k)
+            total += data_loss(pred, x0, eps, nc, dc).item()
+        return total / len(ks)
+
+    @torch.no_grad()
+    def __call__(self, policy, sampler, sample_shape, device) -> tuple[dict, Tensor]:
+        was_training = policy.training
+        policy.eval()
+        samples = self.samples(policy, sampler, sample_shape, device)
+        cond = self.eval_conditions(device)
+        batch = self.rewards.evaluate(samples, cond, on_invalid="drop")
+        metrics = {"reward": batch.total[batch.valid].mean().item()}
+        for name, value in batch.components.items():
+            metrics[f"reward/{name}"] = value[batch.valid].mean().item()
+        per_class = samples.reshape(self.num_classes, self.samples_per_class, -1)
+        metrics["diversity"] = sum(mean_pairwise_distance(c) for c in per_class) / self.num_classes
+        if self.fd is not None:
+            metrics["fd"] = self.fd(samples)
+        if self.logits_fn is not None:
+            metrics["class_entropy"] = class_entropy(samples, self.logits_fn)
+            pred = self.logits_fn(samples).argmax(-1)
+            metrics["class_accuracy"] = (pred == cond).float().mean().item()
+        metrics["heldout_data_loss"] = self.heldout_data_loss(policy, sampler, device)
+        policy.train(was_training)
+        return metrics, samples

@@ -1,0 +1,283 @@
+"""The DDRL training loop: rollout -> rewards -> advantages -> clipped policy loss + data loss (+ KL)
+-> backward, clip, AdamW, EMA; with evaluation, metrics.jsonl, atomic checkpoints and exact resume.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ddrl_engine.algorithms import clipped_policy_loss, combine, data_loss, gaussian_kl, group_advantages
+from ddrl_engine.monitors import HeldoutLossMonitor
+from ddrl_engine.sampling import group_conditions, rollout, transition
+from ddrl_engine.trainer.builders import build_data_stream
+from ddrl_engine.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ddrl_engine.trainer.config import TrainConfig
+from ddrl_engine.trainer.evaluate import Evaluator, decode
+
+
+def _rng_state(device: str) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if device.startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: str) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and device.startswith("cuda"):
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Trainer:
+    """Trains `policy` with DDRL (or a baseline: the method lives in cfg.algorithm).
+
+    policy: the model to train (its current weights are the base). sampler, rewards, dataset and
+    evaluator come from trainer.builders for the built-in default, or from the user.
+    """
+
+    def __init__(self, cfg: TrainConfig, policy, sampler, rewards, dataset, evaluator: Evaluator | None = None,
+                 *, log=print):
+        self.cfg, self.log = cfg, log
+        self.device = cfg.run.device
+        self.algo = cfg.algorithm
+        self.policy = policy.to(self.device)
+        self.sampler = sampler
+        self.rewards = rewards
+        self.dataset = dataset
+        self.evaluator = evaluator
+        self.sample_shape = tuple(cfg.model.sample_shape)
+        self.out = Path(cfg.run.out_dir)
+        self.rollout_batch = cfg.rollout.conditions_per_step * self.algo.group_size
+        self.trained_steps = self.algo.trained_steps(sampler.num_steps)
+        needs_data = self.algo.beta_data > 0
+        self.data = build_data_stream(cfg, dataset, self.rollout_batch) if needs_data else None
+        self.reference = copy.deepcopy(policy).requires_grad_(False).eval() if self.algo.beta_kl > 0 else None
+        self.ema = copy.deepcopy(policy).requires_grad_(False) if cfg.optim.ema_decay > 0 else None
+        fused = self.device.startswith("cuda")
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                     betas=(cfg.optim.beta1, cfg.optim.beta2), fused=fused)
+        self.rollout_gen = torch.Generator(self.device).manual_seed(cfg.run.seed)
+        self.cond_gen = torch.Generator().manual_seed(cfg.run.seed + 1)
+        self.data_gen = torch.Generator(self.device).manual_seed(cfg.run.seed + 2)
+        self.heldout = HeldoutLossMonitor(cfg.run.heldout_rise_threshold, early_stop=cfg.run.early_stop_on_heldout)
+        self.step = 0
+        self.invalid_rewards = 0
+        self._stop_signal = False
+
+    # ---- one training step ------------------------------------------------------------------
+
+    def _rewards(self, samples, cond):
+        batch = self.rewards.evaluate(samples, cond, on_invalid=self.cfg.run.on_invalid_reward)
+        n_bad = int((~batch.valid).sum())
+        self.invalid_rewards += n_bad
+        return batch, n_bad
+
+    def _data_loss(self, x0, y, eps, k):
+        """The policy's diffusion loss on data at step k's level (with the given noise)."""
+        level = self.sampler.network_level(k).to(self.device).expand(x0.shape[0])
+        pred = self.policy(self.sampler.noised(x0, eps, k), level, y)
+        nc, dc = self.sampler.target_coefs(k)
+        return data_loss(pred, x0, eps, nc, dc)
+
+    def train_step(self) -> dict:
+        cfg, algo, dev = self.cfg, self.algo, self.device
+        t0 = time.perf_counter()
+        self.policy.eval()
+        classes = torch.randint(0, cfg.model.num_classes, (cfg.rollout.conditions_per_step,), generator=self.cond_gen)
+        cond = group_conditions(classes.to(dev), algo.group_size)
+        ro = rollout(self.policy, self.sampler, cond, generator=self.rollout_gen, sample_shape=self.sample_shape,
+                     reduction=algo.logprob_reduction)
+        t_rollout = time.perf_counter()
+        samples = decode(ro.samples)
+        metrics = {}
+        if algo.use_reward:
+            batch, n_bad = self._rewards(samples, cond)
+            comps = torch.stack([batch.components[r.name] for r in self.rewards.rewards])
+            weights = torch.tensor(self.rewards.weights, device=comps.device)
+            adv = group_advantages(comps, algo.group_size, eps=algo.adv_eps, clip=algo.adv_clip,
+                                   lambda_transform=algo.adv_lambda, valid=batch.valid, weights=weights).to(dev)
+            metrics.update(reward=batch.total[batch.valid].mean().item(), invalid_rewards=n_bad,
+                           adv_abs=adv.abs().mean().item())
+        t_reward = time.perf_counter()
+
+        old_lp = ro.log_probs
+        if cfg.rollout.recompute_old_logprobs:
+            with torch.no_grad():
+                old_lp = old_lp.clone()
+                for k in self.trained_steps:
+                    old_lp[:, k] = transition(self.policy, self.sampler, ro.states[:, k], k, cond,
+                                              x_next=ro.states[:, k + 1], reduction=algo.logprob_reduction).log_prob
+        if self.data is not None:
+            x0, y = self.data.next_batch()
+            x0, y = x0.to(dev), y.to(dev)
+
+        self.policy.train()
+        n_trained = len(self.trained_steps)
+        sums = {"policy_loss": 0.0, "data_loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
+        for epoch in range(algo.ppo_epochs):
+            self.opt.zero_grad(set_to_none=True)
+            for i, k in enumerate(self.trained_steps):
+                x_k, x_next = ro.states[:, k], ro.states[:, k + 1]
+                pol = dat = kl = None
+                if algo.use_reward or self.reference is not None:
+                    res = transition(self.policy, self.sampler, x_k, k, cond, x_next=x_next,
+                                     reduction=algo.logprob_reduction)
+                if algo.use_reward:
+                    pol, stats = clipped_policy_loss(res.log_prob, old_lp[:, k], adv, algo.clip_eps)
+                    sums["policy_loss"] += pol.item()
+                    sums["clip_frac"] += stats.clip_frac.item()
+                    if epoch == 0 and i == 0:
+                        metrics["ratio_dev_first"] = stats.ratio_max_dev.item()
+                if self.reference is not None:
+                    with torch.no_grad():
+                        ref = transition(self.reference, self.sampler, x_k, k, cond, x_next=x_next,
+                                         reduction=algo.logprob_reduction)
+                    kl = gaussian_kl(res.mean, ref.mean, self.sampler.coefs(k).std.to(dev).expand(x_k.shape[0]),
+                                     algo.logprob_reduction).mean()
+                    sums["kl"] += kl.item()
+                if self.data is not None:
+                    if algo.data_noise == "rollout":
+                        eps, kd = ro.initial_noise, k
+                    else:
+                        eps = torch.randn(x0.shape, generator=self.data_gen, device=dev)
+                        kd = int(torch.randint(0, self.sampler.num_steps, (1,), generator=self.data_gen, device=dev).item())
+                    dat = self._data_loss(x0, y, eps, kd)
+                    sums["data_loss"] += dat.item()
+                loss = combine(pol, dat, kl, beta_data=algo.beta_data, beta_kl=algo.beta_kl, num_trained_steps=n_trained)
+                loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
+                                                       cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"step {self.step}: non-finite gradient norm {grad_norm.item()}; "
+                                         "lower optim.lr or check the reward scale")
+            self.opt.step()
+            self._update_ema()
+        self.step += 1
+        denom = n_trained * algo.ppo_epochs
+        metrics.update({k: v / denom for k, v in sums.items()})
+        metrics.update(grad_norm=grad_norm.item(), time_rollout=t_rollout - t0, time_reward=t_reward - t_rollout,
+                       time_train=time.perf_counter() - t_reward)
+        return metrics
+
+    @torch.no_grad()
+    def _update_ema(self):
+        if self.ema is not None:
+            for pe, pm in zip(self.ema.parameters(), self.policy.parameters()):
+                pe.lerp_(pm, 1 - self.cfg.optim.ema_decay)
+
+    # ---- evaluation, logging, checkpoints -----------------------------------------------------
+
+    def eval_policy(self):
+        return self.ema if self.ema is not None else self.policy
+
+    def evaluate(self) -> dict | None:
+        if self.evaluator is None:
+            return None
+        metrics, self.last_eval_samples = self.evaluator(self.eval_policy(), self.sampler, self.sample_shape, self.device)
+        stop = self.heldout.update(self.step, metrics["heldout_data_loss"])
+        metrics["heldout_rise"] = self.heldout.rise
+        metrics["early_stop"] = bool(stop)
+        return metrics
+
+    def _write_metrics(self, kind: str, metrics: dict):
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"kind": kind, "step": self.step, **metrics}) + "\n")
+
+    def state(self) -> dict:
+        return {"step": self.step, "optimizer": self.opt.state_dict(), "rng": _rng_state(self.device),
+                "rollout_gen": self.rollout_gen.get_state(), "cond_gen": self.cond_gen.get_state(),
+                "data_gen": self.data_gen.get_state(), "data": None if self.data is None else self.data.state_dict(),
+                "heldout": self.heldout.state_dict(), "invalid_rewards": self.invalid_rewards}
+
+    def modules(self) -> dict:
+        mods = {"model": self.policy}
+        if self.ema is not None:
+            mods["ema"] = self.ema
+        if self.reference is not None:
+            mods["reference"] = self.reference
+        return mods
+
+    def save(self) -> Path:
+        return save_checkpoint(self.out / "checkpoints", self.step, modules=self.modules(), state=self.state(),
+                               config=self.cfg.to_dict(), keep=self.cfg.run.keep_checkpoints)
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Loads the given (or latest) checkpoint; returns False when there is none."""
+        path = Path(path) if path else latest_checkpoint(self.out / "checkpoints")
+        if path is None:
+            return False
+        st = load_checkpoint(path, self.modules(), map_location=self.device)
+        self.step = st["step"]
+        self.opt.load_state_dict(st["optimizer"])
+        _set_rng_state(st["rng"], self.device)
+        self.rollout_gen.set_state(st["rollout_gen"])
+        self.cond_gen.set_state(st["cond_gen"])
+        self.data_gen.set_state(st["data_gen"])
+        if self.data is not None and st["data"] is not None:
+            self.data.load_state_dict(st["data"])
+        self.heldout.load_state_dict(st["heldout"])
+        self.invalid_rewards = st["invalid_rewards"]
+        self._truncate_metrics()
+        self.log(f"resumed from {path} at step {self.step}")
+        return True
+
+    def _truncate_metrics(self):
+        """Drops metrics logged after the checkpoint, so a resumed log reads like an uninterrupted one."""
+        path = self.out / "metrics.jsonl"
+        if path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            # The checkpoint was taken after this step's eval line was written: keep it once.
+            path.write_text("".join(ln + "\n" for ln in keep))
+
+    def _on_sigterm(self, signum, frame):
+        self._stop_signal = True
+
+    def train(self, steps: int | None = None) -> list[dict]:
+        """Runs until `steps` (default cfg.run.steps) total steps; returns the eval metrics logged."""
+        steps = self.cfg.run.steps if steps is None else steps
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, default=str))
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        evals = []
+        try:
+            if self.step == 0 and self.evaluator is not None:
+                m = self.evaluate()
+                self._write_metrics("eval", m)
+                evals.append({"step": 0, **m})
+            bar = tqdm(total=steps, initial=self.step, desc=f"{self.algo.method}", disable=not self.cfg.run.progress,
+                       leave=False)
+            while self.step < steps:
+                m = self.train_step()
+                self._write_metrics("train", m)
+                bar.update(1)
+                bar.set_postfix({k: f"{m[k]:.3g}" for k in ("reward", "data_loss", "kl") if m.get(k)})
+                last = self.step == steps
+                if self.evaluator is not None and (self.step % self.cfg.run.eval_every == 0 or last):
+                    e = self.evaluate()
+                    self._write_metrics("eval", e)
+                    evals.append({"step": self.step, **e})
+                    if e["early_stop"]:
+                        self.log(f"early stop at step {self.step}: held-out data loss rose {e['heldout_rise']:.1%}")
+                        self.save()
+                        break
+                if self._stop_signal:
+                    self.log(f"SIGTERM: checkpoint at step {self.step}, exiting")
+                    self.save()
+                    raise SystemExit(143)
+                if last or (self.cfg.run.ckpt_every and self.step % self.cfg.run.ckpt_every == 0):
+                    self.save()
+            bar.close()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        return evals
