@@ -17,6 +17,16 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The models here are tiny: intra-op threads only add synchronisation, and on a loaded 2-core
+    # machine two spinning OpenMP threads made this file 10x slower (1.5 s -> 18 s).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _inputs(shape, num_classes):
     b = shape[0]
     return torch.randn(shape), torch.rand(b), torch.randint(0, num_classes + 1, (b,))

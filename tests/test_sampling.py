@@ -18,7 +18,6 @@ from ddrl_engine.sampling import (
     rollout,
     transition,
 )
-from tests.tolerances import reduction_tol
 
 CHANNELS, SAMPLE_SHAPE, NUM_CLASSES = 3, (3, 5, 4), 5
 CASES = {
@@ -361,8 +360,10 @@ def test_non_positive_parameters(name, field, bad):
 def test_other_bad_configs_and_indices():
     with pytest.raises(ValueError, match="eta"):
         DDIM(num_steps=4, eta=1.5)
-    with pytest.raises(ValueError, match="num_train_timesteps"):
+    with pytest.raises(ValueError, match="num_train_timesteps - 1"):
         DDIM(num_steps=10, num_train_timesteps=10)
+    with pytest.raises(ValueError, match="num_train_timesteps"):
+        DDIM(num_steps=1, num_train_timesteps=1)
     with pytest.raises(ValueError, match="beta_schedule"):
         DDIM(num_steps=4, beta_schedule="cosine")
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .backends import BACKENDS
 
-__all__ = ["BACKENDS", "DEFAULT_BACKEND", "attention", "attention_backend", "current_attention_backend"]
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "attention", "attention_backend", "available_backends", "current_attention_backend"]
 
 DEFAULT_BACKEND = "sdpa"
 
@@ -77,3 +77,8 @@ def attention(
     if scale is not None and not scale > 0:
         raise ValueError(f"scale must be positive, got {scale!r}")
     return BACKENDS[name](q, k, v, scale)
+
+
+def available_backends() -> dict[str, tuple[bool, str]]:
+    """{backend: (usable here, why not)} for `python -m ddrl_engine.info`."""
+    return {"sdpa": (True, ""), "fp8": (False, "not built yet (issue 4)")}

@@ -111,7 +111,9 @@ def train_digits_classifier(
 ) -> DigitsClassifier:
     """Trains on (x [N, 1, 8, 8], y [N]) on CPU, deterministically for a given config and data."""
     if x.shape[:1] != y.shape[:1] or x.shape[0] == 0:
-        raise ValueError(f"x and y must be non-empty with one label per image: x {tuple(x.shape)}, y {tuple(y.shape)}")
+        raise ValueError(
+            f"x and y must be non-empty with one label per image: x {tuple(x.shape)}, y {tuple(y.shape)}"
+        )
     x, y = x.detach().cpu().float(), y.detach().cpu().long()
     # fork_rng: a fixed seed here must not reset the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]), _single_thread():
@@ -165,6 +167,7 @@ def load_or_train_digits_classifier(
     os.close(fd)
     try:
         save_file(state, tmp, metadata={"config": json.dumps(asdict(config))})
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

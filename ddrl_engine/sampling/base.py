@@ -9,8 +9,9 @@ Level index k runs over 0..K: 0..K-1 are the stochastic steps, K is the chain's 
 `finish` evaluates the network, if it does). Every per-level quantity is a table of K+1 (or K)
 float32 values, built once in float64 on the CPU and moved by `to(device)`; per-step lookups are
 indexing views of those tables, so the step loop does no host synchronisation and no Python float
-math and can be captured in a CUDA graph. A step index is a Python int (a 0-dim result) or a long
-tensor [N] of per-row indices (an [N] result; not range-checked, since that would need a sync).
+math and can be captured in a CUDA graph. A step index is a Python int (a 0-dim result, on the
+sampler's current device) or a long tensor [N] of per-row indices (an [N] result on the index's
+device; not range-checked, since that would need a sync).
 """
 from __future__ import annotations
 
@@ -57,11 +58,15 @@ class Schedule:
                         mv(self.target_noise), mv(self.target_data), mv(self.finish_x), mv(self.finish_out))
 
 
+def check_int(owner: str, name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: '{name}' must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{owner}: '{name}' must be >= {minimum}, got {value}")
+
+
 def check_num_steps(owner: str, num_steps) -> None:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int):
-        raise TypeError(f"{owner}: 'num_steps' must be an int, got {type(num_steps).__name__} {num_steps!r}")
-    if num_steps < 1:
-        raise ValueError(f"{owner}: 'num_steps' must be >= 1, got {num_steps}")
+    check_int(owner, "num_steps", num_steps, 1)
 
 
 def check_positive(owner: str, name: str, value) -> None:
@@ -122,9 +127,7 @@ class Sampler(ABC):
             if k.dtype not in (torch.int64, torch.int32) or k.dim() != 1:
                 raise TypeError(f"{type(self).__name__}.{what}: a tensor step index must be a 1-D "
                                 f"int64/int32 tensor, got {k.dtype} of shape {list(k.shape)}")
-            if k.device != self.device:
-                raise ValueError(f"{type(self).__name__}.{what}: step indices are on {k.device} but the "
-                                 f"schedule is on {self.device}; call sampler.to(device) first")
+            self.to(k.device)
             return k
         if isinstance(k, bool) or not isinstance(k, int):
             raise TypeError(f"{type(self).__name__}.{what}: step index must be an int or a long tensor, got {type(k).__name__}")
@@ -178,6 +181,7 @@ class Sampler(ABC):
         k: an int, or a long tensor [B] of per-sample levels (B = x0.shape[0])."""
         if x0.shape != eps.shape:
             raise ValueError(f"noised: x0 {list(x0.shape)} and eps {list(eps.shape)} must have the same shape")
+        self.to(x0.device)
         i = self._index(k, self.num_steps + 1, "noised")
         a, b = self._tables.data_scale[i], self._tables.noise_scale[i]
         if isinstance(i, Tensor):

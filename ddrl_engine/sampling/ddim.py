@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ddrl_engine.ops import transitions
-from ddrl_engine.sampling.base import Sampler, Schedule, check_num_steps, check_positive
+from ddrl_engine.sampling.base import Sampler, Schedule, check_int, check_num_steps, check_positive
 
 BETA_SCHEDULES = ("linear", "scaled_linear")
 
@@ -46,10 +46,10 @@ class DDIM(Sampler):
         check_positive(owner, "eta", self.eta)
         if self.eta > 1:
             raise ValueError(f"{owner}: 'eta' must be in (0, 1], got {self.eta}")
-        check_num_steps(owner, self.num_train_timesteps)
-        if self.num_train_timesteps < 2 or self.num_steps > self.num_train_timesteps - 1:
-            raise ValueError(f"{owner}: need 2 <= num_train_timesteps and num_steps <= num_train_timesteps - 1, "
-                             f"got num_steps={self.num_steps}, num_train_timesteps={self.num_train_timesteps}")
+        check_int(owner, "num_train_timesteps", self.num_train_timesteps, 2)
+        if self.num_steps > self.num_train_timesteps - 1:
+            raise ValueError(f"{owner}: 'num_steps' must be <= num_train_timesteps - 1 = {self.num_train_timesteps - 1}, "
+                             f"got {self.num_steps}")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"{owner}: 'beta_schedule' must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
         check_positive(owner, "beta_start", self.beta_start)

@@ -102,7 +102,12 @@ def rollout(
     """Runs the K-step chain for each condition (long [B], on the device to sample on).
 
     Random draws, in order, all from `generator` (fp32 randn): the initial noise, then one eps per
-    step; the result is a deterministic function of the generator's state. The step loop writes into
+    step; the result is a deterministic function of the generator's state.
+
+    dtype is the storage dtype of the states (the policy is called on them; the step math is fp32).
+    bfloat16 rounds a stored state by up to |x| 2^-9, more than the std of the last steps of DDIM and
+    EDM (sigma_min = 0.002): their log-probs and gradients are then dominated by that rounding (the
+    ratio of a recomputation stays exactly 1). Keep float32 states for training. The step loop writes into
     preallocated buffers and has no host sync or data-dependent control flow (CUDA-graph ready).
     """
     if not isinstance(cond, Tensor) or cond.dim() != 1:

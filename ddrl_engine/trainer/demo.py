@@ -21,7 +21,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
 METHODS = ("grpo", "grpo_kl", "ddrl")
 # The regulariser strength of each method (everything else is shared). Chosen on the demo's own
 # training runs, never on its evaluation: see configs/demo.toml and the README.
-METHOD_OVERRIDES = {"grpo": {}, "grpo_kl": {"beta_kl": 0.02}, "ddrl": {"beta_data": 1.0}}
+METHOD_OVERRIDES = {"grpo": {}, "grpo_kl": {"beta_kl": 0.1}, "ddrl": {"beta_data": 0.02}}
 
 
 def method_config(cfg: TrainConfig, method: str, out: Path, overrides: dict | None = None) -> TrainConfig:

@@ -185,9 +185,9 @@ class Trainer:
         if self.evaluator is None:
             return None
         metrics, self.last_eval_samples = self.evaluator(self.eval_policy(), self.sampler, self.sample_shape, self.device)
-        stop = self.heldout.update(self.step, metrics["heldout_data_loss"])
+        self.heldout.update(self.step, metrics["heldout_data_loss"])  # warns past the threshold
         metrics["heldout_rise"] = self.heldout.rise
-        metrics["early_stop"] = bool(stop)
+        metrics["early_stop"] = bool(self.heldout.should_stop)
         return metrics
 
     def _write_metrics(self, kind: str, metrics: dict):

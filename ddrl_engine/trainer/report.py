@@ -56,19 +56,24 @@ def plot_curves(out: Path, curves: dict[str, list[dict]], base: dict) -> None:
     plt.close(fig)
 
 
-def plot_samples(out: Path, samples: dict[str, torch.Tensor], num_classes: int, per_class: int = 6) -> None:
-    """One grid per method: a row per class, `per_class` samples each."""
-    fig, axes = plt.subplots(1, len(samples), figsize=(2.2 * len(samples), 3.4))
+def sample_grid(s: torch.Tensor, num_classes: int, per_class: int, pad: int = 1) -> torch.Tensor:
+    """[N, C, H, W] samples (class-major) -> one [rows*(H+pad), cols*(W+pad)(, 3)] image in [0, 1]."""
+    s = ((s.detach().float().cpu() + 1) / 2).clamp(0, 1)
+    n = s.shape[0] // num_classes
+    s = s.reshape(num_classes, n, *s.shape[1:])[:, :per_class]
+    s = s[:, :, :1] if s.shape[2] != 3 else s
+    s = torch.nn.functional.pad(s, (0, pad, 0, pad), value=0.5)  # grey lines between tiles
+    rows, cols, c, h, w = s.shape
+    return s.permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c).squeeze(-1)
+
+
+def plot_samples(out: Path, samples: dict[str, torch.Tensor], num_classes: int, per_class: int = 8) -> None:
+    """One grid per method: a row per class, `per_class` samples each (same seeds for every method)."""
+    fig, axes = plt.subplots(1, len(samples), figsize=(2.6 * len(samples), 3.6))
     for ax, (name, s) in zip(axes, samples.items()):
-        s = s.detach().float().cpu()
-        n = s.shape[0] // num_classes
-        s = s.reshape(num_classes, n, *s.shape[1:])[:, :per_class]
-        c, h, w = s.shape[2], s.shape[-2], s.shape[-1]
-        grid = s[:, :, 0].permute(0, 2, 1, 3).reshape(num_classes * h, per_class * w) if c == 1 else \
-            s[:, :, :3].permute(0, 3, 1, 4, 2).reshape(num_classes * h, per_class * w, 3)
-        ax.imshow(((grid + 1) / 2).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.imshow(sample_grid(s, num_classes, per_class).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(name, fontsize=10)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(out / "samples.png", dpi=110)
+    fig.savefig(out / "samples.png", dpi=120)
     plt.close(fig)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One-shot GPU check for a lent H200 (torch 2.11 + Python 3.12 there, no internet): builds the
+# extension, runs the GPU tests and the op benchmarks, prints a short table. Under 8 minutes.
+#
+# From a developer session, with the device tool:
+#   run(command="bash tools/gpu_check.sh", timeout_s=540)
+# Wheels the device lacks (e.g. nvidia-cutlass once a kernel needs it) travel in ./.whl (see the
+# device README) and are installed first when present. Results land in $OUT (or ./gpu_check_out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_check_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
+[ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=/usr/local/cuda
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.txt"
+
+t0=$(date +%s)
+echo "== build (setup.py build_ext --inplace)"
+python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+echo "   built in $(( $(date +%s) - t0 )) s"
+python3 -m ddrl_engine.info | tee "$OUT/info.txt"
+
+echo "== GPU tests"
+timeout 240 python3 -m pytest -q -x -m "gpu and not slow" tests/test_ops_cuda.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
+echo "== CPU op tests on this machine (sanity)"
+timeout 60 python3 -m pytest -q tests/test_ops_cpu.py 2>&1 | tail -3
+
+echo "== bench_ops (forward+backward; minimum bytes vs measured copy ceiling)"
+for dt in bf16 fp32; do
+  timeout 120 python3 tools/bench_ops.py --device cuda --dtype $dt --elems 64M --rows 16 --json "$OUT/bench_ops_$dt.json" 2>&1 | grep -v Warning | tee -a "$OUT/bench.txt"
+done
+echo "== slow GPU tests (64-bit offsets)"
+timeout 120 python3 -m pytest -q -m "gpu and slow" tests/test_ops_cuda.py 2>&1 | tail -5 | tee -a "$OUT/tests.txt"
+echo "== total $(( $(date +%s) - t0 )) s"
