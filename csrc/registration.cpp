@@ -12,13 +12,14 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(ddrl, m) {
-  // Per-row mean squared diffusion residual [rows] (fp32) and, when write_grad, the gradient of
-  // each row's loss w.r.t. pred (same shape as pred, in the inputs' common dtype; else empty).
+  // Per-row mean squared diffusion residual [rows] (fp32) and, when write_grad, the residual
+  // pred - target (same shape as pred, in the inputs' common dtype; else empty) for backward.
   m.def(
       "diffusion_loss_rows(Tensor pred, Tensor x0, Tensor noise, Tensor noise_coef, "
       "Tensor data_coef, bool write_grad) -> (Tensor, Tensor)");
   // Per-row Gaussian log-density of x_next under N(mu, std^2) [rows] (fp32) and, when
-  // write_grad, d lp / d mu (same shape as x_next, in the inputs' common dtype; else empty).
+  // write_grad, (x_next - mu) / std (same shape as x_next, in the inputs' common dtype; else
+  // empty) for backward.
   m.def(
       "step_logprob_rows(Tensor x_next, Tensor x, Tensor model_out, Tensor? offset, "
       "Tensor x_coef, Tensor out_coef, Tensor std, bool mean, bool write_grad) -> (Tensor, Tensor)");

@@ -1,5 +1,12 @@
+import os
+import tempfile
+
 import pytest
 import torch
+
+# torch.compile caches compiled graphs (backward formulas included) across processes, keyed without
+# our ops' Python autograd code: a stale entry would test an old formula. Compile fresh per run.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddrl_inductor_")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -16,3 +23,17 @@ def seed():
     s = torch.seed() % (2**31)
     torch.manual_seed(s)
     return s
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _engine_cache(tmp_path_factory):
+    """Tests never read or write the user's cache (classifiers, base models)."""
+    import os
+
+    old = os.environ.get("DDRL_ENGINE_CACHE")
+    os.environ["DDRL_ENGINE_CACHE"] = str(tmp_path_factory.mktemp("ddrl_cache"))
+    yield
+    if old is None:
+        os.environ.pop("DDRL_ENGINE_CACHE", None)
+    else:
+        os.environ["DDRL_ENGINE_CACHE"] = old

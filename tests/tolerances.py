@@ -7,7 +7,8 @@ import torch
 
 _STORED = {
     torch.float32: dict(atol=1e-5, rtol=1e-5),
-    torch.float16: dict(atol=1e-3, rtol=2e-3),
+    # Gradients are rounded twice (the stored residual, then the scaled result): 2 ulp.
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
     torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2),
 }
 _FP32_REDUCTION = dict(atol=1e-5, rtol=2e-5)

@@ -1,5 +1,5 @@
 // CPU kernel of ddrl::diffusion_loss_rows: one pass computes each row's mean squared residual
-// and, when asked, writes d(row loss)/d(pred) so the backward pass only rescales it.
+// and, when asked, writes the residual so the backward pass only rescales it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>

@@ -1,5 +1,5 @@
 // CPU kernel of ddrl::step_logprob_rows: one pass computes each row's Gaussian log-density and,
-// when asked, writes d lp / d mu, from which backward derives every input's gradient.
+// when asked, writes delta / std, from which backward derives every input's gradient.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>

@@ -1,5 +1,5 @@
 // CUDA launcher of ddrl::diffusion_loss_rows: one pass over pred, x0 and noise gives each row's
-// mean squared residual and, when asked, d(row loss)/d(pred) (see row_reduce.cuh for the walk).
+// mean squared residual and, when asked, the residual for backward (see row_reduce.cuh for the walk).
 #include <cuda_runtime.h>
 
 #include "ddrl/launch_params.h"

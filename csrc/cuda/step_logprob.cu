@@ -1,5 +1,5 @@
 // CUDA launcher of ddrl::step_logprob_rows: one pass over x_next, x, model_out (and offset)
-// gives each row's Gaussian log-density and, when asked, d lp / d mu (walk: row_reduce.cuh).
+// gives each row's Gaussian log-density and, when asked, delta / std for backward (row_reduce.cuh).
 #include <cuda_runtime.h>
 
 #include "ddrl/launch_params.h"

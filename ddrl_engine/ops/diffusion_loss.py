@@ -1,8 +1,8 @@
 """Fused diffusion loss: loss_i = weight_i * mean_j (pred_ij - (noise_coef_i * noise_ij + data_coef_i * x0_ij))^2.
 
 One kernel pass reads pred, x0 and noise once, accumulates each row's squared residual in fp32 and,
-when a gradient will be needed, writes d(row loss)/d(pred) in the same pass; backward only rescales
-it (ddrl::scale_rows). The target is never materialised. Target conventions:
+when a gradient will be needed, writes the residual in the same pass; backward only rescales it
+(ddrl::scale_rows, one read and one write) by 2 / cols and the upstream gradient. The target is never materialised. Target conventions:
 epsilon (1, 0), sample (0, 1), rectified-flow velocity (1, -1), VP v-prediction (alpha_t, -sigma_t).
 """
 from __future__ import annotations
@@ -31,11 +31,14 @@ def _(pred, x0, noise, noise_coef, data_coef, write_grad):
 def _setup_context(ctx, inputs, output):
     pred, x0, noise, noise_coef, data_coef, _ = inputs
     ctx.dtypes = (pred.dtype, x0.dtype, noise.dtype)
+    ctx.cols = pred[0].numel() if pred.shape[0] else 1
     ctx.save_for_backward(output[1], noise_coef, data_coef)
 
 
 def _backward(ctx, d_rows, _d_grad):
+    # The forward stored the residual r; d(row loss)/d(pred) = 2 r / cols.
     grad, noise_coef, data_coef = ctx.saved_tensors
+    d_rows = d_rows * (2.0 / ctx.cols)
     if any(ctx.needs_input_grad[:3]) and grad.numel() == 0 and d_rows.numel() > 0:
         raise RuntimeError(f"{_OP}: backward needs the gradient written in forward; call "
                            "ddrl_engine.ops.diffusion_loss with grad enabled on the inputs")

@@ -3,8 +3,9 @@
 lp_i = reduce_j [-(x_next_ij - mu_ij)^2 / (2 std_i^2) - log std_i - log(2 pi)/2],
 mu_ij = x_coef_i * x_ij + out_coef_i * model_out_ij (+ offset_ij), reduce in {mean, sum}.
 Rows may be any mix of samples and denoising steps: B samples x K steps is one launch of B*K rows.
-The forward pass writes d lp / d mu when a gradient will be needed; backward rescales it per input
-(model_out: out_coef, x: x_coef, offset: 1, x_next: -1).
+The forward pass writes the standardised residual (x_next - mu) / std when a gradient will be
+needed; backward rescales it per input in one pass (d lp / d mu = that / std (/ cols), times
+model_out: out_coef, x: x_coef, offset: 1, x_next: -1).
 """
 from __future__ import annotations
 
@@ -29,13 +30,16 @@ def _(x_next, x, model_out, offset, x_coef, out_coef, std, mean, write_grad):
 
 
 def _setup_context(ctx, inputs, output):
-    x_next, x, model_out, offset, x_coef, out_coef, _std, _mean, _ = inputs
+    x_next, x, model_out, offset, x_coef, out_coef, std, mean, _ = inputs
     ctx.dtypes = (x_next.dtype, x.dtype, model_out.dtype, None if offset is None else offset.dtype)
-    ctx.save_for_backward(output[1], x_coef, out_coef)
+    ctx.per_elem = 1.0 / (x_next[0].numel() if x_next.shape[0] else 1) if mean else 1.0
+    ctx.save_for_backward(output[1], x_coef, out_coef, std)
 
 
 def _backward(ctx, d_rows, _d_grad):
-    grad, x_coef, out_coef = ctx.saved_tensors
+    # The forward stored delta / std; d lp / d mu = delta / std^2 (/ cols for a mean).
+    grad, x_coef, out_coef, std = ctx.saved_tensors
+    d_rows = d_rows * ctx.per_elem / std
     if any(ctx.needs_input_grad[:4]) and grad.numel() == 0 and d_rows.numel() > 0:
         raise RuntimeError(f"{_OP}: backward needs the gradient written in forward; call "
                            "ddrl_engine.ops.step_logprob with grad enabled on the inputs")

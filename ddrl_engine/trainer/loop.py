@@ -8,7 +8,9 @@ import json
 import math
 import random
 import signal
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ddrl_engine.algorithms import clipped_policy_loss, combine, data_loss, gaussian_kl, group_advantages
 from ddrl_engine.monitors import HeldoutLossMonitor
-from ddrl_engine.sampling import group_conditions, rollout, transition
+from ddrl_engine.sampling import Rollout, group_conditions, rollout, transition
 from ddrl_engine.trainer.builders import build_data_stream
 from ddrl_engine.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ddrl_engine.trainer.config import TrainConfig
@@ -37,6 +39,16 @@ def _set_rng_state(state: dict, device: str) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and device.startswith("cuda"):
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@dataclass
+class RolloutBatch:
+    """What one step trains on: the rollout, its advantages [B] (None for sft) and old log-probs [B, K]."""
+
+    rollout: Rollout
+    advantages: torch.Tensor | None
+    old_log_probs: torch.Tensor
+    metrics: dict
 
 
 class Trainer:
@@ -90,7 +102,8 @@ class Trainer:
         nc, dc = self.sampler.target_coefs(k)
         return data_loss(pred, x0, eps, nc, dc)
 
-    def train_step(self) -> dict:
+    def collect(self) -> RolloutBatch:
+        """Rollout of conditions_per_step x group_size samples, rewards and advantages (no grad)."""
         cfg, algo, dev = self.cfg, self.algo, self.device
         t0 = time.perf_counter()
         self.policy.eval()
@@ -99,18 +112,17 @@ class Trainer:
         ro = rollout(self.policy, self.sampler, cond, generator=self.rollout_gen, sample_shape=self.sample_shape,
                      reduction=algo.logprob_reduction)
         t_rollout = time.perf_counter()
-        samples = decode(ro.samples)
-        metrics = {}
+        metrics = {"time_rollout": t_rollout - t0}
+        adv = None
         if algo.use_reward:
-            batch, n_bad = self._rewards(samples, cond)
+            batch, n_bad = self._rewards(decode(ro.samples), cond)
             comps = torch.stack([batch.components[r.name] for r in self.rewards.rewards])
             weights = torch.tensor(self.rewards.weights, device=comps.device)
             adv = group_advantages(comps, algo.group_size, eps=algo.adv_eps, clip=algo.adv_clip,
                                    lambda_transform=algo.adv_lambda, valid=batch.valid, weights=weights).to(dev)
             metrics.update(reward=batch.total[batch.valid].mean().item(), invalid_rewards=n_bad,
                            adv_abs=adv.abs().mean().item())
-        t_reward = time.perf_counter()
-
+        metrics["time_reward"] = time.perf_counter() - t_rollout
         old_lp = ro.log_probs
         if cfg.rollout.recompute_old_logprobs:
             with torch.no_grad():
@@ -118,13 +130,20 @@ class Trainer:
                 for k in self.trained_steps:
                     old_lp[:, k] = transition(self.policy, self.sampler, ro.states[:, k], k, cond,
                                               x_next=ro.states[:, k + 1], reduction=algo.logprob_reduction).log_prob
+        return RolloutBatch(ro, adv, old_lp, metrics)
+
+    def update(self, batch: RolloutBatch) -> dict:
+        """ppo_epochs optimiser steps on one rollout batch: policy loss + data loss (+ KL)."""
+        algo, dev, ro = self.algo, self.device, batch.rollout
+        t0 = time.perf_counter()
+        cond, adv, old_lp = ro.cond, batch.advantages, batch.old_log_probs
         if self.data is not None:
             x0, y = self.data.next_batch()
             x0, y = x0.to(dev), y.to(dev)
-
         self.policy.train()
+        metrics = dict(batch.metrics)
         n_trained = len(self.trained_steps)
-        sums = {"policy_loss": 0.0, "data_loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
+        sums = {"policy_loss": 0.0, "data_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_dev": 0.0}
         for epoch in range(algo.ppo_epochs):
             self.opt.zero_grad(set_to_none=True)
             for i, k in enumerate(self.trained_steps):
@@ -137,27 +156,29 @@ class Trainer:
                     pol, stats = clipped_policy_loss(res.log_prob, old_lp[:, k], adv, algo.clip_eps)
                     sums["policy_loss"] += pol.item()
                     sums["clip_frac"] += stats.clip_frac.item()
+                    sums["ratio_dev"] += stats.ratio_max_dev.item()
                     if epoch == 0 and i == 0:
+                        # On-policy: the recomputed log-prob must equal the rollout's (exactly 0 on CPU).
                         metrics["ratio_dev_first"] = stats.ratio_max_dev.item()
                 if self.reference is not None:
                     with torch.no_grad():
                         ref = transition(self.reference, self.sampler, x_k, k, cond, x_next=x_next,
                                          reduction=algo.logprob_reduction)
-                    kl = gaussian_kl(res.mean, ref.mean, self.sampler.coefs(k).std.to(dev).expand(x_k.shape[0]),
-                                     algo.logprob_reduction).mean()
+                    std = self.sampler.coefs(k).std.to(dev).expand(x_k.shape[0])
+                    kl = gaussian_kl(res.mean, ref.mean, std, algo.logprob_reduction).mean()
                     sums["kl"] += kl.item()
                 if self.data is not None:
                     if algo.data_noise == "rollout":
                         eps, kd = ro.initial_noise, k
                     else:
                         eps = torch.randn(x0.shape, generator=self.data_gen, device=dev)
-                        kd = int(torch.randint(0, self.sampler.num_steps, (1,), generator=self.data_gen, device=dev).item())
+                        kd = int(torch.randint(0, self.sampler.num_steps, (1,), generator=self.data_gen).item())
                     dat = self._data_loss(x0, y, eps, kd)
                     sums["data_loss"] += dat.item()
                 loss = combine(pol, dat, kl, beta_data=algo.beta_data, beta_kl=algo.beta_kl, num_trained_steps=n_trained)
                 loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
-                                                       cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+            max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
             if not torch.isfinite(grad_norm):
                 raise FloatingPointError(f"step {self.step}: non-finite gradient norm {grad_norm.item()}; "
                                          "lower optim.lr or check the reward scale")
@@ -166,9 +187,11 @@ class Trainer:
         self.step += 1
         denom = n_trained * algo.ppo_epochs
         metrics.update({k: v / denom for k, v in sums.items()})
-        metrics.update(grad_norm=grad_norm.item(), time_rollout=t_rollout - t0, time_reward=t_reward - t_rollout,
-                       time_train=time.perf_counter() - t_reward)
+        metrics.update(grad_norm=grad_norm.item(), time_train=time.perf_counter() - t0)
         return metrics
+
+    def train_step(self) -> dict:
+        return self.update(self.collect())
 
     @torch.no_grad()
     def _update_ema(self):
@@ -248,7 +271,8 @@ class Trainer:
         steps = self.cfg.run.steps if steps is None else steps
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, default=str))
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if in_main else None
         evals = []
         try:
             if self.step == 0 and self.evaluator is not None:
@@ -279,5 +303,6 @@ class Trainer:
                     self.save()
             bar.close()
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if in_main:
+                signal.signal(signal.SIGTERM, previous)
         return evals

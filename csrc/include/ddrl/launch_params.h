@@ -29,7 +29,7 @@ struct DiffusionLossParams {
   DType dtype;
   float* partials;  // workspace [rows, num_chunks(cols)]
   float* row_loss;  // [rows]: mean_j residual^2
-  void* grad;       // [rows, cols] in dtype, or nullptr: 2 * residual / cols
+  void* grad;       // [rows, cols] in dtype, or nullptr: the residual (backward scales by 2 / cols)
 };
 
 struct StepLogprobParams {
@@ -46,7 +46,7 @@ struct StepLogprobParams {
   DType dtype;
   float* partials;  // workspace [rows, num_chunks(cols)]
   float* logprob;   // [rows]
-  void* grad;       // [rows, cols] in dtype, or nullptr: d lp / d mu
+  void* grad;       // [rows, cols] in dtype, or nullptr: delta / std (backward finishes d lp / d mu)
 };
 
 struct ScaleRowsParams {

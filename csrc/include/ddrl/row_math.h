@@ -32,8 +32,10 @@ DDRL_HD float diffusion_residual(float pred, float x0, float noise, float noise_
                                  float data_coef) {
   return pred - (noise_coef * noise + data_coef * x0);
 }
-// d(mean_j residual_j^2)/d pred = 2 residual / cols; grad_scale = 2 / cols.
-DDRL_HD float diffusion_grad_scale(int64_t cols) { return cols == 0 ? 0.f : 2.f / (float)cols; }
+// The forward pass stores the residual itself (grad_scale 1); backward applies 2 / cols in fp32.
+// Storing d(loss)/d(pred) = 2 residual / cols directly would put fp16 gradients of large rows
+// into the subnormal range; the residual is O(1) in any storage dtype.
+DDRL_HD float diffusion_grad_scale(int64_t /*cols*/) { return 1.f; }
 DDRL_HD float diffusion_row_loss(float sum_sq, int64_t cols) {
   return cols == 0 ? NAN : sum_sq / (float)cols;
 }
@@ -44,12 +46,11 @@ DDRL_HD float step_delta(float x_next, float x, float model_out, float offset, f
                          float out_coef) {
   return x_next - (x_coef * x + out_coef * model_out + offset);
 }
-// d lp / d mu = delta / std^2 * (1/cols for a mean, 1 for a sum): the common factor of every
-// input gradient (model_out: * out_coef, x: * x_coef, offset: * 1, x_next: * -1).
-DDRL_HD float step_grad_scale(float std, int64_t cols, bool mean) {
-  const float inv_var = 1.f / (std * std);
-  return (mean && cols > 0) ? inv_var / (float)cols : inv_var;
-}
+// The forward pass stores delta / std, the standardised residual (O(1) on-policy, so well
+// conditioned even in fp16); backward multiplies by 1 / std (and 1 / cols for a mean) in fp32 to
+// get d lp / d mu, the common factor of every input gradient (model_out: * out_coef,
+// x: * x_coef, offset: * 1, x_next: * -1).
+DDRL_HD float step_grad_scale(float std, int64_t /*cols*/, bool /*mean*/) { return 1.f / std; }
 // lp = reduce_j [-delta_j^2 / (2 std^2) - log std - log(2 pi) / 2].
 DDRL_HD float step_row_logprob(float sum_sq, float std, int64_t cols, bool mean) {
   if (cols == 0) return mean ? NAN : 0.f;

@@ -1,0 +1,159 @@
+"""The trainer: on-policy exactness, gradient sign, several PPO epochs, reward validation,
+checkpoint resume equivalence, SIGTERM, and a short end-to-end run in which reward rises."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ddrl_engine.trainer.checkpoint import latest_checkpoint
+from ddrl_engine.sampling import transition
+from tests.trainer_helpers import make_trainer, tiny_config, with_run
+
+
+def _train_lines(path):
+    lines = [json.loads(ln) for ln in open(path)]
+    return [{k: v for k, v in ln.items() if not k.startswith("time_")} for ln in lines]
+
+
+@pytest.mark.parametrize("method", ["ddrl", "grpo", "grpo_kl", "sft"])
+def test_each_method_trains_and_is_exactly_on_policy(tmp_path, method):
+    tr = make_trainer(tiny_config(tmp_path, method))
+    m = tr.train_step()
+    assert all(math.isfinite(v) for v in m.values() if isinstance(v, float))
+    if method != "sft":
+        assert m["ratio_dev_first"] == 0.0  # bitwise-equal recomputation on CPU
+    if method == "ddrl":
+        assert m["data_loss"] > 0
+    if method == "grpo_kl":
+        # KL to the reference is 0 before the first update and positive after it.
+        m2 = tr.train_step()
+        assert m["kl"] == 0.0 and m2["kl"] > 0
+    if method == "sft":
+        assert "reward" not in m and m["data_loss"] > 0
+
+
+def test_several_ppo_epochs_move_the_ratio(tmp_path):
+    tr = make_trainer(tiny_config(tmp_path, "grpo", ppo_epochs=3))
+    m = tr.train_step()
+    assert m["ratio_dev_first"] == 0.0
+    assert m["ratio_dev"] > 0  # averaged over epochs: later epochs see rho != 1
+
+
+def test_gradient_sign_raises_likelihood_of_high_advantage_samples(tmp_path):
+    tr = make_trainer(tiny_config(tmp_path, "grpo", train_steps="all"))
+    batch = tr.collect()
+    ro, adv = batch.rollout, batch.advantages
+
+    def logprobs():
+        with torch.no_grad():
+            return torch.stack([transition(tr.policy, tr.sampler, ro.states[:, k], k, ro.cond,
+                                           x_next=ro.states[:, k + 1]).log_prob for k in range(ro.num_steps)], 1)
+
+    before = logprobs()
+    assert torch.equal(before, ro.log_probs)
+    tr.update(batch)
+    delta = (logprobs() - before).sum(1)
+    best, worst = adv.argmax(), adv.argmin()
+    assert delta[best] > delta[worst]
+    assert torch.corrcoef(torch.stack([adv, delta]))[0, 1] > 0.3
+
+
+def test_invalid_rewards_error_or_drop(tmp_path):
+    tr = make_trainer(tiny_config(tmp_path, "grpo"))
+    real = tr.rewards.rewards[0]
+
+    class Flaky:
+        name = real.name
+
+        def __call__(self, samples, cond):
+            r = real(samples, cond)
+            r[0] = float("nan")
+            return r
+
+    tr.rewards.rewards[0] = Flaky()
+    with pytest.raises(ValueError, match="brightness"):
+        tr.train_step()
+    tr.cfg.run.on_invalid_reward = "drop"
+    with pytest.warns(RuntimeWarning, match="dropping"):
+        m = tr.train_step()
+    assert m["invalid_rewards"] == 1 and math.isfinite(m["policy_loss"])
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    full = make_trainer(tiny_config(tmp_path / "full", "ddrl", steps=4), evaluator=True)
+    full.train()
+    half = make_trainer(tiny_config(tmp_path / "resumed", "ddrl", steps=4), evaluator=True)
+    half.train(steps=2)
+    assert latest_checkpoint(tmp_path / "resumed" / "checkpoints").name == "step_0000002"
+    # Something logged after the checkpoint (a crash mid-step) must not survive the resume.
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "train", "step": 3, "reward": 123.0}) + "\n")
+    resumed = make_trainer(tiny_config(tmp_path / "resumed", "ddrl", steps=4), evaluator=True)
+    assert resumed.resume()
+    resumed.train()
+    assert _train_lines(tmp_path / "full" / "metrics.jsonl") == _train_lines(tmp_path / "resumed" / "metrics.jsonl")
+    for a, b in zip(full.policy.state_dict().values(), resumed.policy.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    tr = make_trainer(tiny_config(tmp_path, "grpo"))
+    tr.train_step()
+    first = tr.save()
+    import ddrl_engine.trainer.checkpoint as ck
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck.torch, "save", boom)
+    tr.train_step()
+    with pytest.raises(OSError):
+        tr.save()
+    assert latest_checkpoint(tmp_path / "checkpoints") == first  # the previous one is intact
+    fresh = make_trainer(tiny_config(tmp_path, "grpo"))
+    assert fresh.resume() and fresh.step == 1
+
+
+def test_end_to_end_reward_increases(tmp_path):
+    cfg = tiny_config(tmp_path, "grpo", steps=30)
+    cfg = with_run(cfg, eval_every=30)
+    tr = make_trainer(cfg, evaluator=True)
+    start = time.time()
+    evals = tr.train()
+    assert time.time() - start < 60
+    assert evals[-1]["reward"] > evals[0]["reward"] + 0.02
+    assert (tmp_path / "metrics.jsonl").exists() and latest_checkpoint(tmp_path / "checkpoints") is not None
+
+
+SIGTERM_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from tests.trainer_helpers import make_trainer, tiny_config
+tr = make_trainer(tiny_config({out!r}, "grpo", steps=10_000))
+tr.cfg.run.ckpt_every = 0
+print("ready", flush=True)
+tr.train()
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = SIGTERM_SCRIPT.format(root=root, out=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.stdout.readline().strip() == "ready"
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 60
+    while (not metrics.exists() or metrics.stat().st_size == 0) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    ck = latest_checkpoint(tmp_path / "checkpoints")
+    assert ck is not None and int(ck.name.split("_")[1]) >= 1

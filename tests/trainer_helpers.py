@@ -1,0 +1,46 @@
+"""A tiny configuration for trainer tests (seconds on CPU)."""
+from dataclasses import replace
+
+from ddrl_engine.algorithms import preset
+from ddrl_engine.models.dit import DiTConfig
+from ddrl_engine.trainer.builders import build_dataset, build_model, build_rewards, build_sampler
+from ddrl_engine.trainer.config import (EvalConfig, OptimConfig, RolloutConfig, RunConfig, SamplerConfig,
+                                        TrainConfig)
+from ddrl_engine.trainer.loop import Trainer
+
+
+def tiny_config(out_dir, method="ddrl", steps=4, **algo) -> TrainConfig:
+    algo.setdefault("group_size", 4)
+    algo.setdefault("clip_eps", 0.2)
+    if method == "ddrl":
+        algo.setdefault("beta_data", 0.1)
+    if method == "grpo_kl":
+        algo.setdefault("beta_kl", 0.1)
+    return TrainConfig(
+        run=RunConfig(out_dir=str(out_dir), steps=steps, eval_every=2, ckpt_every=2, progress=False),
+        model=DiTConfig(hidden=32, depth=1, heads=2),
+        sampler=SamplerConfig(num_steps=4),
+        algorithm=preset(method, **algo),
+        optim=OptimConfig(lr=1e-3),
+        rollout=RolloutConfig(conditions_per_step=2),
+        eval=EvalConfig(samples_per_class=2, heldout_loss_levels=2),
+    )
+
+
+def make_trainer(cfg, evaluator=False, policy=None):
+    dataset = build_dataset(cfg)
+    rewards = build_rewards(cfg, dataset)
+    ev = None
+    if evaluator:
+        from ddrl_engine.trainer.builders import build_evaluator
+
+        ev = build_evaluator(cfg, dataset, rewards)
+    import torch
+
+    torch.manual_seed(0)
+    policy = policy if policy is not None else build_model(cfg)
+    return Trainer(cfg, policy, build_sampler(cfg), rewards, dataset, ev, log=lambda *a: None)
+
+
+def with_run(cfg, **kw):
+    return replace(cfg, run=replace(cfg.run, **kw))
