@@ -31,32 +31,39 @@ def parse_count(s: str) -> int:
     return int(float(s[:-1]) * mult[s[-1].upper()]) if s[-1].upper() in mult else int(s)
 
 
-def timer(device: str, fn, warmup: int, iters: int) -> float:
-    """Median milliseconds of fn() over iters runs."""
-    for _ in range(warmup):
+def _time_once(device: str, fn) -> float:
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    times = []
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def timer(device: str, fns: dict, warmup: int, iters: int) -> dict:
+    """Median milliseconds of each fn, run round-robin so machine noise hits every one alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     if device == "cuda":
         torch.cuda.synchronize()
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            times[name].append(_time_once(device, fn))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def copy_bandwidth(device: str, nbytes: int, warmup: int, iters: int) -> float:
-    """GB/s of a plain clone (read + write) moving nbytes in total: the practical ceiling."""
+    """GB/s of a device copy into a preallocated buffer (read + write, nbytes moved in total): the
+    practical ceiling. (Ops allocate their outputs; on CPU fresh allocations also cost page faults.)"""
     src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device).fill_(1)
-    ms = timer(device, lambda: src.clone(), warmup, iters)
+    dst = torch.empty_like(src)
+    ms = timer(device, {"copy": lambda: dst.copy_(src)}, warmup, iters)["copy"]
     return nbytes / ms / 1e6
 
 
@@ -102,14 +109,14 @@ def main():
     machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"# bench_ops: {device} ({machine}), {args.dtype}, {args.rows} x {cols} = {elems / 2**20:.1f}M elements, "
           f"forward+backward, torch {torch.__version__}")
-    print(f"# copy ceiling measured here: {ceiling:.1f} GB/s (clone of {min_bytes / 2**20:.0f} MiB)")
+    print(f"# copy ceiling measured here: {ceiling:.1f} GB/s (copy_ of {min_bytes / 2**20:.0f} MiB in total)")
     print(f"{'op':16s} {'impl':10s} {'ms':>9s} {'GB/s':>9s} {'%copy':>7s} {'engine x':>9s}")
     rows = []
     for name, leaf, inputs, kw, engine, eager, run in cases(args.rows, cols, dtype, device):
         impls = {"engine": engine, "eager": eager}
         if not args.no_compile:
             impls["compile"] = torch.compile(eager)
-        times = {impl: timer(device, run(fn, leaf, *inputs, **kw), args.warmup, args.iters) for impl, fn in impls.items()}
+        times = timer(device, {impl: run(fn, leaf, *inputs, **kw) for impl, fn in impls.items()}, args.warmup, args.iters)
         for impl, ms in times.items():
             gbs = min_bytes / ms / 1e6
             speed = times[impl] / times["engine"]
