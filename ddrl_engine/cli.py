@@ -29,13 +29,16 @@ def _load(args):
 
 
 def _setup(cfg):
-    from ddrl_engine.trainer.builders import build_dataset, build_evaluator, build_rewards, build_sampler
+    from ddrl_engine.trainer.builders import (build_dataset, build_evaluator, build_rewards, build_sampler,
+                                              build_training_data)
     from ddrl_engine.trainer.pretrain import pretrain_base
 
     dataset = build_dataset(cfg)
     base = pretrain_base(cfg, dataset, device=cfg.run.device, progress=cfg.run.progress)
     rewards = build_rewards(cfg, dataset)
-    return dataset, base, build_sampler(cfg), rewards, build_evaluator(cfg, dataset, rewards)
+    sampler = build_sampler(cfg)
+    evaluator = build_evaluator(cfg, dataset, rewards)
+    return build_training_data(cfg, base, sampler, dataset), base, sampler, rewards, evaluator
 
 
 def cmd_demo(args):

@@ -157,3 +157,22 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
     assert proc.wait(timeout=60) == 143
     ck = latest_checkpoint(tmp_path / "checkpoints")
     assert ck is not None and int(ck.name.split("_")[1]) >= 1
+
+
+def test_synthetic_regularisation_data_from_the_base_model(tmp_path):
+    from dataclasses import replace
+
+    from ddrl_engine.trainer.builders import build_dataset, build_sampler, build_training_data
+
+    cfg = tiny_config(tmp_path, "ddrl")
+    cfg = replace(cfg, data=replace(cfg.data, synthetic=True, synthetic_count=24))
+    real = build_dataset(cfg)
+    tr = make_trainer(cfg)
+    synth = build_training_data(cfg, tr.policy, build_sampler(cfg), real)
+    assert synth.train_x.shape == (24, 1, 8, 8) and synth.train_y.shape == (24,)
+    assert torch.equal(synth.heldout_x, real.heldout_x)  # evaluation stays on real data
+    from ddrl_engine.trainer.loop import Trainer
+
+    tr2 = Trainer(cfg, tr.policy, tr.sampler, tr.rewards, synth, None, log=lambda *a: None)
+    m = tr2.train_step()
+    assert m["data_loss"] > 0 and math.isfinite(m["data_loss"])

@@ -93,3 +93,32 @@ def build_evaluator(cfg: TrainConfig, dataset: Dataset, rewards: WeightedReward)
                      num_classes=cfg.model.num_classes, samples_per_class=cfg.eval.samples_per_class,
                      seed=cfg.eval.seed, heldout_levels=cfg.eval.heldout_loss_levels, fd=fd, logits_fn=logits_fn,
                      reduction=cfg.algorithm.logprob_reduction)
+
+
+@torch.no_grad()
+def synthetic_dataset(cfg: TrainConfig, base, sampler, dataset: Dataset) -> Dataset:
+    """Regularisation data drawn once from the base model (METHOD.md: real data or base samples).
+
+    data.synthetic_count samples with uniformly drawn classes, from a fixed seed; the held-out split
+    (used for evaluation) stays real data.
+    """
+    from ddrl_engine.sampling import rollout
+    from ddrl_engine.trainer.evaluate import decode
+
+    device = cfg.run.device
+    n = cfg.data.synthetic_count
+    if n < 1:
+        raise ValueError(f"config: 'data.synthetic_count' must be >= 1, got {n}")
+    labels = torch.randint(0, cfg.model.num_classes, (n,), generator=torch.Generator().manual_seed(cfg.run.seed + 7))
+    gen = torch.Generator(device).manual_seed(cfg.run.seed + 7)
+    was_training = base.training
+    base.eval()
+    chunks = [decode(rollout(base, sampler, y.to(device), generator=gen, sample_shape=tuple(cfg.model.sample_shape)).samples).cpu()
+              for y in labels.split(256)]
+    base.train(was_training)
+    return Dataset(torch.cat(chunks), labels, dataset.heldout_x, dataset.heldout_y, dataset.is_digits)
+
+
+def build_training_data(cfg: TrainConfig, base, sampler, dataset: Dataset) -> Dataset:
+    """The dataset the trainer regularises towards: real data, or base-model samples."""
+    return synthetic_dataset(cfg, base, sampler, dataset) if cfg.data.synthetic else dataset

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from ddrl_engine.algorithms import with_method
-from ddrl_engine.trainer.builders import build_dataset, build_evaluator, build_rewards, build_sampler
+from ddrl_engine.trainer.builders import (build_dataset, build_evaluator, build_rewards, build_sampler,
+                                          build_training_data)
 from ddrl_engine.trainer.config import TrainConfig, load_config
 from ddrl_engine.trainer.loop import Trainer
 from ddrl_engine.trainer.pretrain import pretrain_base
@@ -51,13 +52,14 @@ def run_demo(out: str | Path, *, config: str | Path | None = None, steps: int | 
     sampler = build_sampler(cfg)
     rewards = build_rewards(cfg, dataset)
     evaluator = build_evaluator(cfg, dataset, rewards)
+    train_data = build_training_data(cfg, base, sampler, dataset)
 
     base_metrics, base_samples = evaluator(base, sampler, tuple(cfg.model.sample_shape), device)
     log(f"base: " + ", ".join(f"{k}={v:.4f}" for k, v in base_metrics.items()))
     results, curves, samples = {"base": base_metrics}, {}, {"base": base_samples}
     for method in methods:
         mcfg = method_config(cfg, method, out)
-        trainer = Trainer(mcfg, copy.deepcopy(base), sampler, rewards, dataset, evaluator, log=log)
+        trainer = Trainer(mcfg, copy.deepcopy(base), sampler, rewards, train_data, evaluator, log=log)
         evals = trainer.train()
         results[method], curves[method], samples[method] = evals[-1], evals, trainer.last_eval_samples
         log(f"{method}: " + ", ".join(f"{k}={v:.4f}" for k, v in evals[-1].items() if isinstance(v, float)))
