@@ -226,12 +226,9 @@ def test_sass_has_hopper_tensor_core_mma():
 # ---- on a GPU ---------------------------------------------------------------------------------
 
 def _fp8_cuda_usable():
-    from ddrl_engine.attention import available_backends
+    from ddrl_engine.ops.fp8_attention import fp8_cuda_status
 
-    return available_backends()["fp8"]
-
-
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+    return fp8_cuda_status()
 
 
 @pytest.mark.gpu
@@ -269,3 +266,30 @@ def test_cuda_large_vs_float64():
     got = fp8_attention(q, k, v)
     want = attention_ref(q, k, v)
     assert rel_l2(got, want) <= TARGET_REL_L2
+
+
+# ---- the rollout/train mismatch monitor -------------------------------------------------------
+
+def test_rollout_logprob_mismatch():
+    from ddrl_engine.attention import attention_backend
+    from ddrl_engine.models import DiT, DiTConfig
+    from ddrl_engine.sampling import make_sampler, recompute_log_probs, rollout, rollout_logprob_mismatch
+
+    torch.manual_seed(0)
+    policy = DiT(DiTConfig(depth=1, hidden=128, heads=2)).eval()  # head dim 64
+    with torch.no_grad():
+        for p in policy.parameters():
+            if not p.abs().any():
+                p.normal_(std=0.05)
+    sampler = make_sampler("ddim", num_steps=4, eta=1.0)
+    cond = torch.arange(4)
+    with attention_backend("fp8"):
+        roll = rollout(policy, sampler, cond, generator=torch.Generator().manual_seed(1), sample_shape=(1, 8, 8))
+    same = rollout_logprob_mismatch(policy, sampler, roll, backend="fp8")
+    assert same.item() == 0.0  # fp8 recomputation reproduces the fp8 rollout exactly
+    gap = rollout_logprob_mismatch(policy, sampler, roll, steps=[0, 3])
+    assert 0 < gap.item() < 0.05
+    fixed = recompute_log_probs(policy, sampler, roll)
+    assert fixed.shape == roll.log_probs.shape
+    roll.log_probs = fixed  # the exact on-policy switch
+    assert rollout_logprob_mismatch(policy, sampler, roll).item() == 0.0

@@ -58,6 +58,21 @@ def _(q8, q_scale, k8, k_scale, v8t, v_scale, v_mean, q_len, kv_len, out_dtype):
     return q8.new_empty((B, H, q_len, D), dtype=out_dtype)
 
 
+def fp8_cuda_status() -> tuple[bool, str]:
+    """Whether the CUDA fp8 attention can run here, and why not when it cannot."""
+    info = _loader.build_info()
+    if not info.get("with_cuda"):
+        return False, f"extension built without CUDA ({info.get('no_cuda_reason')})"
+    if not info.get("fp8_attention_kernel"):
+        return False, f"sm_90a kernel not built ({info.get('fp8_attention_kernel_reason', 'older build')})"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device visible to torch"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) != (9, 0):
+        return False, f"needs an sm_90 (Hopper) GPU, this one is sm_{major}{minor}"
+    return True, ""
+
+
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> float:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
