@@ -1,6 +1,6 @@
 #include "fp8_attention_inputs.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include "ddrl/fp8_attention_math.h"
