@@ -65,7 +65,8 @@ def want_fp8_sm90():
     if not WITH_CUDA:
         return None, f"no CUDA build ({NO_CUDA_REASON})"
     arch = CONFIG["fp8_sm90_arch"]
-    if arch not in os.environ["TORCH_CUDA_ARCH_LIST"].replace(",", ";").replace(" ", ";").split(";"):
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"].replace(",", ";").replace(" ", ";").split(";")
+    if arch not in [a.removesuffix("+PTX") for a in archs]:
         return None, f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']!r} lacks {arch}"
     return cutlass_include()
 
