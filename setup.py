@@ -5,6 +5,8 @@ Environment:
   TORCH_CUDA_ARCH_LIST      CUDA archs (default "9.0a"; e.g. "8.0;9.0a" to add A100)
   CUDA_HOME                 the CUDA toolkit (default: what torch finds, e.g. /usr/local/cuda)
   MAX_JOBS                  parallel compile jobs (ninja)
+The sm_90a fp8 attention kernel is built when the nvidia-cutlass wheel is importable (CuTe headers)
+and TORCH_CUDA_ARCH_LIST has 9.0a; _build_info.json records whether it was and why not.
 """
 import glob
 import json
@@ -47,9 +49,32 @@ def want_cuda():
     return True, ""
 
 
+def cutlass_include():
+    """The CUTLASS/CuTe headers of the nvidia-cutlass wheel, or (None, why not)."""
+    try:
+        import cutlass_library
+    except ImportError:
+        return None, "the nvidia-cutlass wheel is not installed (pip install nvidia-cutlass)"
+    path = Path(cutlass_library.__file__).parent / "source" / "include"
+    if not (path / "cute" / "tensor.hpp").exists():
+        return None, f"nvidia-cutlass has no CuTe headers at {path}"
+    return str(path), ""
+
+
+def want_fp8_sm90():
+    if not WITH_CUDA:
+        return None, f"no CUDA build ({NO_CUDA_REASON})"
+    arch = CONFIG["fp8_sm90_arch"]
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"].replace(",", ";").replace(" ", ";").split(";")
+    if arch not in [a.removesuffix("+PTX") for a in archs]:
+        return None, f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']!r} lacks {arch}"
+    return cutlass_include()
+
+
 WITH_CUDA, NO_CUDA_REASON = want_cuda()
 if WITH_CUDA:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CONFIG["default_cuda_arch_list"])
+CUTLASS_INCLUDE, NO_FP8_SM90_REASON = want_fp8_sm90()
 
 
 class BuildExtension(cpp_extension.BuildExtension):
@@ -67,6 +92,8 @@ class BuildExtension(cpp_extension.BuildExtension):
             "nvcc": nvcc_version() if WITH_CUDA else "",
             "cxx_flags": CONFIG["cxx_flags"],
             "nvcc_flags": CONFIG["nvcc_flags"] if WITH_CUDA else [],
+            "fp8_attention_kernel": CUTLASS_INCLUDE is not None,
+            "fp8_attention_kernel_reason": NO_FP8_SM90_REASON,
         }
         (ROOT / "ddrl_engine" / "_build_info.json").write_text(json.dumps(info, indent=2) + "\n")
         super().run()
@@ -78,8 +105,13 @@ def extension():
     srcs = sources(CONFIG["cpu_sources"])
     if WITH_CUDA:
         srcs += sources(CONFIG["cuda_sources"])
-        extra["nvcc"] = CONFIG["nvcc_flags"]
+        extra["nvcc"] = list(CONFIG["nvcc_flags"])
         make = cpp_extension.CUDAExtension
+        if CUTLASS_INCLUDE is not None:
+            srcs += sources(CONFIG["fp8_sm90_sources"])
+            include_dirs.append(CUTLASS_INCLUDE)
+            define = f"-D{CONFIG['fp8_sm90_define']}=1"
+            extra = {"cxx": extra["cxx"] + [define], "nvcc": extra["nvcc"] + [define]}
     else:
         make = cpp_extension.CppExtension
     return make(

@@ -25,4 +25,15 @@ TORCH_LIBRARY(ddrl, m) {
       "Tensor x_coef, Tensor out_coef, Tensor std, bool mean, bool write_grad) -> (Tensor, Tensor)");
   // out[i, ...] = src[i, ...] * scale[i] in fp32, written in `dtype` (the backward pass).
   m.def("scale_rows(Tensor src, Tensor scale, ScalarType dtype) -> Tensor");
+  // FP8/INT8 attention (forward only), in two steps so the pre-pass can be timed and tested:
+  // quantize q, k, v [B, H, S, D] (scheme: csrc/include/ddrl/fp8_attention_math.h) into
+  // q8 int8 [B, H, Sq_pad, D], q_scale [B, H, Sq_pad], k8 int8 [B, H, Sk_pad, D],
+  // k_scale [B, H, Sk_pad], v8t e4m3 bits as uint8 [B, H, D, Sk_pad], v_scale [B, H, D], v_mean [B, H, D]
+  // (S padded to a multiple of 128 with zeros); then attend -> [B, H, q_len, D] in out_dtype.
+  m.def(
+      "fp8_attention_quantize(Tensor q, Tensor k, Tensor v, float softmax_scale) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "fp8_attention_quantized(Tensor q8, Tensor q_scale, Tensor k8, Tensor k_scale, Tensor v8t, "
+      "Tensor v_scale, Tensor v_mean, SymInt q_len, SymInt kv_len, ScalarType out_dtype) -> Tensor");
 }

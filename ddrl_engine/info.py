@@ -5,7 +5,7 @@ import torch
 
 from ddrl_engine._loader import build_info, cuda_ops_available
 
-OPS = ("diffusion_loss_rows", "step_logprob_rows", "scale_rows")
+OPS = ("diffusion_loss_rows", "step_logprob_rows", "scale_rows", "fp8_attention_quantize", "fp8_attention_quantized")
 
 
 def op_backends(name: str) -> list[str]:
@@ -17,7 +17,8 @@ def report() -> str:
 
     info = build_info()
     lines = ["ddrl-engine build:"]
-    for key in ("torch_version", "torch_cuda_version", "with_cuda", "no_cuda_reason", "cuda_arch_list", "nvcc"):
+    for key in ("torch_version", "torch_cuda_version", "with_cuda", "no_cuda_reason", "cuda_arch_list", "nvcc",
+                "fp8_attention_kernel", "fp8_attention_kernel_reason"):
         if info.get(key) not in ("", None) or key == "with_cuda":
             lines.append(f"  {key:20s} {info.get(key)}")
     lines.append("runtime:")
@@ -28,12 +29,13 @@ def report() -> str:
     lines.append(f"  cuda ops usable      {ok}{'' if ok else f' ({why})'}")
     lines.append("ops (torch.ops.ddrl.*):")
     for name in OPS:
-        lines.append(f"  {name:20s} {', '.join(op_backends(name)) or 'no kernels'}")
+        lines.append(f"  {name:24s} {', '.join(op_backends(name)) or 'no kernels'}")
     from ddrl_engine.attention import available_backends
 
     lines.append("attention backends:")
     for name, (usable, reason) in available_backends().items():
-        lines.append(f"  {name:20s} {'yes' if usable else 'no (' + reason + ')'}")
+        note = f" ({reason})" if reason else ""
+        lines.append(f"  {name:24s} {'yes' if usable else 'no'}{note}")
     return "\n".join(lines)
 
 

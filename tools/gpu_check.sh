@@ -24,7 +24,7 @@ echo "   built in $(( $(date +%s) - t0 )) s"
 python3 -m ddrl_engine.info | tee "$OUT/info.txt"
 
 echo "== GPU tests"
-timeout 240 python3 -m pytest -q -x -m "gpu and not slow" tests/test_ops_cuda.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
+timeout 240 python3 -m pytest -q -x -m "gpu and not slow" tests/test_ops_cuda.py tests/test_fp8_attention.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
 echo "== CPU op tests on this machine (sanity)"
 timeout 60 python3 -m pytest -q tests/test_ops_cpu.py 2>&1 | tail -3
 
@@ -32,6 +32,8 @@ echo "== bench_ops (forward+backward; minimum bytes vs measured copy ceiling)"
 for dt in bf16 fp32; do
   timeout 120 python3 tools/bench_ops.py --device cuda --dtype $dt --elems 64M --rows 16 --json "$OUT/bench_ops_$dt.json" 2>&1 | grep -v Warning | tee -a "$OUT/bench.txt"
 done
+echo "== bench_attention (fp8 incl. quantisation vs SDPA bf16 flash/cuDNN; TFLOP/s = 4 B H S^2 D / t)"
+timeout 150 python3 tools/bench_attention.py --seqs 4096,16384,32768,75600 --dims 128,64 --iters 5 --budget-ms 1500 --json "$OUT/bench_attention.json" 2>&1 | grep -v Warning | tee -a "$OUT/bench.txt"
 echo "== slow GPU tests (64-bit offsets)"
 timeout 120 python3 -m pytest -q -m "gpu and slow" tests/test_ops_cuda.py 2>&1 | tail -5 | tee -a "$OUT/tests.txt"
 echo "== total $(( $(date +%s) - t0 )) s"

@@ -80,5 +80,12 @@ def attention(
 
 
 def available_backends() -> dict[str, tuple[bool, str]]:
-    """{backend: (usable here, why not)} for `python -m ddrl_engine.info`."""
-    return {"sdpa": (True, ""), "fp8": (False, "not built yet (issue 4)")}
+    """{backend: (usable here, note)} for `python -m ddrl_engine.info`. "fp8" always runs on CPU (the
+    exact emulation); its note says whether the CUDA kernel can run here and why not."""
+    from ddrl_engine.ops.fp8_attention import fp8_cuda_status
+
+    cuda_ok, why = fp8_cuda_status()
+    return {
+        "sdpa": (True, ""),
+        "fp8": (True, "cpu emulation; cuda: " + ("sm_90 kernel usable" if cuda_ok else f"no ({why})")),
+    }

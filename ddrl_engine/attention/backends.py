@@ -12,6 +12,8 @@ from typing import Callable, Optional
 import torch.nn.functional as F
 from torch import Tensor
 
+from ddrl_engine.ops.fp8_attention import fp8_attention as _fp8_attention_op
+
 AttentionFn = Callable[[Tensor, Tensor, Tensor, Optional[float]], Tensor]
 
 
@@ -21,9 +23,10 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> T
 
 
 def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
-    # A known name, so configs can already say backend="fp8"; it fails loudly rather than quietly
-    # running sdpa, which would make benchmarks and numerics lie about what ran.
-    raise NotImplementedError("fp8 attention backend is not built yet (issue 4); use backend='sdpa'")
+    """INT8 QK^T / FP8 PV attention for rollouts (ddrl_engine.ops.fp8_attention): forward only,
+    D in {64, 128}. On CPU an exact emulation of the GPU scheme; on CUDA it needs sm_90 and the
+    kernel built with CUTLASS, and says so otherwise (never a silent fall back to sdpa)."""
+    return _fp8_attention_op(q, k, v, scale=scale)
 
 
 BACKENDS: dict[str, AttentionFn] = {

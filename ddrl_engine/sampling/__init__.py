@@ -7,6 +7,7 @@ from ddrl_engine.sampling.base import Sampler, Schedule
 from ddrl_engine.sampling.ddim import DDIM
 from ddrl_engine.sampling.edm import EDMChurn
 from ddrl_engine.sampling.factory import SAMPLERS, make_sampler
+from ddrl_engine.sampling.mismatch import logprob_mismatch, recompute_log_probs, rollout_logprob_mismatch
 from ddrl_engine.sampling.rectified_flow import RectifiedFlowSDE
 from ddrl_engine.sampling.rollout import Rollout, StepRows, group_conditions, rollout
 from ddrl_engine.sampling.step import StepResult, transition
@@ -22,7 +23,10 @@ __all__ = [
     "StepResult",
     "StepRows",
     "group_conditions",
+    "logprob_mismatch",
     "make_sampler",
+    "recompute_log_probs",
     "rollout",
+    "rollout_logprob_mismatch",
     "transition",
 ]
