@@ -37,3 +37,17 @@ def _engine_cache(tmp_path_factory):
         os.environ.pop("DDRL_ENGINE_CACHE", None)
     else:
         os.environ["DDRL_ENGINE_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def split():
+    """The default digits train/held-out split."""
+    from ddrl_engine.data import digits_split
+
+    return digits_split(seed=0)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A cache directory of the module's own (classifier caching is tested from empty)."""
+    return tmp_path_factory.mktemp("ddrl_cache")

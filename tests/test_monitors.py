@@ -6,7 +6,6 @@ import warnings
 import pytest
 import torch
 
-from ddrl_engine.data import digits_split
 from ddrl_engine.monitors import (
     FrechetDistance,
     HeldoutLossMonitor,
@@ -18,16 +17,6 @@ from ddrl_engine.monitors import (
     realism_classifier_features,
 )
 from ddrl_engine.rewards import reward_classifier
-
-
-@pytest.fixture(scope="module")
-def split():
-    return digits_split(seed=0)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("ddrl_cache")
 
 
 # --- Frechet distance ----------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from ddrl_engine.data import digits_classifier as dc
-from ddrl_engine.data import digits_split
 from ddrl_engine.rewards import (
     BrightnessReward,
     ClassConfidenceReward,
@@ -16,16 +15,6 @@ from ddrl_engine.rewards import (
     reward_classifier,
     validate_rewards,
 )
-
-
-@pytest.fixture(scope="module")
-def split():
-    return digits_split(seed=0)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("ddrl_cache")
 
 
 @pytest.fixture(scope="module")

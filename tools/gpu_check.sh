@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU check for a lent H200 (torch 2.11 + Python 3.12 there, no internet): builds the
-# extension, runs the GPU tests and the op benchmarks, prints a short table. Under 8 minutes.
+# extension, runs the GPU tests, the op benchmarks and the end-to-end step benchmark (bench_step),
+# prints short tables. Under 8 minutes.
 #
 # From a developer session, with the device tool:
 #   run(command="bash tools/gpu_check.sh", timeout_s=540)
@@ -36,4 +37,8 @@ echo "== bench_attention (fp8 incl. quantisation vs SDPA bf16 flash/cuDNN; TFLOP
 timeout 150 python3 tools/bench_attention.py --seqs 4096,16384,32768,75600 --dims 128,64 --iters 5 --budget-ms 1500 --json "$OUT/bench_attention.json" 2>&1 | grep -v Warning | tee -a "$OUT/bench.txt"
 echo "== slow GPU tests (64-bit offsets)"
 timeout 120 python3 -m pytest -q -m "gpu and slow" tests/test_ops_cuda.py 2>&1 | tail -5 | tee -a "$OUT/tests.txt"
+echo "== CUDA-graph rollout tests (replay == eager, in-place weights, fresh noise)"
+timeout 90 python3 -m pytest -q -m gpu tests/test_graphs.py 2>&1 | tail -5 | tee -a "$OUT/tests.txt"
+echo "== bench_step (whole DDRL step: eager baseline vs engine, + CUDA graphs, + fp8 when available)"
+timeout 180 python3 tools/bench_step.py --device cuda --steps 2 --json "$OUT/bench_step.json" 2>&1 | grep -v Warning | tee "$OUT/bench_step.txt"
 echo "== total $(( $(date +%s) - t0 )) s"

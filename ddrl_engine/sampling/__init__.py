@@ -1,4 +1,5 @@
-"""Stochastic samplers as policies: schedules, the shared step function, the rollout loop.
+"""Stochastic samplers as policies: schedules, the shared step function, the rollout loop (eager, or
+captured in a CUDA graph by RolloutRunner: one implementation, `run_chain`).
 
 Works on any policy `policy(x, t, cond) -> Tensor` (ddrl_engine.models.Policy); knows nothing of
 training. See base.py for the sampler interface and each sampler for its level conventions.
@@ -7,9 +8,10 @@ from ddrl_engine.sampling.base import Sampler, Schedule
 from ddrl_engine.sampling.ddim import DDIM
 from ddrl_engine.sampling.edm import EDMChurn
 from ddrl_engine.sampling.factory import SAMPLERS, make_sampler
+from ddrl_engine.sampling.graphs import RolloutRunner, graph_unavailable_reason
 from ddrl_engine.sampling.mismatch import logprob_mismatch, recompute_log_probs, rollout_logprob_mismatch
 from ddrl_engine.sampling.rectified_flow import RectifiedFlowSDE
-from ddrl_engine.sampling.rollout import Rollout, StepRows, group_conditions, rollout
+from ddrl_engine.sampling.rollout import Rollout, RolloutBuffers, StepRows, group_conditions, rollout, run_chain
 from ddrl_engine.sampling.step import StepResult, transition
 
 __all__ = [
@@ -17,16 +19,20 @@ __all__ = [
     "EDMChurn",
     "RectifiedFlowSDE",
     "Rollout",
+    "RolloutBuffers",
+    "RolloutRunner",
     "SAMPLERS",
     "Sampler",
     "Schedule",
     "StepResult",
     "StepRows",
+    "graph_unavailable_reason",
     "group_conditions",
     "logprob_mismatch",
     "make_sampler",
     "recompute_log_probs",
     "rollout",
     "rollout_logprob_mismatch",
+    "run_chain",
     "transition",
 ]

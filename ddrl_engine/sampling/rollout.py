@@ -8,6 +8,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from ddrl_engine.profiling import phase
 from ddrl_engine.sampling.base import Sampler
 from ddrl_engine.sampling.step import transition
 
@@ -88,6 +89,65 @@ def group_conditions(cond: Tensor, group_size: int) -> Tensor:
     return cond.repeat_interleave(group_size)
 
 
+@dataclass
+class RolloutBuffers:
+    """Preallocated outputs of one chain (B samples, K steps): everything the step loop writes.
+
+    states [B, K+1, *S] and samples [B, *S] in the rollout dtype, log_probs fp32 [B, K], noise fp32
+    [B, *S] (the initial unit Gaussian). The graphed runner keeps one set per shape key and captures
+    the loop writing into it; `rollout()` allocates a fresh set per call.
+    """
+
+    states: Tensor
+    log_probs: Tensor
+    samples: Tensor
+    noise: Tensor
+
+    @classmethod
+    def allocate(cls, batch: int, num_steps: int, sample_shape: Sequence[int], dtype: torch.dtype,
+                 device) -> "RolloutBuffers":
+        shape = tuple(int(s) for s in sample_shape)
+        return cls(states=torch.empty((batch, num_steps + 1, *shape), dtype=dtype, device=device),
+                   log_probs=torch.empty((batch, num_steps), dtype=torch.float32, device=device),
+                   samples=torch.empty((batch, *shape), dtype=dtype, device=device),
+                   noise=torch.empty((batch, *shape), dtype=torch.float32, device=device))
+
+
+def run_chain(policy, sampler: Sampler, cond: Tensor, buffers: RolloutBuffers, *,
+              generator: torch.Generator | None, reduction: str) -> None:
+    """The step loop, writing into `buffers`: the one implementation the eager rollout runs and the
+    graphed runner captures. Random draws, in order, from `generator`: the initial noise, then one
+    eps per step. No host sync, no allocation the caller must keep, no data-dependent control flow."""
+    batch = cond.shape[0]
+    sample_shape = tuple(buffers.noise.shape[1:])
+    dtype = buffers.states.dtype
+    noise = sampler.initial_noise((batch, *sample_shape), generator=generator, device=cond.device)
+    buffers.noise.copy_(noise)
+    x = sampler.state_from_noise(noise, dtype)
+    buffers.states[:, 0] = x
+    for k in range(sampler.num_steps):
+        with phase("rollout/step", k):
+            step = transition(policy, sampler, x, k, cond, generator=generator, reduction=reduction)
+            buffers.states[:, k + 1] = step.x_next
+            buffers.log_probs[:, k] = step.log_prob
+            x = step.x_next
+    with phase("rollout/finish"):
+        buffers.samples.copy_(sampler.finish(policy, x, cond))
+
+
+def check_cond(cond, owner: str = "rollout") -> None:
+    if not isinstance(cond, Tensor) or cond.dim() != 1:
+        raise ValueError(f"{owner}: 'cond' must be a 1-D tensor [B], got {getattr(cond, 'shape', type(cond))}")
+
+
+def as_rollout(buffers: RolloutBuffers, sampler: Sampler, cond: Tensor, reduction: str) -> Rollout:
+    """The Rollout view of filled buffers (no copy of the states or log-probs)."""
+    dtype = buffers.states.dtype
+    initial_noise = buffers.states[:, 0] if sampler.initial_scale == 1.0 else buffers.noise.to(dtype)
+    return Rollout(states=buffers.states, log_probs=buffers.log_probs, levels=sampler.network_levels.clone(),
+                   samples=buffers.samples, cond=cond, initial_noise=initial_noise, reduction=reduction)
+
+
 @torch.no_grad()
 def rollout(
     policy,
@@ -107,27 +167,14 @@ def rollout(
     dtype is the storage dtype of the states (the policy is called on them; the step math is fp32).
     bfloat16 rounds a stored state by up to |x| 2^-9, more than the std of the last steps of DDIM and
     EDM (sigma_min = 0.002): their log-probs and gradients are then dominated by that rounding (the
-    ratio of a recomputation stays exactly 1). Keep float32 states for training. The step loop writes into
-    preallocated buffers and has no host sync or data-dependent control flow (CUDA-graph ready).
+    ratio of a recomputation stays exactly 1). Keep float32 states for training. The step loop
+    (`run_chain`) writes into preallocated buffers and has no host sync or data-dependent control
+    flow; `ddrl_engine.sampling.RolloutRunner` captures that same loop in a CUDA graph.
     """
-    if not isinstance(cond, Tensor) or cond.dim() != 1:
-        raise ValueError(f"rollout: 'cond' must be a 1-D tensor [B], got {getattr(cond, 'shape', type(cond))}")
-    device, batch, k_steps = cond.device, cond.shape[0], sampler.num_steps
-    sample_shape = tuple(int(s) for s in sample_shape)
+    check_cond(cond)
+    device = cond.device
     sampler.to(device)
-
-    states = torch.empty((batch, k_steps + 1, *sample_shape), dtype=dtype, device=device)
-    log_probs = torch.empty((batch, k_steps), dtype=torch.float32, device=device)
-    noise = sampler.initial_noise((batch, *sample_shape), generator=generator, device=device)
-    x = sampler.state_from_noise(noise, dtype)
-    states[:, 0] = x
-    for k in range(k_steps):
-        step = transition(policy, sampler, x, k, cond, generator=generator, reduction=reduction)
-        states[:, k + 1] = step.x_next
-        log_probs[:, k] = step.log_prob
-        x = step.x_next
-    samples = sampler.finish(policy, x, cond)
-
-    initial_noise = states[:, 0] if sampler.initial_scale == 1.0 else noise.to(dtype)
-    return Rollout(states=states, log_probs=log_probs, levels=sampler.network_levels.clone(), samples=samples,
-                   cond=cond, initial_noise=initial_noise, reduction=reduction)
+    buffers = RolloutBuffers.allocate(cond.shape[0], sampler.num_steps, sample_shape, dtype, device)
+    with phase("rollout"):
+        run_chain(policy, sampler, cond, buffers, generator=generator, reduction=reduction)
+    return as_rollout(buffers, sampler, cond, reduction)

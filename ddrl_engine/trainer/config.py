@@ -94,10 +94,17 @@ class RolloutConfig:
     conditions_per_step: conditions (classes) sampled per step; each is rolled out group_size times.
     recompute_old_logprobs: recompute the old log-probs with the training forward (exact on-policy
         ratios even when rollouts use another attention backend).
+    cuda_graph: capture the K-step sampling loop in a CUDA graph once per batch shape and replay it
+        (fresh noise each replay, weights updated in place); needs run.device = "cuda". A request that
+        cannot be honoured is an error, never a silent eager fallback.
+    attention_backend: attention backend of the rollout's forwards, "sdpa" or "fp8" (checked against
+        ddrl_engine.attention.available_backends() when the trainer starts); training uses "sdpa".
     """
 
     conditions_per_step: int = 4
     recompute_old_logprobs: bool = False
+    cuda_graph: bool = False
+    attention_backend: str = "sdpa"
 
 
 @dataclass
@@ -176,6 +183,7 @@ _CHOICES = {
     "run.on_invalid_reward": ("error", "drop"),
     "sampler.name": ("rectified_flow_sde", "ddim", "edm_churn"),
     "data.dataset": ("digits", "folder"),
+    "rollout.attention_backend": ("sdpa", "fp8"),
 }
 _POSITIVE = {"run.steps", "run.eval_every", "sampler.num_steps", "rollout.conditions_per_step", "optim.lr",
              "eval.samples_per_class", "eval.heldout_loss_levels", "pretrain.batch_size", "pretrain.lr",
@@ -258,7 +266,16 @@ def config_from_dict(data: dict) -> TrainConfig:
             kwargs[name] = {k: _check_value(f"rewards.{k}", v, float) for k, v in values.items()}
         else:
             kwargs[name] = _build_section(name, hints[name], values)
-    return TrainConfig(**kwargs)
+    cfg = TrainConfig(**kwargs)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Checks that span sections (also run by the Trainer on configs built in code)."""
+    if cfg.rollout.cuda_graph and not cfg.run.device.startswith("cuda"):
+        raise ValueError(f"config: 'rollout.cuda_graph' = true needs a CUDA device, but run.device = "
+                         f"{cfg.run.device!r}; set run.device = 'cuda' or rollout.cuda_graph = false")
 
 
 def load_config(path: str | Path) -> TrainConfig:

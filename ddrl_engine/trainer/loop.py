@@ -18,11 +18,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ddrl_engine.algorithms import clipped_policy_loss, combine, data_loss, gaussian_kl, group_advantages
+from ddrl_engine.attention import attention_backend, available_backends
 from ddrl_engine.monitors import HeldoutLossMonitor
-from ddrl_engine.sampling import Rollout, group_conditions, rollout, transition
+from ddrl_engine.profiling import phase
+from ddrl_engine.sampling import Rollout, RolloutRunner, group_conditions, transition
 from ddrl_engine.trainer.builders import build_data_stream
 from ddrl_engine.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ddrl_engine.trainer.config import TrainConfig
+from ddrl_engine.trainer.config import TrainConfig, check_config
 from ddrl_engine.trainer.evaluate import Evaluator, decode
 
 
@@ -56,11 +58,24 @@ class Trainer:
 
     policy: the model to train (its current weights are the base). sampler, rewards, dataset and
     evaluator come from trainer.builders for the built-in default, or from the user.
+    sync_timing: synchronise the device at each timed boundary, so the time_* metrics are device
+        time, not launch time (benchmarks; costs a sync per phase).
+    Every phase runs inside a named `ddrl_engine.profiling.phase` range (NVTX + torch.profiler).
+    The rollout goes through a `RolloutRunner` (eager, or a CUDA graph with rollout.cuda_graph);
+    its Rollout views the runner's buffers, valid until the next collect().
     """
 
     def __init__(self, cfg: TrainConfig, policy, sampler, rewards, dataset, evaluator: Evaluator | None = None,
-                 *, log=print):
+                 *, log=print, sync_timing: bool = False):
+        check_config(cfg)
+        if cfg.rollout.cuda_graph:
+            RolloutRunner.check_device(cfg.run.device)
+        usable, why = available_backends().get(cfg.rollout.attention_backend, (False, "unknown backend"))
+        if not usable:
+            raise ValueError(f"config: 'rollout.attention_backend' = {cfg.rollout.attention_backend!r} is not "
+                             f"usable here: {why}")
         self.cfg, self.log = cfg, log
+        self.sync_timing = sync_timing
         self.device = cfg.run.device
         self.algo = cfg.algorithm
         self.policy = policy.to(self.device)
@@ -72,6 +87,8 @@ class Trainer:
         self.out = Path(cfg.run.out_dir)
         self.rollout_batch = cfg.rollout.conditions_per_step * self.algo.group_size
         self.trained_steps = self.algo.trained_steps(sampler.num_steps)
+        self.runner = RolloutRunner(self.policy, sampler, sample_shape=self.sample_shape,
+                                    reduction=self.algo.logprob_reduction, cuda_graph=cfg.rollout.cuda_graph)
         needs_data = self.algo.beta_data > 0
         self.data = build_data_stream(cfg, dataset, self.rollout_batch) if needs_data else None
         self.reference = copy.deepcopy(policy).requires_grad_(False).eval() if self.algo.beta_kl > 0 else None
@@ -89,6 +106,11 @@ class Trainer:
 
     # ---- one training step ------------------------------------------------------------------
 
+    def _now(self) -> float:
+        if self.sync_timing and self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def _rewards(self, samples, cond):
         batch = self.rewards.evaluate(samples, cond, on_invalid=self.cfg.run.on_invalid_reward)
         n_bad = int((~batch.valid).sum())
@@ -104,28 +126,34 @@ class Trainer:
 
     def collect(self) -> RolloutBatch:
         """Rollout of conditions_per_step x group_size samples, rewards and advantages (no grad)."""
+        with phase("collect"):
+            return self._collect()
+
+    def _collect(self) -> RolloutBatch:
         cfg, algo, dev = self.cfg, self.algo, self.device
-        t0 = time.perf_counter()
+        t0 = self._now()
         self.policy.eval()
         classes = torch.randint(0, cfg.model.num_classes, (cfg.rollout.conditions_per_step,), generator=self.cond_gen)
         cond = group_conditions(classes.to(dev), algo.group_size)
-        ro = rollout(self.policy, self.sampler, cond, generator=self.rollout_gen, sample_shape=self.sample_shape,
-                     reduction=algo.logprob_reduction)
-        t_rollout = time.perf_counter()
+        with attention_backend(cfg.rollout.attention_backend):
+            ro = self.runner(cond, generator=self.rollout_gen)
+        t_rollout = self._now()
         metrics = {"time_rollout": t_rollout - t0}
         adv = None
         if algo.use_reward:
-            batch, n_bad = self._rewards(decode(ro.samples), cond)
-            comps = torch.stack([batch.components[r.name] for r in self.rewards.rewards])
-            weights = torch.tensor(self.rewards.weights, device=comps.device)
-            adv = group_advantages(comps, algo.group_size, eps=algo.adv_eps, clip=algo.adv_clip,
-                                   lambda_transform=algo.adv_lambda, valid=batch.valid, weights=weights).to(dev)
+            with phase("reward"):
+                batch, n_bad = self._rewards(decode(ro.samples), cond)
+            with phase("advantage"):
+                comps = torch.stack([batch.components[r.name] for r in self.rewards.rewards])
+                weights = torch.tensor(self.rewards.weights, device=comps.device)
+                adv = group_advantages(comps, algo.group_size, eps=algo.adv_eps, clip=algo.adv_clip,
+                                       lambda_transform=algo.adv_lambda, valid=batch.valid, weights=weights).to(dev)
             metrics.update(reward=batch.total[batch.valid].mean().item(), invalid_rewards=n_bad,
                            adv_abs=adv.abs().mean().item())
-        metrics["time_reward"] = time.perf_counter() - t_rollout
+        metrics["time_reward"] = self._now() - t_rollout
         old_lp = ro.log_probs
         if cfg.rollout.recompute_old_logprobs:
-            with torch.no_grad():
+            with torch.no_grad(), phase("old_logprob"):
                 old_lp = old_lp.clone()
                 for k in self.trained_steps:
                     old_lp[:, k] = transition(self.policy, self.sampler, ro.states[:, k], k, cond,
@@ -134,8 +162,12 @@ class Trainer:
 
     def update(self, batch: RolloutBatch) -> dict:
         """ppo_epochs optimiser steps on one rollout batch: policy loss + data loss (+ KL)."""
+        with phase("update"):
+            return self._update(batch)
+
+    def _update(self, batch: RolloutBatch) -> dict:
         algo, dev, ro = self.algo, self.device, batch.rollout
-        t0 = time.perf_counter()
+        t0 = self._now()
         cond, adv, old_lp = ro.cond, batch.advantages, batch.old_log_probs
         if self.data is not None:
             x0, y = self.data.next_batch()
@@ -147,51 +179,58 @@ class Trainer:
         for epoch in range(algo.ppo_epochs):
             self.opt.zero_grad(set_to_none=True)
             for i, k in enumerate(self.trained_steps):
-                x_k, x_next = ro.states[:, k], ro.states[:, k + 1]
-                pol = dat = kl = None
-                if algo.use_reward or self.reference is not None:
-                    res = transition(self.policy, self.sampler, x_k, k, cond, x_next=x_next,
-                                     reduction=algo.logprob_reduction)
-                if algo.use_reward:
-                    pol, stats = clipped_policy_loss(res.log_prob, old_lp[:, k], adv, algo.clip_eps)
-                    sums["policy_loss"] += pol.item()
-                    sums["clip_frac"] += stats.clip_frac.item()
-                    sums["ratio_dev"] += stats.ratio_max_dev.item()
-                    if epoch == 0 and i == 0:
-                        # On-policy: the recomputed log-prob must equal the rollout's (exactly 0 on CPU).
-                        metrics["ratio_dev_first"] = stats.ratio_max_dev.item()
-                if self.reference is not None:
-                    with torch.no_grad():
-                        ref = transition(self.reference, self.sampler, x_k, k, cond, x_next=x_next,
-                                         reduction=algo.logprob_reduction)
-                    std = self.sampler.coefs(k).std.to(dev).expand(x_k.shape[0])
-                    kl = gaussian_kl(res.mean, ref.mean, std, algo.logprob_reduction).mean()
-                    sums["kl"] += kl.item()
-                if self.data is not None:
-                    if algo.data_noise == "rollout":
-                        eps, kd = ro.initial_noise, k
-                    else:
-                        eps = torch.randn(x0.shape, generator=self.data_gen, device=dev)
-                        kd = int(torch.randint(0, self.sampler.num_steps, (1,), generator=self.data_gen).item())
-                    dat = self._data_loss(x0, y, eps, kd)
-                    sums["data_loss"] += dat.item()
-                loss = combine(pol, dat, kl, beta_data=algo.beta_data, beta_kl=algo.beta_kl, num_trained_steps=n_trained)
-                loss.backward()
-            max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
-            if not torch.isfinite(grad_norm):
-                raise FloatingPointError(f"step {self.step}: non-finite gradient norm {grad_norm.item()}; "
-                                         "lower optim.lr or check the reward scale")
-            self.opt.step()
-            self._update_ema()
+                with phase("train/step", k):
+                    x_k, x_next = ro.states[:, k], ro.states[:, k + 1]
+                    pol = dat = kl = None
+                    if algo.use_reward or self.reference is not None:
+                        with phase("train/forward"):
+                            res = transition(self.policy, self.sampler, x_k, k, cond, x_next=x_next,
+                                             reduction=algo.logprob_reduction)
+                    if algo.use_reward:
+                        pol, stats = clipped_policy_loss(res.log_prob, old_lp[:, k], adv, algo.clip_eps)
+                        sums["policy_loss"] += pol.item()
+                        sums["clip_frac"] += stats.clip_frac.item()
+                        sums["ratio_dev"] += stats.ratio_max_dev.item()
+                        if epoch == 0 and i == 0:
+                            # On-policy: the recomputed log-prob must equal the rollout's (exactly 0 on CPU).
+                            metrics["ratio_dev_first"] = stats.ratio_max_dev.item()
+                    if self.reference is not None:
+                        with torch.no_grad(), phase("train/reference"):
+                            ref = transition(self.reference, self.sampler, x_k, k, cond, x_next=x_next,
+                                             reduction=algo.logprob_reduction)
+                        std = self.sampler.coefs(k).std.to(dev).expand(x_k.shape[0])
+                        kl = gaussian_kl(res.mean, ref.mean, std, algo.logprob_reduction).mean()
+                        sums["kl"] += kl.item()
+                    if self.data is not None:
+                        if algo.data_noise == "rollout":
+                            eps, kd = ro.initial_noise, k
+                        else:
+                            eps = torch.randn(x0.shape, generator=self.data_gen, device=dev)
+                            kd = int(torch.randint(0, self.sampler.num_steps, (1,), generator=self.data_gen).item())
+                        with phase("train/data_loss"):
+                            dat = self._data_loss(x0, y, eps, kd)
+                        sums["data_loss"] += dat.item()
+                    loss = combine(pol, dat, kl, beta_data=algo.beta_data, beta_kl=algo.beta_kl,
+                                   num_trained_steps=n_trained)
+                    with phase("train/backward"):
+                        loss.backward()
+            with phase("optimizer"):
+                max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
+                if not torch.isfinite(grad_norm):
+                    raise FloatingPointError(f"step {self.step}: non-finite gradient norm {grad_norm.item()}; "
+                                             "lower optim.lr or check the reward scale")
+                self.opt.step()
+                self._update_ema()
         self.step += 1
         denom = n_trained * algo.ppo_epochs
         metrics.update({k: v / denom for k, v in sums.items()})
-        metrics.update(grad_norm=grad_norm.item(), time_train=time.perf_counter() - t0)
+        metrics.update(grad_norm=grad_norm.item(), time_train=self._now() - t0)
         return metrics
 
     def train_step(self) -> dict:
-        return self.update(self.collect())
+        with phase("step"):
+            return self.update(self.collect())
 
     @torch.no_grad()
     def _update_ema(self):
@@ -207,6 +246,10 @@ class Trainer:
     def evaluate(self) -> dict | None:
         if self.evaluator is None:
             return None
+        with phase("eval"):
+            return self._evaluate()
+
+    def _evaluate(self) -> dict:
         metrics, self.last_eval_samples = self.evaluator(self.eval_policy(), self.sampler, self.sample_shape, self.device)
         self.heldout.update(self.step, metrics["heldout_data_loss"])  # warns past the threshold
         metrics["heldout_rise"] = self.heldout.rise
@@ -232,8 +275,9 @@ class Trainer:
         return mods
 
     def save(self) -> Path:
-        return save_checkpoint(self.out / "checkpoints", self.step, modules=self.modules(), state=self.state(),
-                               config=self.cfg.to_dict(), keep=self.cfg.run.keep_checkpoints)
+        with phase("checkpoint"):
+            return save_checkpoint(self.out / "checkpoints", self.step, modules=self.modules(), state=self.state(),
+                                   config=self.cfg.to_dict(), keep=self.cfg.run.keep_checkpoints)
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Loads the given (or latest) checkpoint; returns False when there is none."""

@@ -1,0 +1,195 @@
+"""The rollout as a reusable runner: eager, or captured once per shape into a CUDA graph and replayed.
+
+Both modes run the same loop, `rollout.run_chain`, on the same plan: one set of static buffers per
+key (batch size, K, state dtype, sample shape, log-prob reduction, attention backend, generator),
+kept by the runner and overwritten by every call with that key. In graph mode that loop is captured
+once per key and replayed:
+
+- inputs: the conditions are copied into a static [B] tensor before each replay;
+- noise: the initial noise and every step's eps come from the caller's CUDA generator, registered
+  with the graph (`CUDAGraph.register_generator_state`). Each replay reads the generator's current
+  seed and offset and advances it by the whole graph's draws, so a replay gives the samples an eager
+  run from the same generator state gives (bitwise, on one stream) and fresh noise every call;
+- weights: the graph reads the policy's parameter storage; in-place updates (the optimiser step,
+  `load_state_dict`) are seen by the next replay without recapture. If a parameter or buffer is
+  replaced by a new tensor (other storage) or the sampler's tables move, the runner recaptures
+  (counted in `captures`), since the old graph would read stale memory.
+
+The returned Rollout's tensors are views of the static buffers: valid until the next call with the
+same key (clone what must outlive it). A graph request that cannot be honoured raises (CPU device,
+no CUDA, no explicit CUDA generator, a capture error such as a host sync in the policy); the runner
+never falls back to eager on its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ddrl_engine.attention import current_attention_backend
+from ddrl_engine.profiling import phase
+from ddrl_engine.sampling.base import Sampler
+from ddrl_engine.sampling.rollout import Rollout, RolloutBuffers, as_rollout, check_cond, run_chain
+
+_REDUCTIONS = ("mean", "sum")
+
+
+def graph_unavailable_reason(device) -> str | None:
+    """Why a CUDA graph rollout cannot run on `device` here, or None when it can."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return (f"CUDA graphs capture CUDA work; the rollout runs on '{device}'. Use a CUDA device "
+                "(run.device = 'cuda') or set rollout.cuda_graph = false")
+    if not torch.cuda.is_available():
+        return "CUDA graphs need a CUDA GPU, and torch.cuda.is_available() is False here"
+    if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+        return (f"torch {torch.__version__} lacks CUDAGraph.register_generator_state (graph-safe custom "
+                "generators); fresh noise per replay needs torch >= 2.5")
+    return None
+
+
+@dataclass
+class _Entry:
+    """One key's plan: static inputs/outputs, and in graph mode the captured graph and what it read."""
+
+    cond: Tensor
+    buffers: RolloutBuffers
+    graph: object = None
+    tables: object = None
+    weight_ptrs: tuple = ()
+    generator: torch.Generator | None = None
+    keep: list = field(default_factory=list)
+
+
+class RolloutRunner:
+    """`runner(cond, generator=...) -> Rollout`: the rollout of `policy` under `sampler`.
+
+    cuda_graph: False runs `run_chain` eagerly (any device); True captures it into a CUDA graph per
+        key and replays it (needs a CUDA device; raises with the reason otherwise).
+    sample_shape, dtype, reduction: as in `rollout()`.
+    warmup: eager runs on a side stream before a capture (lazy initialisation of cuBLAS/cuDNN and
+        the allocator must not happen inside the capture); the generator state is restored after
+        them, so the first replay uses the noise the caller's generator state implies.
+
+    Attributes: captures (how many graphs were captured so far), keys (the live plan keys).
+    """
+
+    def __init__(self, policy, sampler: Sampler, *, sample_shape: Sequence[int], dtype: torch.dtype = torch.float32,
+                 reduction: str = "mean", cuda_graph: bool = False, warmup: int = 2) -> None:
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"RolloutRunner: 'reduction' must be one of {_REDUCTIONS}, got {reduction!r}")
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"RolloutRunner: 'cuda_graph' must be a bool, got {cuda_graph!r}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"RolloutRunner: 'warmup' must be an int >= 1, got {warmup!r}")
+        self.policy, self.sampler = policy, sampler
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.dtype, self.reduction, self.cuda_graph, self.warmup = dtype, reduction, cuda_graph, warmup
+        self.captures = 0
+        self._entries: dict[tuple, _Entry] = {}
+        if cuda_graph:
+            device = self._policy_device()
+            if device is not None:
+                self.check_device(device)
+
+    def _policy_device(self):
+        p = next(iter(self.policy.parameters()), None) if hasattr(self.policy, "parameters") else None
+        return None if p is None else p.device
+
+    @staticmethod
+    def check_device(device) -> None:
+        """Raises RuntimeError with the reason when a graphed rollout cannot run on `device`."""
+        reason = graph_unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"rollout.cuda_graph = true cannot be honoured: {reason}")
+
+    @property
+    def keys(self) -> list[tuple]:
+        return list(self._entries)
+
+    def clear(self) -> None:
+        """Drops every plan (static buffers and graphs)."""
+        self._entries.clear()
+
+    # ---- the plan ---------------------------------------------------------------------------
+    def key(self, cond: Tensor, generator: torch.Generator | None) -> tuple:
+        """What a captured graph depends on besides the weights' storage: batch, K, dtype, shape,
+        reduction, attention backend, device (and, in graph mode, the generator it reads)."""
+        gen = id(generator) if self.cuda_graph else None
+        return (cond.shape[0], self.sampler.num_steps, self.dtype, self.sample_shape, self.reduction,
+                current_attention_backend(), str(cond.device), gen)
+
+    def _weight_ptrs(self) -> tuple:
+        if not hasattr(self.policy, "parameters"):
+            return ()
+        tensors = list(self.policy.parameters()) + list(self.policy.buffers())
+        return tuple(t.data_ptr() for t in tensors)
+
+    def _entry(self, cond: Tensor, generator) -> _Entry:
+        key = self.key(cond, generator)
+        entry = self._entries.get(key)
+        if entry is None:
+            buffers = RolloutBuffers.allocate(cond.shape[0], self.sampler.num_steps, self.sample_shape, self.dtype,
+                                              cond.device)
+            entry = _Entry(cond=torch.empty_like(cond), buffers=buffers)
+            self._entries[key] = entry
+        return entry
+
+    # ---- running ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, cond: Tensor, *, generator: torch.Generator | None) -> Rollout:
+        check_cond(cond, "RolloutRunner")
+        self.sampler.to(cond.device)
+        if self.cuda_graph:
+            self.check_device(cond.device)
+            if not isinstance(generator, torch.Generator) or generator.device.type != "cuda":
+                raise RuntimeError("rollout.cuda_graph = true cannot be honoured: the graphed rollout needs an "
+                                   f"explicit CUDA torch.Generator (registered with the graph), got {generator!r}")
+        entry = self._entry(cond, generator)
+        with phase("rollout"):
+            entry.cond.copy_(cond)
+            if not self.cuda_graph:
+                run_chain(self.policy, self.sampler, entry.cond, entry.buffers, generator=generator,
+                          reduction=self.reduction)
+            else:
+                if entry.graph is None or not self._graph_is_current(entry):
+                    self._capture(entry, generator)
+                with phase("rollout/replay"):
+                    entry.graph.replay()
+        return as_rollout(entry.buffers, self.sampler, entry.cond, self.reduction)
+
+    def _graph_is_current(self, entry: _Entry) -> bool:
+        return entry.tables is self.sampler._tables and entry.weight_ptrs == self._weight_ptrs()
+
+    def _capture(self, entry: _Entry, generator: torch.Generator) -> None:
+        entry.graph = None
+        state = generator.get_state()
+        run = lambda: run_chain(self.policy, self.sampler, entry.cond, entry.buffers,  # noqa: E731
+                                generator=generator, reduction=self.reduction)
+        with phase("rollout/capture"):
+            try:
+                side = torch.cuda.Stream(device=entry.cond.device)
+                side.wait_stream(torch.cuda.current_stream(entry.cond.device))
+                with torch.cuda.stream(side):
+                    for _ in range(self.warmup):
+                        run()
+                torch.cuda.current_stream(entry.cond.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                graph.register_generator_state(generator)
+                with torch.cuda.graph(graph):
+                    run()
+            except Exception as e:  # the cause is chained; no eager fallback
+                raise RuntimeError(
+                    "rollout.cuda_graph = true cannot be honoured: capturing the rollout into a CUDA graph failed "
+                    f"({type(e).__name__}: {e}). Typical causes: a host sync in the policy (.item(), .cpu(), "
+                    "data-dependent shapes), a CPU tensor created inside forward, or an op that is not capturable. "
+                    "Fix the policy or set rollout.cuda_graph = false") from e
+            finally:
+                generator.set_state(state)
+        entry.graph = graph
+        entry.tables = self.sampler._tables
+        entry.weight_ptrs = self._weight_ptrs()
+        entry.generator = generator  # keeps id(generator) in the key unique while the entry lives
+        self.captures += 1
