@@ -176,3 +176,27 @@ def test_synthetic_regularisation_data_from_the_base_model(tmp_path):
     tr2 = Trainer(cfg, tr.policy, tr.sampler, tr.rewards, synth, None, log=lambda *a: None)
     m = tr2.train_step()
     assert m["data_loss"] > 0 and math.isfinite(m["data_loss"])
+
+
+def test_fp8_rollouts_report_the_logprob_mismatch(tmp_path):
+    from dataclasses import replace
+
+    cfg = tiny_config(tmp_path, "grpo")
+    # head dim 32 is not an fp8 size; 64 is.
+    cfg = replace(cfg, model=replace(cfg.model, hidden=64, heads=1))
+    import copy
+
+    from ddrl_engine.trainer.builders import build_model
+
+    policy = build_model(cfg)
+    with torch.no_grad():  # a fresh DiT outputs zeros (adaLN-Zero): give attention a say
+        for p in policy.parameters():
+            p.normal_(std=0.05)
+    exact = make_trainer(cfg, policy=copy.deepcopy(policy)).train_step()
+    assert exact["logprob_mismatch"] == 0.0 and exact["ratio_dev_first"] == 0.0
+    cfg8 = replace(cfg, rollout=replace(cfg.rollout, attention_backend="fp8"))
+    m = make_trainer(cfg8, policy=copy.deepcopy(policy)).train_step()
+    assert 0 < m["logprob_mismatch"] < 0.5 and m["ratio_dev_first"] > 0
+    fixed_cfg = replace(cfg8, rollout=replace(cfg8.rollout, recompute_old_logprobs=True))
+    fixed = make_trainer(fixed_cfg, policy=copy.deepcopy(policy)).train_step()
+    assert fixed["logprob_mismatch"] > 0 and fixed["ratio_dev_first"] == 0.0  # exact ratios again

@@ -21,6 +21,7 @@ from ddrl_engine.algorithms import clipped_policy_loss, combine, data_loss, gaus
 from ddrl_engine.attention import attention_backend, available_backends
 from ddrl_engine.monitors import HeldoutLossMonitor
 from ddrl_engine.profiling import phase
+from ddrl_engine.sampling.mismatch import logprob_mismatch
 from ddrl_engine.sampling import Rollout, RolloutRunner, group_conditions, transition
 from ddrl_engine.trainer.builders import build_data_stream
 from ddrl_engine.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -194,6 +195,8 @@ class Trainer:
                         if epoch == 0 and i == 0:
                             # On-policy: the recomputed log-prob must equal the rollout's (exactly 0 on CPU).
                             metrics["ratio_dev_first"] = stats.ratio_max_dev.item()
+                            # What the rollout's attention backend (e.g. fp8) shifts the log-probs by.
+                            metrics["logprob_mismatch"] = logprob_mismatch(ro.log_probs[:, k], res.log_prob).item()
                     if self.reference is not None:
                         with torch.no_grad(), phase("train/reference"):
                             ref = transition(self.reference, self.sampler, x_k, k, cond, x_next=x_next,
