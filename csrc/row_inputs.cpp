@@ -72,6 +72,41 @@ RowCoef row_coef(const at::Tensor& coef) {
   return RowCoef{coef.data_ptr<float>(), coef.stride(0)};
 }
 
+namespace {
+
+RowCall allocate_outputs(RowInputs in, const at::Tensor& like, bool write_grad) {
+  at::Tensor rows_out = at::empty({in.rows}, like.options().dtype(at::kFloat));
+  at::Tensor grad = write_grad ? at::empty(like.sizes(), like.options().dtype(in.dtype))
+                               : at::empty({0}, like.options().dtype(in.dtype));
+  return RowCall{std::move(in), rows_out, grad};
+}
+
+}  // namespace
+
+RowCall prepare_diffusion_loss(const at::Tensor& pred, const at::Tensor& x0, const at::Tensor& noise,
+                               const at::Tensor& noise_coef, const at::Tensor& data_coef,
+                               bool write_grad) {
+  const char* op = "ddrl.diffusion_loss";
+  RowInputs in = prepare_row_inputs(op, {{"pred", &pred}, {"x0", &x0}, {"noise", &noise}});
+  check_row_coef(op, "noise_coef", noise_coef, in.rows, pred.device());
+  check_row_coef(op, "data_coef", data_coef, in.rows, pred.device());
+  return allocate_outputs(std::move(in), pred, write_grad);
+}
+
+RowCall prepare_step_logprob(const at::Tensor& x_next, const at::Tensor& x,
+                             const at::Tensor& model_out, const std::optional<at::Tensor>& offset,
+                             const at::Tensor& x_coef, const at::Tensor& out_coef,
+                             const at::Tensor& std_t, bool write_grad) {
+  const char* op = "ddrl.step_logprob";
+  RowInputs in = prepare_row_inputs(
+      op, {{"x_next", &x_next}, {"x", &x}, {"model_out", &model_out},
+           {"offset", offset.has_value() ? &offset.value() : nullptr}});
+  check_row_coef(op, "x_coef", x_coef, in.rows, x_next.device());
+  check_row_coef(op, "out_coef", out_coef, in.rows, x_next.device());
+  check_row_coef(op, "std", std_t, in.rows, x_next.device());
+  return allocate_outputs(std::move(in), x_next, write_grad);
+}
+
 DType to_ddrl_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return DType::kFloat32;

@@ -8,6 +8,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -39,5 +40,21 @@ void check_row_coef(const char* op, const char* name, const at::Tensor& coef, in
 
 RowCoef row_coef(const at::Tensor& coef);
 DType to_ddrl_dtype(at::ScalarType t);
+
+// One op call, checked and prepared the same way for every backend: dense inputs, the fp32 [rows]
+// result and the stored gradient (the inputs' shape and common dtype when write_grad, else empty).
+struct RowCall {
+  RowInputs in;
+  at::Tensor rows_out;
+  at::Tensor grad;
+};
+
+RowCall prepare_diffusion_loss(const at::Tensor& pred, const at::Tensor& x0, const at::Tensor& noise,
+                               const at::Tensor& noise_coef, const at::Tensor& data_coef,
+                               bool write_grad);
+RowCall prepare_step_logprob(const at::Tensor& x_next, const at::Tensor& x,
+                             const at::Tensor& model_out, const std::optional<at::Tensor>& offset,
+                             const at::Tensor& x_coef, const at::Tensor& out_coef,
+                             const at::Tensor& std_t, bool write_grad);
 
 }  // namespace ddrl

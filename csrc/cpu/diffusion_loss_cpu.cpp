@@ -43,14 +43,9 @@ void run(const at::Tensor& pred, const at::Tensor& x0, const at::Tensor& noise,
 std::tuple<at::Tensor, at::Tensor> diffusion_loss_rows_cpu(
     const at::Tensor& pred, const at::Tensor& x0, const at::Tensor& noise,
     const at::Tensor& noise_coef, const at::Tensor& data_coef, bool write_grad) {
-  const char* op = "ddrl.diffusion_loss";
-  RowInputs in = prepare_row_inputs(op, {{"pred", &pred}, {"x0", &x0}, {"noise", &noise}});
-  check_row_coef(op, "noise_coef", noise_coef, in.rows, pred.device());
-  check_row_coef(op, "data_coef", data_coef, in.rows, pred.device());
-
-  at::Tensor row_loss = at::empty({in.rows}, pred.options().dtype(at::kFloat));
-  at::Tensor grad = write_grad ? at::empty(pred.sizes(), pred.options().dtype(in.dtype))
-                               : at::empty({0}, pred.options().dtype(in.dtype));
+  RowCall call = prepare_diffusion_loss(pred, x0, noise, noise_coef, data_coef, write_grad);
+  const RowInputs& in = call.in;
+  at::Tensor &row_loss = call.rows_out, &grad = call.grad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.dtype, "diffusion_loss_cpu", [&] {
     if (write_grad) {
       run<scalar_t, true>(in.dense[0], in.dense[1], in.dense[2], noise_coef, data_coef, in.rows,

@@ -49,21 +49,13 @@ std::tuple<at::Tensor, at::Tensor> step_logprob_rows_cpu(
     const at::Tensor& x_next, const at::Tensor& x, const at::Tensor& model_out,
     const std::optional<at::Tensor>& offset, const at::Tensor& x_coef, const at::Tensor& out_coef,
     const at::Tensor& std_t, bool mean, bool write_grad) {
-  const char* op = "ddrl.step_logprob";
-  RowInputs in = prepare_row_inputs(
-      op, {{"x_next", &x_next}, {"x", &x}, {"model_out", &model_out},
-           {"offset", offset.has_value() ? &offset.value() : nullptr}});
-  check_row_coef(op, "x_coef", x_coef, in.rows, x_next.device());
-  check_row_coef(op, "out_coef", out_coef, in.rows, x_next.device());
-  check_row_coef(op, "std", std_t, in.rows, x_next.device());
+  RowCall call = prepare_step_logprob(x_next, x, model_out, offset, x_coef, out_coef, std_t, write_grad);
+  const RowInputs& in = call.in;
+  at::Tensor &logprob = call.rows_out, &grad = call.grad;
   // std is read on the host here (free on CPU); the CUDA path cannot check without a sync.
   if (in.rows > 0) {
-    TORCH_CHECK(std_t.gt(0).all().item<bool>(), op, ": 'std' must be > 0 in every row");
+    TORCH_CHECK(std_t.gt(0).all().item<bool>(), "ddrl.step_logprob: 'std' must be > 0 in every row");
   }
-
-  at::Tensor logprob = at::empty({in.rows}, x_next.options().dtype(at::kFloat));
-  at::Tensor grad = write_grad ? at::empty(x_next.sizes(), x_next.options().dtype(in.dtype))
-                               : at::empty({0}, x_next.options().dtype(in.dtype));
   const bool has_offset = offset.has_value();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.dtype, "step_logprob_cpu", [&] {
     if (write_grad && has_offset) run<scalar_t, true, true>(in, x_coef, out_coef, std_t, mean, logprob, grad);

@@ -26,13 +26,9 @@ std::tuple<at::Tensor, at::Tensor> diffusion_loss_rows_cuda(
     const at::Tensor& noise_coef, const at::Tensor& data_coef, bool write_grad) {
   const char* op = "ddrl.diffusion_loss";
   c10::cuda::CUDAGuard guard(pred.device());
-  RowInputs in = prepare_row_inputs(op, {{"pred", &pred}, {"x0", &x0}, {"noise", &noise}});
-  check_row_coef(op, "noise_coef", noise_coef, in.rows, pred.device());
-  check_row_coef(op, "data_coef", data_coef, in.rows, pred.device());
-
-  at::Tensor row_loss = at::empty({in.rows}, pred.options().dtype(at::kFloat));
-  at::Tensor grad = write_grad ? at::empty(pred.sizes(), pred.options().dtype(in.dtype))
-                               : at::empty({0}, pred.options().dtype(in.dtype));
+  RowCall call = prepare_diffusion_loss(pred, x0, noise, noise_coef, data_coef, write_grad);
+  const RowInputs& in = call.in;
+  at::Tensor &row_loss = call.rows_out, &grad = call.grad;
   at::Tensor partials = partials_workspace(in.rows, in.cols, pred);
   DiffusionLossParams p{};
   p.pred = in.dense[0].data_ptr();
@@ -56,18 +52,11 @@ std::tuple<at::Tensor, at::Tensor> step_logprob_rows_cuda(
     const at::Tensor& std_t, bool mean, bool write_grad) {
   const char* op = "ddrl.step_logprob";
   c10::cuda::CUDAGuard guard(x_next.device());
-  RowInputs in = prepare_row_inputs(
-      op, {{"x_next", &x_next}, {"x", &x}, {"model_out", &model_out},
-           {"offset", offset.has_value() ? &offset.value() : nullptr}});
-  check_row_coef(op, "x_coef", x_coef, in.rows, x_next.device());
-  check_row_coef(op, "out_coef", out_coef, in.rows, x_next.device());
-  check_row_coef(op, "std", std_t, in.rows, x_next.device());
   // No value check of std here: it would cost a device sync inside the sampling loop (and break
   // CUDA-graph capture). A row with std <= 0 yields NaN; the Python API checks float stds.
-
-  at::Tensor logprob = at::empty({in.rows}, x_next.options().dtype(at::kFloat));
-  at::Tensor grad = write_grad ? at::empty(x_next.sizes(), x_next.options().dtype(in.dtype))
-                               : at::empty({0}, x_next.options().dtype(in.dtype));
+  RowCall call = prepare_step_logprob(x_next, x, model_out, offset, x_coef, out_coef, std_t, write_grad);
+  const RowInputs& in = call.in;
+  at::Tensor &logprob = call.rows_out, &grad = call.grad;
   at::Tensor partials = partials_workspace(in.rows, in.cols, x_next);
   StepLogprobParams p{};
   p.x_next = in.dense[0].data_ptr();
