@@ -1,4 +1,5 @@
-"""Policies: the interface samplers and algorithms rely on, and our DiT."""
+"""Policies: the interface samplers and algorithms rely on, and our DiT. The diffusers adapters
+(SD3, FLUX, Wan) live in `ddrl_engine.models.diffusers` (optional dependency: diffusers, peft)."""
 
 from .dit import DiT, DiTConfig
 from .policy import Policy

@@ -114,12 +114,12 @@ class RolloutRunner:
         self._entries.clear()
 
     # ---- the plan ---------------------------------------------------------------------------
-    def key(self, cond: Tensor, generator: torch.Generator | None) -> tuple:
+    def key(self, cond: Tensor, generator: torch.Generator | None, shard: tuple[int, int] | None = None) -> tuple:
         """What a captured graph depends on besides the weights' storage: batch, K, dtype, shape,
         reduction, attention backend, device (and, in graph mode, the generator it reads)."""
         gen = id(generator) if self.cuda_graph else None
         return (cond.shape[0], self.sampler.num_steps, self.dtype, self.sample_shape, self.reduction,
-                current_attention_backend(), str(cond.device), gen)
+                current_attention_backend(), str(cond.device), gen) + ((tuple(shard),) if shard is not None else ())
 
     def _weight_ptrs(self) -> tuple:
         if not hasattr(self.policy, "parameters"):
@@ -127,8 +127,8 @@ class RolloutRunner:
         tensors = list(self.policy.parameters()) + list(self.policy.buffers())
         return tuple(t.data_ptr() for t in tensors)
 
-    def _entry(self, cond: Tensor, generator) -> _Entry:
-        key = self.key(cond, generator)
+    def _entry(self, cond: Tensor, generator, shard=None) -> _Entry:
+        key = self.key(cond, generator, shard)
         entry = self._entries.get(key)
         if entry is None:
             buffers = RolloutBuffers.allocate(cond.shape[0], self.sampler.num_steps, self.sample_shape, self.dtype,
@@ -139,7 +139,10 @@ class RolloutRunner:
 
     # ---- running ----------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, cond: Tensor, *, generator: torch.Generator | None) -> Rollout:
+    def __call__(self, cond: Tensor, *, generator: torch.Generator | None,
+                 shard: tuple[int, int] | None = None) -> Rollout:
+        """shard = (first, total): cond holds rows first:first+B of a batch split across processes
+        (see `run_chain`)."""
         check_cond(cond, "RolloutRunner")
         self.sampler.to(cond.device)
         if self.cuda_graph:
@@ -147,15 +150,15 @@ class RolloutRunner:
             if not isinstance(generator, torch.Generator) or generator.device.type != "cuda":
                 raise RuntimeError("rollout.cuda_graph = true cannot be honoured: the graphed rollout needs an "
                                    f"explicit CUDA torch.Generator (registered with the graph), got {generator!r}")
-        entry = self._entry(cond, generator)
+        entry = self._entry(cond, generator, shard)
         with phase("rollout"):
             entry.cond.copy_(cond)
             if not self.cuda_graph:
                 run_chain(self.policy, self.sampler, entry.cond, entry.buffers, generator=generator,
-                          reduction=self.reduction)
+                          reduction=self.reduction, shard=shard)
             else:
                 if entry.graph is None or not self._graph_is_current(entry):
-                    self._capture(entry, generator)
+                    self._capture(entry, generator, shard)
                 with phase("rollout/replay"):
                     entry.graph.replay()
         return as_rollout(entry.buffers, self.sampler, entry.cond, self.reduction)
@@ -163,11 +166,11 @@ class RolloutRunner:
     def _graph_is_current(self, entry: _Entry) -> bool:
         return entry.tables is self.sampler._tables and entry.weight_ptrs == self._weight_ptrs()
 
-    def _capture(self, entry: _Entry, generator: torch.Generator) -> None:
+    def _capture(self, entry: _Entry, generator: torch.Generator, shard=None) -> None:
         entry.graph = None
         state = generator.get_state()
         run = lambda: run_chain(self.policy, self.sampler, entry.cond, entry.buffers,  # noqa: E731
-                                generator=generator, reduction=self.reduction)
+                                generator=generator, reduction=self.reduction, shard=shard)
         with phase("rollout/capture"):
             try:
                 side = torch.cuda.Stream(device=entry.cond.device)

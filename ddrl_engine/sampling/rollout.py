@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ddrl_engine.profiling import phase
 from ddrl_engine.sampling.base import Sampler
-from ddrl_engine.sampling.step import transition
+from ddrl_engine.sampling.step import draw_noise, transition
 
 
 class StepRows(NamedTuple):
@@ -114,20 +114,26 @@ class RolloutBuffers:
 
 
 def run_chain(policy, sampler: Sampler, cond: Tensor, buffers: RolloutBuffers, *,
-              generator: torch.Generator | None, reduction: str) -> None:
+              generator: torch.Generator | None, reduction: str, shard: tuple[int, int] | None = None) -> None:
     """The step loop, writing into `buffers`: the one implementation the eager rollout runs and the
     graphed runner captures. Random draws, in order, from `generator`: the initial noise, then one
-    eps per step. No host sync, no allocation the caller must keep, no data-dependent control flow."""
+    eps per step. No host sync, no allocation the caller must keep, no data-dependent control flow.
+    shard = (first, total): this batch is rows first:first+B of a batch of `total` split across
+    processes; every draw is made for all `total` rows and these rows kept (`step.draw_noise`), so the
+    shards' union is the one-process rollout."""
     batch = cond.shape[0]
     sample_shape = tuple(buffers.noise.shape[1:])
     dtype = buffers.states.dtype
-    noise = sampler.initial_noise((batch, *sample_shape), generator=generator, device=cond.device)
+    if shard is None:
+        noise = sampler.initial_noise((batch, *sample_shape), generator=generator, device=cond.device)
+    else:
+        noise = draw_noise((batch, *sample_shape), generator=generator, device=cond.device, shard=shard)
     buffers.noise.copy_(noise)
     x = sampler.state_from_noise(noise, dtype)
     buffers.states[:, 0] = x
     for k in range(sampler.num_steps):
         with phase("rollout/step", k):
-            step = transition(policy, sampler, x, k, cond, generator=generator, reduction=reduction)
+            step = transition(policy, sampler, x, k, cond, generator=generator, reduction=reduction, shard=shard)
             buffers.states[:, k + 1] = step.x_next
             buffers.log_probs[:, k] = step.log_prob
             x = step.x_next

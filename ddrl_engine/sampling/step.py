@@ -22,6 +22,20 @@ class StepResult(NamedTuple):
     model_out: Tensor
 
 
+def draw_noise(shape, *, generator: torch.Generator | None, device, shard: tuple[int, int] | None = None) -> Tensor:
+    """fp32 unit Gaussian of `shape` = [B, ...], one randn call on `generator`. With shard = (first,
+    total) the call draws [total, ...] and returns rows first:first+B: every process of a split batch
+    draws the same global tensor (same generator state) and keeps its own rows."""
+    shape = tuple(shape)
+    if shard is None:
+        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    first, total = shard
+    if not 0 <= first <= first + shape[0] <= total:
+        raise ValueError(f"draw_noise: shard rows {first}:{first + shape[0]} outside a batch of {total}")
+    full = torch.randn((total, *shape[1:]), generator=generator, device=device, dtype=torch.float32)
+    return full[first : first + shape[0]]
+
+
 def _per_row(v: Tensor, rows: int) -> Tensor:
     # 0-dim (one step for the whole batch) -> a stride-0 [rows] view; [rows] stays as it is.
     return v.expand(rows) if v.dim() == 0 else v
@@ -37,6 +51,7 @@ def transition(
     generator: torch.Generator | None = None,
     x_next: Tensor | None = None,
     reduction: str = "mean",
+    shard: tuple[int, int] | None = None,
 ) -> StepResult:
     """Step k of `sampler`'s chain from state x under `policy`.
 
@@ -47,6 +62,9 @@ def transition(
 
     x: [B, *sample_shape]; cond: [B]; k: an int (one step for all rows) or a long tensor [B] of
     per-row steps (rows of different steps in one batch: the trainer's recomputation).
+    shard: (first, total) when x holds rows first:first+B of a batch of `total` rows split across
+        processes: eps is drawn for all `total` rows and these rows kept, so the union of the shards
+        equals the one-process draw (see `draw_noise`).
     No host synchronisation (safe inside a captured CUDA graph once the sampler is on x's device).
     """
     if x.dim() < 1 or cond.shape != (x.shape[0],):
@@ -62,7 +80,7 @@ def transition(
         raise ValueError(f"transition: the policy returned shape {list(model_out.shape)} for x of shape {list(x.shape)}")
     mean = row_view(x_coef, x) * x.float() + row_view(out_coef, x) * model_out.float()
     if x_next is None:
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        eps = draw_noise(x.shape, generator=generator, device=x.device, shard=shard)
         x_next = (mean.detach() + row_view(std, x) * eps).to(x.dtype)
     log_prob = step_logprob(x_next, x, model_out, x_coef=x_coef, out_coef=out_coef, std=std, reduction=reduction)
     return StepResult(x_next, log_prob, mean, model_out)

@@ -161,6 +161,22 @@ class PretrainConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-process training under torchrun (one process per device; gloo on CPU, NCCL on CUDA).
+
+    parallel: "none" (one process), "ddp" (replicated weights, averaged gradients) or "fsdp" (FSDP2
+        fully_shard per DiT block and the root; on CUDA bf16 compute, fp32 gradient reduction). With
+        "ddp"/"fsdp" the rollout batch and the data batch are split across ranks by sample index, each
+        rank drawing the global noise and keeping its rows, so a run reproduces the one-process run at
+        any world size that divides both batches; checkpoints use torch.distributed.checkpoint.
+    activation_checkpointing: recompute each DiT block's activations in backward (less memory).
+    """
+
+    parallel: str = "none"
+    activation_checkpointing: bool = False
+
+
+@dataclass
 class TrainConfig:
     """A whole run. [rewards] maps reward names to weights: brightness, contrast, class_confidence."""
 
@@ -173,6 +189,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     rewards: dict[str, float] = field(default_factory=lambda: {"brightness": 1.0})
 
     def to_dict(self) -> dict:
@@ -184,6 +201,7 @@ _CHOICES = {
     "sampler.name": ("rectified_flow_sde", "ddim", "edm_churn"),
     "data.dataset": ("digits", "folder"),
     "rollout.attention_backend": ("sdpa", "fp8"),
+    "distributed.parallel": ("none", "ddp", "fsdp"),
 }
 _POSITIVE = {"run.steps", "run.eval_every", "sampler.num_steps", "rollout.conditions_per_step", "optim.lr",
              "eval.samples_per_class", "eval.heldout_loss_levels", "pretrain.batch_size", "pretrain.lr",
@@ -276,6 +294,9 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.rollout.cuda_graph and not cfg.run.device.startswith("cuda"):
         raise ValueError(f"config: 'rollout.cuda_graph' = true needs a CUDA device, but run.device = "
                          f"{cfg.run.device!r}; set run.device = 'cuda' or rollout.cuda_graph = false")
+    if cfg.distributed.activation_checkpointing and cfg.distributed.parallel == "none":
+        raise ValueError("config: 'distributed.activation_checkpointing' = true needs distributed.parallel = "
+                         "'ddp' or 'fsdp'")
 
 
 def load_config(path: str | Path) -> TrainConfig:

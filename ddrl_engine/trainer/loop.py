@@ -23,9 +23,11 @@ from ddrl_engine.monitors import HeldoutLossMonitor
 from ddrl_engine.profiling import phase
 from ddrl_engine.sampling.mismatch import logprob_mismatch
 from ddrl_engine.sampling import Rollout, RolloutRunner, group_conditions, transition
+from ddrl_engine.sampling.step import draw_noise
 from ddrl_engine.trainer.builders import build_data_stream
 from ddrl_engine.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ddrl_engine.trainer.config import TrainConfig, check_config
+from ddrl_engine.trainer.distributed import Distributed, is_dcp_checkpoint, load_dcp_checkpoint, save_dcp_checkpoint
 from ddrl_engine.trainer.evaluate import Evaluator, decode
 
 
@@ -64,6 +66,8 @@ class Trainer:
     Every phase runs inside a named `ddrl_engine.profiling.phase` range (NVTX + torch.profiler).
     The rollout goes through a `RolloutRunner` (eager, or a CUDA graph with rollout.cuda_graph);
     its Rollout views the runner's buffers, valid until the next collect().
+    With cfg.distributed.parallel = "ddp" or "fsdp" (under torchrun) each rank rolls out and trains on
+    its rows of the global batch (see ddrl_engine.trainer.distributed); `dist` is then set, else None.
     """
 
     def __init__(self, cfg: TrainConfig, policy, sampler, rewards, dataset, evaluator: Evaluator | None = None,
@@ -77,7 +81,9 @@ class Trainer:
                              f"usable here: {why}")
         self.cfg, self.log = cfg, log
         self.sync_timing = sync_timing
-        self.device = cfg.run.device
+        par = cfg.distributed.parallel
+        self.dist = Distributed.from_env(par, cfg.run.device) if par != "none" else None
+        self.device = cfg.run.device if self.dist is None else self.dist.device
         self.algo = cfg.algorithm
         self.policy = policy.to(self.device)
         self.sampler = sampler
@@ -88,12 +94,21 @@ class Trainer:
         self.out = Path(cfg.run.out_dir)
         self.rollout_batch = cfg.rollout.conditions_per_step * self.algo.group_size
         self.trained_steps = self.algo.trained_steps(sampler.num_steps)
-        self.runner = RolloutRunner(self.policy, sampler, sample_shape=self.sample_shape,
-                                    reduction=self.algo.logprob_reduction, cuda_graph=cfg.rollout.cuda_graph)
         needs_data = self.algo.beta_data > 0
         self.data = build_data_stream(cfg, dataset, self.rollout_batch) if needs_data else None
         self.reference = copy.deepcopy(policy).requires_grad_(False).eval() if self.algo.beta_kl > 0 else None
         self.ema = copy.deepcopy(policy).requires_grad_(False) if cfg.optim.ema_decay > 0 else None
+        self._rollout_shard = self._data_shard = None
+        if self.dist is not None:
+            first, _ = self.dist.shard(self.rollout_batch, "rollout batch (conditions_per_step x group_size)")
+            self._rollout_shard = (first, self.rollout_batch)
+            if self.data is not None:
+                first, _ = self.dist.shard(self.data.batch_size, "data batch")
+                self._data_shard = (first, self.data.batch_size)
+            self.policy, self.reference, self.ema = self.dist.wrap(
+                self.policy, self.reference, self.ema, activation_checkpointing=cfg.distributed.activation_checkpointing)
+        self.runner = RolloutRunner(self._module(), sampler, sample_shape=self.sample_shape,
+                                    reduction=self.algo.logprob_reduction, cuda_graph=cfg.rollout.cuda_graph)
         fused = self.device.startswith("cuda")
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                      betas=(cfg.optim.beta1, cfg.optim.beta2), fused=fused)
@@ -104,6 +119,10 @@ class Trainer:
         self.step = 0
         self.invalid_rewards = 0
         self._stop_signal = False
+
+    def _module(self):
+        """The policy without a DDP wrapper (FSDP2 shards in place: the module itself)."""
+        return self.policy if self.dist is None else self.dist.unwrap(self.policy)
 
     # ---- one training step ------------------------------------------------------------------
 
@@ -136,21 +155,31 @@ class Trainer:
         self.policy.eval()
         classes = torch.randint(0, cfg.model.num_classes, (cfg.rollout.conditions_per_step,), generator=self.cond_gen)
         cond = group_conditions(classes.to(dev), algo.group_size)
+        if self.dist is not None:  # this rank's rows; the noise of the global batch, these rows kept
+            cond = self.dist.rows(cond)
         with attention_backend(cfg.rollout.attention_backend):
-            ro = self.runner(cond, generator=self.rollout_gen)
+            ro = self.runner(cond, generator=self.rollout_gen, shard=self._rollout_shard)
         t_rollout = self._now()
         metrics = {"time_rollout": t_rollout - t0}
         adv = None
         if algo.use_reward:
             with phase("reward"):
-                batch, n_bad = self._rewards(decode(ro.samples), cond)
+                if self.dist is None:
+                    batch, n_bad = self._rewards(decode(ro.samples), cond)
+                else:
+                    batch, n_bad = self._gathered_rewards(decode(ro.samples), cond)
             with phase("advantage"):
                 comps = torch.stack([batch.components[r.name] for r in self.rewards.rewards])
                 weights = torch.tensor(self.rewards.weights, device=comps.device)
                 adv = group_advantages(comps, algo.group_size, eps=algo.adv_eps, clip=algo.adv_clip,
                                        lambda_transform=algo.adv_lambda, valid=batch.valid, weights=weights).to(dev)
-            metrics.update(reward=batch.total[batch.valid].mean().item(), invalid_rewards=n_bad,
-                           adv_abs=adv.abs().mean().item())
+                if self.dist is not None:  # computed per group on the global batch; keep this rank's rows
+                    metrics.update(reward=batch.total[batch.valid].mean().item(), invalid_rewards=n_bad,
+                                   adv_abs=adv.abs().mean().item())
+                    adv = self.dist.rows(adv)
+            if self.dist is None:
+                metrics.update(reward=batch.total[batch.valid].mean().item(), invalid_rewards=n_bad,
+                               adv_abs=adv.abs().mean().item())
         metrics["time_reward"] = self._now() - t_rollout
         old_lp = ro.log_probs
         if cfg.rollout.recompute_old_logprobs:
@@ -160,6 +189,21 @@ class Trainer:
                     old_lp[:, k] = transition(self.policy, self.sampler, ro.states[:, k], k, cond,
                                               x_next=ro.states[:, k + 1], reduction=algo.logprob_reduction).log_prob
         return RolloutBatch(ro, adv, old_lp, metrics)
+
+    def _gathered_rewards(self, samples, cond):
+        """This rank's rewards, all-gathered into the global batch's (as on one process)."""
+        from ddrl_engine.rewards.base import RewardBatch
+
+        local = self.rewards.evaluate(samples, cond, on_invalid=self.cfg.run.on_invalid_reward)
+        g = self.dist.gather
+        valid = g(local.valid)
+        comps = {name: g(c) for name, c in local.components.items()}
+        counts = self.dist.reduce({k: v for k, v in local.n_invalid.items()}, "mean")
+        n_invalid = {k: round(v * self.dist.world_size) for k, v in counts.items()}
+        batch = RewardBatch(components=comps, valid=valid, n_invalid=n_invalid, total=g(local.total))
+        n_bad = int((~valid).sum())
+        self.invalid_rewards += n_bad
+        return batch, n_bad
 
     def update(self, batch: RolloutBatch) -> dict:
         """ppo_epochs optimiser steps on one rollout batch: policy loss + data loss (+ KL)."""
@@ -173,6 +217,8 @@ class Trainer:
         if self.data is not None:
             x0, y = self.data.next_batch()
             x0, y = x0.to(dev), y.to(dev)
+            if self.dist is not None:  # this rank's rows of the global data batch
+                x0, y = self.dist.rows(x0), self.dist.rows(y)
         self.policy.train()
         metrics = dict(batch.metrics)
         n_trained = len(self.trained_steps)
@@ -191,10 +237,10 @@ class Trainer:
                         pol, stats = clipped_policy_loss(res.log_prob, old_lp[:, k], adv, algo.clip_eps)
                         sums["policy_loss"] += pol.item()
                         sums["clip_frac"] += stats.clip_frac.item()
-                        sums["ratio_dev"] += stats.ratio_max_dev.item()
+                        sums["ratio_dev"] += self._max_over_ranks(stats.ratio_max_dev.item())
                         if epoch == 0 and i == 0:
                             # On-policy: the recomputed log-prob must equal the rollout's (exactly 0 on CPU).
-                            metrics["ratio_dev_first"] = stats.ratio_max_dev.item()
+                            metrics["ratio_dev_first"] = self._max_over_ranks(stats.ratio_max_dev.item())
                             # What the rollout's attention backend (e.g. fp8) shifts the log-probs by.
                             metrics["logprob_mismatch"] = logprob_mismatch(ro.log_probs[:, k], res.log_prob).item()
                     if self.reference is not None:
@@ -208,7 +254,7 @@ class Trainer:
                         if algo.data_noise == "rollout":
                             eps, kd = ro.initial_noise, k
                         else:
-                            eps = torch.randn(x0.shape, generator=self.data_gen, device=dev)
+                            eps = draw_noise(x0.shape, generator=self.data_gen, device=dev, shard=self._data_shard)
                             kd = int(torch.randint(0, self.sampler.num_steps, (1,), generator=self.data_gen).item())
                         with phase("train/data_loss"):
                             dat = self._data_loss(x0, y, eps, kd)
@@ -220,6 +266,8 @@ class Trainer:
             with phase("optimizer"):
                 max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
+                if self.dist is not None:
+                    grad_norm = self.dist.full(grad_norm)
                 if not torch.isfinite(grad_norm):
                     raise FloatingPointError(f"step {self.step}: non-finite gradient norm {grad_norm.item()}; "
                                              "lower optim.lr or check the reward scale")
@@ -227,9 +275,17 @@ class Trainer:
                 self._update_ema()
         self.step += 1
         denom = n_trained * algo.ppo_epochs
+        if self.dist is not None:  # means over equal shards: the global batch's means
+            ratio_dev = sums.pop("ratio_dev")
+            sums = self.dist.reduce(sums, "mean") | {"ratio_dev": ratio_dev}
+            if "logprob_mismatch" in metrics:
+                metrics.update(self.dist.reduce({"logprob_mismatch": metrics["logprob_mismatch"]}, "mean"))
         metrics.update({k: v / denom for k, v in sums.items()})
         metrics.update(grad_norm=grad_norm.item(), time_train=self._now() - t0)
         return metrics
+
+    def _max_over_ranks(self, value: float) -> float:
+        return value if self.dist is None else self.dist.reduce({"v": value}, "max")["v"]
 
     def train_step(self) -> dict:
         with phase("step"):
@@ -244,7 +300,7 @@ class Trainer:
     # ---- evaluation, logging, checkpoints -----------------------------------------------------
 
     def eval_policy(self):
-        return self.ema if self.ema is not None else self.policy
+        return self.ema if self.ema is not None else self._module()
 
     def evaluate(self) -> dict | None:
         if self.evaluator is None:
@@ -259,7 +315,13 @@ class Trainer:
         metrics["early_stop"] = bool(self.heldout.should_stop)
         return metrics
 
+    def _is_writer(self) -> bool:
+        """Whether this process writes the run's files (rank 0 of a distributed run)."""
+        return self.dist is None or self.dist.rank == 0
+
     def _write_metrics(self, kind: str, metrics: dict):
+        if not self._is_writer():
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"kind": kind, "step": self.step, **metrics}) + "\n")
 
@@ -270,7 +332,7 @@ class Trainer:
                 "heldout": self.heldout.state_dict(), "invalid_rewards": self.invalid_rewards}
 
     def modules(self) -> dict:
-        mods = {"model": self.policy}
+        mods = {"model": self._module()}
         if self.ema is not None:
             mods["ema"] = self.ema
         if self.reference is not None:
@@ -279,6 +341,12 @@ class Trainer:
 
     def save(self) -> Path:
         with phase("checkpoint"):
+            if self.dist is not None:
+                state = self.state()
+                del state["optimizer"]  # in the DCP shards
+                return save_dcp_checkpoint(self.dist, self.out / "checkpoints", self.step, modules=self.modules(),
+                                           optimizer=self.opt, state=state, config=self.cfg.to_dict(),
+                                           keep=self.cfg.run.keep_checkpoints)
             return save_checkpoint(self.out / "checkpoints", self.step, modules=self.modules(), state=self.state(),
                                    config=self.cfg.to_dict(), keep=self.cfg.run.keep_checkpoints)
 
@@ -287,9 +355,15 @@ class Trainer:
         path = Path(path) if path else latest_checkpoint(self.out / "checkpoints")
         if path is None:
             return False
-        st = load_checkpoint(path, self.modules(), map_location=self.device)
+        if is_dcp_checkpoint(path):  # written by a distributed run, at any world size
+            st = load_dcp_checkpoint(path, modules=self.modules(), optimizer=self.opt, map_location=self.device)
+        else:
+            if self.dist is not None:
+                raise ValueError(f"{path} is a one-process checkpoint; a distributed run resumes from checkpoints "
+                                 "of distributed runs (any world size, including a 1-process torchrun)")
+            st = load_checkpoint(path, self.modules(), map_location=self.device)
+            self.opt.load_state_dict(st["optimizer"])
         self.step = st["step"]
-        self.opt.load_state_dict(st["optimizer"])
         _set_rng_state(st["rng"], self.device)
         self.rollout_gen.set_state(st["rollout_gen"])
         self.cond_gen.set_state(st["cond_gen"])
@@ -305,7 +379,7 @@ class Trainer:
     def _truncate_metrics(self):
         """Drops metrics logged after the checkpoint, so a resumed log reads like an uninterrupted one."""
         path = self.out / "metrics.jsonl"
-        if path.exists():
+        if path.exists() and self._is_writer():
             keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
             # The checkpoint was taken after this step's eval line was written: keep it once.
             path.write_text("".join(ln + "\n" for ln in keep))
@@ -317,7 +391,8 @@ class Trainer:
         """Runs until `steps` (default cfg.run.steps) total steps; returns the eval metrics logged."""
         steps = self.cfg.run.steps if steps is None else steps
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, default=str))
+        if self._is_writer():
+            (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, default=str))
         in_main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if in_main else None
         evals = []
@@ -326,7 +401,7 @@ class Trainer:
                 m = self.evaluate()
                 self._write_metrics("eval", m)
                 evals.append({"step": 0, **m})
-            bar = tqdm(total=steps, initial=self.step, desc=f"{self.algo.method}", disable=not self.cfg.run.progress,
+            bar = tqdm(total=steps, initial=self.step, desc=f"{self.algo.method}", disable=not (self.cfg.run.progress and self._is_writer()),
                        leave=False)
             while self.step < steps:
                 m = self.train_step()

@@ -1,0 +1,430 @@
+"""diffusers transformers as flow-matching policies: SD3 / SD3.5, FLUX.1 and Wan2.1/2.2.
+
+Each adapter wraps one diffusers model (`SD3Transformer2DModel`, `FluxTransformer2DModel`,
+`WanTransformer3DModel`) behind our `Policy` interface, `policy(x, t, cond) -> velocity`:
+
+    x: [B, C, H, W] (SD3, FLUX: latents before FLUX's 2x2 packing) or [B, C, T, H, W] (Wan).
+    t: [B] (or 0-dim) rectified-flow level in [0, 1], 1 = pure noise; mapped to each model's own
+       timestep convention (SD3 and Wan: t * 1000; FLUX: t, the model scales by 1000 itself).
+    returns: the velocity eps - x0 (the convention of these models and of `RectifiedFlowSDE`), with
+       the shape and dtype of x (the model may run in another dtype, e.g. bf16).
+
+Conditions. Text encoders are not run here: conditions are precomputed text embeddings, in a
+`TextCondition` (embeds [B, L, D], pooled [B, P] for SD3/FLUX, guidance [B] for guidance-distilled
+FLUX). `cond` may be
+  - a `TextCondition` (or, for Wan, a bare [B, L, D] embedding tensor), used as is; or
+  - a long tensor [B] of prompt ids into the adapter's prompt bank (`prompts=` at construction or
+    `set_prompts`): a `TextCondition` of N + 1 rows whose last row is the empty prompt, so
+    `num_classes = N` and `null_class` is the unconditional prompt, exactly as for our DiT. This is
+    the form the rollout and training code use (they need `cond` to be a 1-D tensor they can index,
+    repeat and copy into CUDA-graph buffers).
+Both are indexable along batch dim 0 (`TextCondition.__getitem__`).
+
+Attention. `use_ddrl_attention()` (on by default) installs `DDRLAttnProcessor` around each
+attention module's own processor: the processor's softmax attention is routed to
+`ddrl_engine.attention.attention`, so `with attention_backend("fp8"): policy(x, t, cond)` runs the
+rollout's attention in fp8. Only the diffusers "native" attention backend (which calls
+`F.scaled_dot_product_attention`) can be routed; a processor that computes attention another way
+raises instead of silently bypassing our backends.
+
+LoRA. `enable_lora(rank=..., alpha=..., target_modules=...)` adds peft LoRA adapters and freezes
+every other parameter.
+
+Loading. `SD3Policy.from_pretrained(path, ...)` (and the others) read a local directory only
+(`local_files_only=True`, never the hub); a missing path or a missing diffusers package raise with
+the cause and the fix. diffusers and peft are optional: `pip install ddrl-engine[diffusers]`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from ..attention import attention
+from .policy import Policy
+
+__all__ = [
+    "DDRLAttnProcessor",
+    "DiffusersPolicy",
+    "FluxPolicy",
+    "SD3Policy",
+    "TextCondition",
+    "WanPolicy",
+    "require_diffusers",
+]
+
+_INSTALL_HINT = "install the optional dependencies with `pip install ddrl-engine[diffusers]` (diffusers, peft)"
+
+
+def require_diffusers():
+    """The diffusers module, or an ImportError saying how to install it."""
+    try:
+        import diffusers
+    except ImportError as e:  # pragma: no cover - exercised only without diffusers
+        raise ImportError(f"ddrl_engine.models.diffusers needs the `diffusers` package: {_INSTALL_HINT}") from e
+    return diffusers
+
+
+# ----------------------------------------------------------------------------------------------- conditions
+
+
+@dataclass
+class TextCondition:
+    """Precomputed text conditioning of a batch (all tensors share batch dim 0).
+
+    embeds: [B, L, D] token embeddings (SD3: joint CLIP+T5, D = joint_attention_dim; FLUX: T5;
+        Wan: umT5, D = text_dim).
+    pooled: [B, P] pooled embedding (SD3, FLUX: pooled_projection_dim); None for Wan.
+    guidance: [B] guidance scale for guidance-distilled FLUX (guidance_embeds=True); else None.
+    """
+
+    embeds: Tensor
+    pooled: Optional[Tensor] = None
+    guidance: Optional[Tensor] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.embeds, Tensor) or self.embeds.dim() != 3:
+            raise ValueError(f"TextCondition.embeds must be a [B, L, D] tensor, got {getattr(self.embeds, 'shape', type(self.embeds))}")
+        b = self.embeds.shape[0]
+        if self.pooled is not None and (not isinstance(self.pooled, Tensor) or self.pooled.dim() != 2 or self.pooled.shape[0] != b):
+            raise ValueError(f"TextCondition.pooled must be a [B={b}, P] tensor, got {getattr(self.pooled, 'shape', type(self.pooled))}")
+        if self.guidance is not None and (not isinstance(self.guidance, Tensor) or self.guidance.shape != (b,)):
+            raise ValueError(f"TextCondition.guidance must be a [B={b}] tensor, got {getattr(self.guidance, 'shape', type(self.guidance))}")
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def _map(self, fn) -> "TextCondition":
+        return TextCondition(fn(self.embeds), None if self.pooled is None else fn(self.pooled),
+                             None if self.guidance is None else fn(self.guidance))
+
+    def __getitem__(self, index: Any) -> "TextCondition":
+        """Rows `index` (an int keeps the batch dim); index may be a slice, a list or a long/bool tensor."""
+        if isinstance(index, int):
+            index = slice(index, index + 1) if index != -1 else slice(-1, None)
+        return self._map(lambda t: t[index.to(t.device) if isinstance(index, Tensor) else index])
+
+    def repeat_interleave(self, repeats: int) -> "TextCondition":
+        return self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def to(self, *args, **kwargs) -> "TextCondition":
+        """Like Tensor.to, for every tensor (a dtype applies to the floating ones only, i.e. all of them)."""
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+    @staticmethod
+    def cat(conds: Sequence["TextCondition"]) -> "TextCondition":
+        first = conds[0]
+        return TextCondition(torch.cat([c.embeds for c in conds]),
+                             None if first.pooled is None else torch.cat([c.pooled for c in conds]),
+                             None if first.guidance is None else torch.cat([c.guidance for c in conds]))
+
+
+# ----------------------------------------------------------------------------------------------- attention
+
+
+class _RouteSDPA(TorchFunctionMode):
+    """Inside a processor call: F.scaled_dot_product_attention -> ddrl_engine.attention.attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        a = dict(zip(names, args), **kwargs)
+        q, k, v = a["query"], a["key"], a["value"]
+        unsupported = []
+        if a.get("attn_mask") is not None:
+            unsupported.append("attn_mask")
+        if a.get("dropout_p", 0.0):
+            unsupported.append(f"dropout_p={a['dropout_p']}")
+        if a.get("is_causal", False):
+            unsupported.append("is_causal=True")
+        if a.get("enable_gqa", False) and q.shape[1] != k.shape[1]:
+            unsupported.append("grouped-query attention")
+        if unsupported:
+            raise NotImplementedError(
+                f"DDRLAttnProcessor: ddrl_engine attention does not support {', '.join(unsupported)}; "
+                "call policy.use_ddrl_attention(False) to run this model with diffusers' own attention"
+            )
+        self.calls += 1
+        return attention(q, k, v, scale=a.get("scale"))
+
+
+class DDRLAttnProcessor:
+    """Wraps a diffusers attention processor so its attention goes through `ddrl_engine.attention`.
+
+    The wrapped processor keeps doing the projections, norms, rotary embeddings and output
+    projections; only its `F.scaled_dot_product_attention` call (the diffusers "native" backend) is
+    routed, for the duration of the call (a `TorchFunctionMode`; nothing is patched globally). If the
+    processor ran without calling it (another diffusers attention backend, a custom kernel), the call
+    raises rather than silently bypassing our backend.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        if isinstance(inner, DDRLAttnProcessor):
+            inner = inner.inner
+        self.inner = inner
+
+    def __call__(self, attn, *args, **kwargs):
+        route = _RouteSDPA()
+        with route:
+            out = self.inner(attn, *args, **kwargs)
+        if route.calls == 0:
+            raise RuntimeError(
+                f"DDRLAttnProcessor: {type(self.inner).__name__} computed attention without "
+                "F.scaled_dot_product_attention (is a non-native diffusers attention backend set?), so "
+                "ddrl_engine's attention backend was not used"
+            )
+        return out
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def for_class(inner_cls: type) -> type:
+        """A subclass whose `__call__` advertises `inner_cls.__call__`'s signature: diffusers' attention
+        modules inspect the processor's signature to decide which keyword arguments to pass."""
+
+        def __call__(self, attn, *args, **kwargs):
+            return DDRLAttnProcessor.__call__(self, attn, *args, **kwargs)
+
+        __call__.__signature__ = inspect.signature(inner_cls.__call__)
+        return type(f"DDRL{inner_cls.__name__}", (DDRLAttnProcessor,), {"__call__": __call__})
+
+    @classmethod
+    def wrap(cls, inner: Any) -> "DDRLAttnProcessor":
+        if isinstance(inner, DDRLAttnProcessor):
+            return inner
+        return cls.for_class(type(inner))(inner)
+
+
+# ----------------------------------------------------------------------------------------------- policies
+
+
+def _check_dir(path: Union[str, os.PathLike], what: str) -> str:
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"{what}: no model directory at {path!r}. Weights are read from a local directory only (no hub "
+            "download at run time); download them beforehand (e.g. `huggingface-cli download <repo> "
+            "--include 'transformer/*' --local-dir DIR`) and pass DIR/transformer"
+        )
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{what}: {path!r} has no config.json; pass the transformer's own folder "
+                                "(e.g. <pipeline>/transformer), the one save_pretrained writes")
+    return path
+
+
+class DiffusersPolicy(Policy):
+    """Base of the diffusers adapters (see the module docstring for the x / t / cond contract).
+
+    Subclasses set `model_class_name` and implement `_velocity(x, t, cond: TextCondition)` with x in
+    the model's dtype and t in [0, 1].
+    """
+
+    model_class_name: str = ""
+
+    def __init__(self, model: nn.Module, sample_shape: Sequence[int], prompts: Optional[TextCondition] = None,
+                 *, ddrl_attention: bool = True) -> None:
+        num_prompts = 0 if prompts is None else len(prompts) - 1
+        if prompts is not None and num_prompts < 0:
+            raise ValueError("prompts must hold at least the empty prompt (its last row)")
+        super().__init__(sample_shape, num_prompts)
+        cls = getattr(require_diffusers(), self.model_class_name)
+        if not isinstance(model, cls):
+            raise TypeError(f"{type(self).__name__} wraps a diffusers {self.model_class_name}, got {type(model).__name__}")
+        self.model = model
+        self._prompts: Optional[TextCondition] = None
+        if prompts is not None:
+            self.set_prompts(prompts)
+        self.use_ddrl_attention(ddrl_attention)
+
+    # -- construction --------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike], sample_shape: Sequence[int],
+                        prompts: Optional[TextCondition] = None, *, torch_dtype: Optional[torch.dtype] = None,
+                        ddrl_attention: bool = True, **kwargs) -> "DiffusersPolicy":
+        """Loads the transformer from a local directory (the folder holding its config.json)."""
+        model_cls = getattr(require_diffusers(), cls.model_class_name)
+        path = _check_dir(path, f"{cls.__name__}.from_pretrained")
+        model = model_cls.from_pretrained(path, local_files_only=True, torch_dtype=torch_dtype, **kwargs)
+        return cls(model, sample_shape, prompts, ddrl_attention=ddrl_attention)
+
+    def save_pretrained(self, path: Union[str, os.PathLike], **kwargs) -> None:
+        """Writes the transformer (config.json + safetensors) so `from_pretrained(path)` reloads it.
+        (Saving and reloading LoRA adapters on their own is not wrapped here yet.)"""
+        self.model.save_pretrained(os.fspath(path), safe_serialization=True, **kwargs)
+
+    # -- prompts -------------------------------------------------------------------------------------------
+
+    def set_prompts(self, prompts: TextCondition) -> None:
+        """The prompt bank that long `cond` ids index: N prompts then the empty prompt (row N)."""
+        if not isinstance(prompts, TextCondition):
+            raise TypeError(f"prompts must be a TextCondition, got {type(prompts).__name__}")
+        if len(prompts) - 1 != self.num_classes:
+            raise ValueError(f"prompts must keep {self.num_classes + 1} rows (num_classes + the empty prompt), got {len(prompts)}")
+        self._prompts = prompts
+
+    def resolve_cond(self, cond: Union[Tensor, TextCondition], batch: int, device: torch.device) -> TextCondition:
+        """cond as a TextCondition of `batch` rows on `device` (see the module docstring)."""
+        if isinstance(cond, Tensor) and cond.dtype == torch.long:
+            if self._prompts is None:
+                raise ValueError(f"{type(self).__name__}: cond holds prompt ids but no prompt bank was set "
+                                 "(pass prompts= or call set_prompts, or pass a TextCondition)")
+            if cond.shape != (batch,):
+                raise ValueError(f"cond must have shape [B]=[{batch}], got {tuple(cond.shape)}")
+            cond = self._prompts.to(device)[cond.to(device)]
+        elif isinstance(cond, Tensor) and cond.is_floating_point():
+            cond = TextCondition(cond)
+        if not isinstance(cond, TextCondition):
+            raise TypeError(f"cond must be a long tensor of prompt ids, a TextCondition or a [B, L, D] embedding tensor, "
+                            f"got {getattr(cond, 'dtype', type(cond))}")
+        if len(cond) != batch:
+            raise ValueError(f"cond has {len(cond)} rows but x has batch {batch}")
+        return cond.to(device)
+
+    # -- attention and LoRA --------------------------------------------------------------------------------
+
+    def use_ddrl_attention(self, enabled: bool = True) -> None:
+        """Route every attention module's attention through ddrl_engine.attention (or restore diffusers')."""
+        procs = self.model.attn_processors
+        if enabled:
+            new = {name: DDRLAttnProcessor.wrap(p) for name, p in procs.items()}
+        else:
+            new = {name: p.inner if isinstance(p, DDRLAttnProcessor) else p for name, p in procs.items()}
+        self.model.set_attn_processor(new)
+
+    @property
+    def ddrl_attention(self) -> bool:
+        procs = self.model.attn_processors
+        return bool(procs) and all(isinstance(p, DDRLAttnProcessor) for p in procs.values())
+
+    @property
+    def lora_enabled(self) -> bool:
+        return bool(getattr(self.model, "peft_config", None))
+
+    def enable_lora(self, rank: int = 16, alpha: Optional[float] = None,
+                    target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+                    adapter_name: str = "default") -> int:
+        """Adds peft LoRA adapters (rank, alpha = rank by default) to `target_modules` and freezes all
+        other parameters; returns the number of trainable parameters."""
+        try:
+            from peft import LoraConfig
+        except ImportError as e:  # pragma: no cover - exercised only without peft
+            raise ImportError(f"enable_lora needs the `peft` package: {_INSTALL_HINT}") from e
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"enable_lora: rank must be an int >= 1, got {rank!r}")
+        config = LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha),
+                            target_modules=list(target_modules), init_lora_weights=True)
+        self.model.requires_grad_(False)
+        self.model.add_adapter(config, adapter_name=adapter_name)
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    # -- forward -------------------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, t: Tensor, cond: Union[Tensor, TextCondition]) -> Tensor:
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+        if x.dim() != len(self.sample_shape) + 1 or tuple(x.shape[1:]) != self.sample_shape:
+            raise ValueError(f"x must have shape [B, *{self.sample_shape}], got {tuple(x.shape)}")
+        batch = x.shape[0]
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"t must be a floating-point tensor, got {getattr(t, 'dtype', type(t))}")
+        if t.dim() == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(f"t must have shape [B]=[{batch}] (or be 0-dim), got {tuple(t.shape)}")
+        c = self.resolve_cond(cond, batch, x.device)
+        dtype = self.model.dtype
+        c = c.to(dtype=dtype)
+        out = self._velocity(x.to(dtype), t.float(), c)  # timesteps stay fp32, as in the pipelines
+        return out.to(x.dtype)
+
+    def _velocity(self, x: Tensor, t: Tensor, cond: TextCondition) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class SD3Policy(DiffusersPolicy):
+    """Stable Diffusion 3 / 3.5 (`SD3Transformer2DModel`); x: [B, C, H, W] latents; cond needs pooled.
+    Timestep convention: t * 1000 (the FlowMatchEulerDiscreteScheduler's sigma * num_train_timesteps)."""
+
+    model_class_name = "SD3Transformer2DModel"
+
+    def _velocity(self, x: Tensor, t: Tensor, cond: TextCondition) -> Tensor:
+        if cond.pooled is None:
+            raise ValueError("SD3Policy: cond.pooled (the pooled CLIP embedding [B, P]) is required")
+        return self.model(hidden_states=x, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled,
+                          timestep=t * 1000.0, return_dict=False)[0]
+
+
+class FluxPolicy(DiffusersPolicy):
+    """FLUX.1 (`FluxTransformer2DModel`); x: [B, C, H, W] latents with C = in_channels / 4 and even H,
+    W (packed into 2x2 patches here, as FluxPipeline does); cond needs pooled, and guidance [B] for
+    guidance-distilled checkpoints (FLUX.1-dev: guidance_embeds=True; the raw scale, e.g. 3.5).
+    Timestep convention: t in [0, 1] (the model multiplies by 1000 itself)."""
+
+    model_class_name = "FluxTransformer2DModel"
+
+    def __init__(self, model: nn.Module, sample_shape: Sequence[int], prompts: Optional[TextCondition] = None,
+                 **kwargs) -> None:
+        super().__init__(model, sample_shape, prompts, **kwargs)
+        c, h, w = self.sample_shape if len(self.sample_shape) == 3 else (None, 1, 1)
+        if len(self.sample_shape) != 3 or h % 2 or w % 2 or 4 * c != model.config.in_channels:
+            raise ValueError(f"FluxPolicy: sample_shape must be (in_channels/4={model.config.in_channels // 4}, H, W) "
+                             f"with even H, W, got {self.sample_shape}")
+
+    @staticmethod
+    def pack(x: Tensor) -> Tensor:
+        """[B, C, H, W] -> [B, (H/2)(W/2), 4C] (FluxPipeline._pack_latents)."""
+        b, c, h, w = x.shape
+        return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
+
+    @staticmethod
+    def unpack(tokens: Tensor, h: int, w: int) -> Tensor:
+        """Inverse of `pack`."""
+        b, _, c4 = tokens.shape
+        c = c4 // 4
+        return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+    @staticmethod
+    def image_ids(h: int, w: int, device, dtype) -> Tensor:
+        """[(H/2)(W/2), 3] position ids (0, row, col) of the packed tokens."""
+        rows = torch.arange(h // 2, device=device).repeat_interleave(w // 2)
+        cols = torch.arange(w // 2, device=device).repeat(h // 2)
+        return torch.stack([torch.zeros_like(rows), rows, cols], dim=1).to(dtype)
+
+    def _velocity(self, x: Tensor, t: Tensor, cond: TextCondition) -> Tensor:
+        if cond.pooled is None:
+            raise ValueError("FluxPolicy: cond.pooled (the pooled CLIP embedding [B, P]) is required")
+        guidance = None
+        if self.model.config.guidance_embeds:
+            if cond.guidance is None:
+                raise ValueError("FluxPolicy: this FLUX checkpoint is guidance-distilled; cond.guidance [B] is required")
+            guidance = cond.guidance
+        _, _, h, w = x.shape
+        txt_ids = torch.zeros(cond.embeds.shape[1], 3, device=x.device, dtype=x.dtype)
+        out = self.model(hidden_states=self.pack(x), encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled,
+                         timestep=t, img_ids=self.image_ids(h, w, x.device, x.dtype), txt_ids=txt_ids,
+                         guidance=guidance, return_dict=False)[0]
+        return self.unpack(out, h, w)
+
+
+class WanPolicy(DiffusersPolicy):
+    """Wan2.1 / Wan2.2 text-to-video (`WanTransformer3DModel`); x: [B, C, T, H, W] latents; cond: umT5
+    embeddings (a TextCondition or a bare [B, L, D] tensor). Timestep convention: t * 1000."""
+
+    model_class_name = "WanTransformer3DModel"
+
+    def _velocity(self, x: Tensor, t: Tensor, cond: TextCondition) -> Tensor:
+        return self.model(hidden_states=x, timestep=t * 1000.0, encoder_hidden_states=cond.embeds, return_dict=False)[0]

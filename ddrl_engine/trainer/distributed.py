@@ -1,0 +1,226 @@
+"""Multi-process training under torchrun: process group, sharding of the rollout and data batches,
+FSDP2 / DDP wrapping, collectives for rewards and metrics, torch.distributed.checkpoint (DCP).
+
+How a step is split (DistributedConfig.parallel = "ddp" or "fsdp", world size W):
+- every rank draws the same global conditions, data batch and noise (identical generator states on
+  every rank), and keeps its rows: rank r owns samples r*B/W ... (r+1)*B/W - 1 of the global batch B
+  (group members may live on different ranks; the group size is not tied to W);
+- rewards are all-gathered so advantages are computed per group on the global batch, as on one process;
+- every loss is a mean over the rank's rows and gradients are averaged over ranks (DDP all-reduce or
+  FSDP2 reduce-scatter), which is the one-process gradient when the shards have equal sizes.
+Since generator states are rank-invariant, a checkpoint's non-tensor state is saved once (rank 0)
+and the weights and optimizer go through DCP, which reshards: a checkpoint resumes at any world size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
+
+DCP_METADATA = ".metadata"
+
+
+def is_dcp_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a checkpoint written by a distributed run (DCP files, not safetensors)."""
+    return (Path(path) / DCP_METADATA).is_file()
+
+
+@dataclass
+class Distributed:
+    """One rank's view of a torchrun job. mode: "ddp" or "fsdp"; device: this rank's device."""
+
+    mode: str
+    rank: int
+    world_size: int
+    device: str
+
+    # ---- setup ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_env(cls, mode: str, device: str, timeout_s: float = 600) -> "Distributed":
+        """Joins the torchrun job described by RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR (gloo on CPU,
+        NCCL on CUDA; "cuda" becomes cuda:LOCAL_RANK). Raises with the cause outside torchrun."""
+        missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing and not dist.is_initialized():
+            raise RuntimeError(f"distributed.parallel = {mode!r} needs a torchrun launch (missing environment "
+                               f"variables {', '.join(missing)}); run it with `torchrun --nproc_per_node N ...` "
+                               "or set distributed.parallel = 'none'")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if device.startswith("cuda"):
+            device = device if ":" in device else f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        return cls(mode, dist.get_rank(), dist.get_world_size(), device)
+
+    @staticmethod
+    def close() -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ---- sharding by sample index --------------------------------------------------------------
+
+    def shard(self, total: int, what: str = "batch") -> tuple[int, int]:
+        """(first row, rows) of this rank's share of a global batch of `total` rows."""
+        if total % self.world_size:
+            raise ValueError(f"distributed: the {what} ({total}) must be divisible by the world size "
+                             f"({self.world_size}) so that every rank holds the same number of samples")
+        n = total // self.world_size
+        return self.rank * n, n
+
+    def rows(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        first, n = self.shard(t.shape[dim])
+        return t.narrow(dim, first, n)
+
+    def gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Concatenates every rank's `t` (equal shapes) along `dim`, in rank order."""
+        src = t.to(torch.uint8) if t.dtype == torch.bool else t.contiguous()
+        parts = [torch.empty_like(src) for _ in range(self.world_size)]
+        dist.all_gather(parts, src)
+        out = torch.cat(parts, dim=dim)
+        return out.bool() if t.dtype == torch.bool else out
+
+    def reduce(self, values: dict[str, float], op: str = "mean") -> dict[str, float]:
+        """Averages (op="mean") or maximises (op="max") scalar metrics over ranks."""
+        if not values:
+            return {}
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        if op == "mean":
+            t /= self.world_size
+        return dict(zip(keys, t.tolist()))
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    # ---- models ---------------------------------------------------------------------------------
+
+    def wrap(self, policy: nn.Module, reference: nn.Module | None, ema: nn.Module | None, *,
+             activation_checkpointing: bool = False):
+        """(policy, reference, ema) ready for training: rank 0's weights broadcast, then FSDP2 (each of
+        them sharded per block) or DDP (the policy wrapped; reference and EMA replicated)."""
+        for m in (policy, reference, ema):
+            if m is not None:
+                for t in list(m.parameters()) + list(m.buffers()):
+                    dist.broadcast(t.data, src=0)
+        if activation_checkpointing:
+            checkpoint_blocks(policy)
+        if self.mode == "ddp":
+            ids = [torch.device(self.device).index] if self.device.startswith("cuda") else None
+            return nn.parallel.DistributedDataParallel(policy, device_ids=ids), reference, ema
+        return tuple(None if m is None else self.fully_shard(m) for m in (policy, reference, ema))
+
+    def fully_shard(self, model: nn.Module) -> nn.Module:
+        """FSDP2 per transformer block (model.blocks) and the root; on CUDA bf16 compute and fp32 reduce."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if self.device.startswith("cuda"):
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        else:  # CPU kernels: keep fp32 (bf16 matmuls are slow and would break the 1-rank equality)
+            mp = MixedPrecisionPolicy()
+        for block in getattr(model, "blocks", ()):
+            fully_shard(block, mp_policy=mp)
+        # The root also reshards after forward: a module only run without grad (the EMA after an
+        # evaluation, the reference, the policy after a rollout) must not be left holding unsharded
+        # parameters that an in-place update (EMA lerp, optimizer) would then miss.
+        fully_shard(model, mp_policy=mp, reshard_after_forward=True)
+        return model
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+    @staticmethod
+    def full(t: torch.Tensor) -> torch.Tensor:
+        """A plain tensor from a possibly sharded one (e.g. FSDP2's gradient norm)."""
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Activation checkpointing of each block in model.blocks (non-reentrant; parameter names unchanged)."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ValueError("distributed.activation_checkpointing needs a model with a `blocks` list of modules")
+    for block in blocks:
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+def _model_states(modules: dict[str, nn.Module]) -> dict:
+    return {name: get_model_state_dict(m) for name, m in modules.items()}
+
+
+def save_dcp_checkpoint(ctx: Distributed, root: str | Path, step: int, *, modules: dict[str, nn.Module],
+                        optimizer: torch.optim.Optimizer, state: dict, config: dict | None, keep: int) -> Path:
+    """Writes root/step_XXXXXXX (DCP shards of modules + optimizer, state.pt and config.json from rank 0)
+    under a temporary name and renames it into place (all ranks call this)."""
+    from ddrl_engine.trainer.checkpoint import LATEST, _prune, _write_atomic
+
+    root = Path(root)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".{final.name}.tmp-dcp"
+    if ctx.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    ctx.barrier()
+    sd = _model_states(modules)
+    sd["optimizer"] = get_optimizer_state_dict(modules["model"], optimizer)
+    dcp.save(sd, checkpoint_id=str(tmp))
+    if ctx.rank == 0:
+        torch.save(state, tmp / "state.pt")
+        meta = {"world_size": ctx.world_size, "parallel": ctx.mode}
+        (tmp / "distributed.json").write_text(json.dumps(meta))
+        if config is not None:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(root / LATEST, final.name)
+        _prune(root, keep)
+    ctx.barrier()
+    return final
+
+
+def load_dcp_checkpoint(path: str | Path, *, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+                        map_location="cpu") -> dict:
+    """Loads a DCP checkpoint (any saving world size) into `modules` and `optimizer` (sharded or not;
+    also without a process group) and returns its state.pt."""
+    path = Path(path)
+    if not is_dcp_checkpoint(path):
+        raise FileNotFoundError(f"{path} is not a torch.distributed.checkpoint checkpoint (no {DCP_METADATA})")
+    sd = _model_states(modules)
+    sd["optimizer"] = get_optimizer_state_dict(modules["model"], optimizer)
+    with warnings.catch_warnings():  # without a process group DCP warns that it loads in one process: intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(sd, checkpoint_id=str(path))
+    for name, m in modules.items():
+        set_model_state_dict(m, sd[name])
+    set_optimizer_state_dict(modules["model"], optimizer, sd["optimizer"])
+    return torch.load(path / "state.pt", map_location=map_location, weights_only=False)

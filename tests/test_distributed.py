@@ -1,0 +1,131 @@
+"""Distributed training on CPU (gloo) under torchrun: a 2-rank run reproduces the one-process run
+(advantages, losses), and DCP checkpoints resume at another world size.
+
+Each torchrun launch (tests/dist_worker.py) takes ~10 s on a 2-core machine; the runs are shared by a
+module fixture.
+"""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddrl_engine.trainer.config import DistributedConfig, config_from_dict
+from ddrl_engine.trainer.distributed import is_dcp_checkpoint
+from tests.dist_worker import full_config
+from tests.trainer_helpers import make_trainer, tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 4
+LOSSES = ("policy_loss", "data_loss", "grad_norm", "reward", "adv_abs", "clip_frac")
+
+pytestmark = pytest.mark.slow
+
+
+def _torchrun(nproc: int, out: Path, parallel: str, steps: int, resume: Path | None = None, full=False) -> dict:
+    result = out.with_suffix(".json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "tests.dist_worker", str(out), parallel, str(steps), str(result)]
+    cmd += (["--resume", str(resume)] if resume else []) + (["--full"] if full else [])
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return json.loads(result.read_text())
+
+
+def _plain_records(cfg, resume: Path | None = None) -> list[dict]:
+    trainer = make_trainer(cfg)
+    if resume is not None:
+        assert trainer.resume(resume)
+    records = []
+    while trainer.step < cfg.run.steps:
+        batch = trainer.collect()
+        metrics = trainer.update(batch)
+        records.append({"step": trainer.step, "advantages": batch.advantages.tolist(), "metrics": metrics})
+    return records
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    return {
+        "plain": _plain_records(tiny_config(tmp / "plain", steps=STEPS)),
+        ("fsdp", 2): _torchrun(2, tmp / "fsdp2", "fsdp", STEPS),
+        ("ddp", 2): _torchrun(2, tmp / "ddp2", "ddp", STEPS),
+        "tmp": tmp,
+    }
+
+
+def _assert_same(records, reference, *, atol_adv=1e-6, atol=1e-5, rtol=1e-4):
+    assert [r["step"] for r in records] == [r["step"] for r in reference]
+    for got, want in zip(records, reference):
+        torch.testing.assert_close(torch.tensor(got["advantages"]), torch.tensor(want["advantages"]),
+                                   atol=atol_adv, rtol=0)
+        for k in LOSSES:
+            assert got["metrics"][k] == pytest.approx(want["metrics"][k], rel=rtol, abs=atol), (got["step"], k)
+
+
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_two_ranks_reproduce_one_process(runs, parallel):
+    run = runs[(parallel, 2)]
+    assert run["world_size"] == 2
+    plain = runs["plain"]
+    # Group advantages of the gathered rewards and the first step's losses: float tolerance.
+    _assert_same(run["records"][:1], plain[:1])
+    # Later steps train on the updated weights: still the same run, up to accumulated rounding.
+    _assert_same(run["records"], plain, atol=1e-4, rtol=1e-3, atol_adv=1e-4)
+
+
+def test_checkpoint_from_two_ranks_resumes_on_one(runs):
+    ckpt = runs["tmp"] / "fsdp2" / "checkpoints" / "step_0000002"
+    assert is_dcp_checkpoint(ckpt)
+    plain_tail = runs["plain"][2:]
+    # A 1-process torchrun (DCP, FSDP2 on one rank) ...
+    one = _torchrun(1, runs["tmp"] / "resume1", "fsdp", STEPS, resume=ckpt)
+    _assert_same(one["records"], plain_tail, atol=1e-4, rtol=1e-3, atol_adv=1e-4)
+    # ... and a plain one-process run read the 2-rank checkpoint.
+    plain = _plain_records(tiny_config(runs["tmp"] / "resume_plain", steps=STEPS), resume=ckpt)
+    _assert_same(plain, plain_tail, atol=1e-4, rtol=1e-3, atol_adv=1e-4)
+
+
+def test_checkpoint_from_one_rank_resumes_on_two(runs):
+    one = _torchrun(1, runs["tmp"] / "fsdp1", "fsdp", 2)
+    _assert_same(one["records"], runs["plain"][:2], atol=1e-4, rtol=1e-3, atol_adv=1e-4)
+    ckpt = runs["tmp"] / "fsdp1" / "checkpoints" / "step_0000002"
+    two = _torchrun(2, runs["tmp"] / "resume2", "ddp", STEPS, resume=ckpt)
+    _assert_same(two["records"], runs["plain"][2:], atol=1e-4, rtol=1e-3, atol_adv=1e-4)
+
+
+def test_fsdp_with_kl_ema_activation_checkpointing_and_eval(tmp_path):
+    """Trainer.train() with a KL reference, EMA weights (both sharded), activation checkpointing and
+    the evaluator: rank 0's metrics.jsonl matches the one-process run's."""
+    run = _torchrun(2, tmp_path / "full2", "fsdp", 2, full=True)
+    plain = make_trainer(full_config(tmp_path / "plain", 2, "none"), evaluator=True)
+    plain.train()
+    want = [json.loads(ln) for ln in (plain.out / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["kind"], m["step"]) for m in run["metrics"]] == [(m["kind"], m["step"]) for m in want]
+    for got, ref in zip(run["metrics"], want):
+        for k, v in ref.items():
+            if k.startswith("time_") or not isinstance(v, float):
+                continue
+            assert got[k] == pytest.approx(v, rel=1e-3, abs=1e-4), (ref["kind"], ref["step"], k)
+
+
+def test_parallel_config_is_validated():
+    assert config_from_dict({"distributed": {"parallel": "fsdp"}}).distributed.parallel == "fsdp"
+    with pytest.raises(ValueError, match="distributed.parallel"):
+        config_from_dict({"distributed": {"parallel": "zero3"}})
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        config_from_dict({"distributed": {"activation_checkpointing": True}})
+
+
+def test_parallel_outside_torchrun_is_an_error(tmp_path, monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    cfg = replace(tiny_config(tmp_path), distributed=DistributedConfig(parallel="ddp"))
+    with pytest.raises(RuntimeError, match="torchrun"):
+        make_trainer(cfg)
