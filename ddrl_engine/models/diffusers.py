@@ -334,17 +334,8 @@ class DiffusersPolicy(Policy):
     # -- forward -------------------------------------------------------------------------------------------
 
     def forward(self, x: Tensor, t: Tensor, cond: Union[Tensor, TextCondition]) -> Tensor:
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
-        if x.dim() != len(self.sample_shape) + 1 or tuple(x.shape[1:]) != self.sample_shape:
-            raise ValueError(f"x must have shape [B, *{self.sample_shape}], got {tuple(x.shape)}")
+        t = self.check_state(x, t, exact_shape=True)
         batch = x.shape[0]
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise TypeError(f"t must be a floating-point tensor, got {getattr(t, 'dtype', type(t))}")
-        if t.dim() == 0:
-            t = t.expand(batch)
-        if t.shape != (batch,):
-            raise ValueError(f"t must have shape [B]=[{batch}] (or be 0-dim), got {tuple(t.shape)}")
         c = self.resolve_cond(cond, batch, x.device)
         dtype = self.model.dtype
         c = c.to(dtype=dtype)

@@ -48,11 +48,13 @@ class Policy(nn.Module):
     def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError(f"{type(self).__name__} must implement forward(x, t, cond)")
 
-    def check_inputs(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        """Checks shapes and dtypes (no host sync, so it is safe under CUDA graphs); returns t as [B]."""
+    def check_state(self, x: Tensor, t: Tensor, *, exact_shape: bool = False) -> Tensor:
+        """Checks the state x and the level t (no host sync); returns t as [B]. With exact_shape the
+        spatial size must be sample_shape's too (models that cannot change resolution)."""
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
-        if x.dim() != len(self.sample_shape) + 1 or x.shape[1] != self.sample_shape[0]:
+        same = tuple(x.shape[1:]) == self.sample_shape if exact_shape else x.shape[1] == self.sample_shape[0]
+        if x.dim() != len(self.sample_shape) + 1 or not same:
             raise ValueError(f"x must have shape [B, *{self.sample_shape}], got {tuple(x.shape)}")
         batch = x.shape[0]
         if not isinstance(t, Tensor) or not t.is_floating_point():
@@ -61,6 +63,12 @@ class Policy(nn.Module):
             t = t.expand(batch)
         if t.shape != (batch,):
             raise ValueError(f"t must have shape [B]=[{batch}] (or be 0-dim), got {tuple(t.shape)}")
+        return t
+
+    def check_inputs(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        """Checks shapes and dtypes (no host sync, so it is safe under CUDA graphs); returns t as [B]."""
+        t = self.check_state(x, t)
+        batch = x.shape[0]
         if not isinstance(cond, Tensor) or cond.dtype != torch.long:
             raise TypeError(f"cond must be a long tensor of class ids, got {getattr(cond, 'dtype', type(cond))}")
         if cond.shape != (batch,):

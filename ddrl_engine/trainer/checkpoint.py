@@ -33,16 +33,23 @@ def save_checkpoint(root: str | Path, step: int, *, modules: dict[str, torch.nn.
     for name, module in modules.items():
         save_file(_state_tensors(module), str(tmp / f"{name}.safetensors"))
     torch.save(state, tmp / "state.pt")
+    return publish(tmp, final, config=config, keep=keep)
+
+
+def publish(tmp: Path, final: Path, *, config: dict | None, keep: int) -> Path:
+    """Finishes a checkpoint written into `tmp`: config.json, fsync, rename to `final`, switch
+    `latest`, prune old ones. Until the rename nothing of it is visible."""
     if config is not None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    for f in tmp.iterdir():  # data on disk before the rename makes it visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in tmp.rglob("*"):  # data on disk before the rename makes it visible
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_atomic(root / LATEST, final.name)
-    _prune(root, keep)
+    _write_atomic(final.parent / LATEST, final.name)
+    _prune(final.parent, keep)
     return final
 
 

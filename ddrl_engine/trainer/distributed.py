@@ -176,7 +176,7 @@ def save_dcp_checkpoint(ctx: Distributed, root: str | Path, step: int, *, module
                         optimizer: torch.optim.Optimizer, state: dict, config: dict | None, keep: int) -> Path:
     """Writes root/step_XXXXXXX (DCP shards of modules + optimizer, state.pt and config.json from rank 0)
     under a temporary name and renames it into place (all ranks call this)."""
-    from ddrl_engine.trainer.checkpoint import LATEST, _prune, _write_atomic
+    from ddrl_engine.trainer.checkpoint import publish
 
     root = Path(root)
     final = root / f"step_{step:07d}"
@@ -194,16 +194,7 @@ def save_dcp_checkpoint(ctx: Distributed, root: str | Path, step: int, *, module
         torch.save(state, tmp / "state.pt")
         meta = {"world_size": ctx.world_size, "parallel": ctx.mode}
         (tmp / "distributed.json").write_text(json.dumps(meta))
-        if config is not None:
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(root / LATEST, final.name)
-        _prune(root, keep)
+        publish(tmp, final, config=config, keep=keep)
     ctx.barrier()
     return final
 
