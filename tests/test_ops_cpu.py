@@ -217,10 +217,15 @@ def test_raw_op_checks_in_cpp():
         torch.ops.ddrl.step_logprob_rows(t, t, t, None, torch.ones(3), torch.ones(3), torch.ones(3).double(), True, False)
 
 
+CUDA_PARAM = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                              reason="needs a CUDA GPU")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA_PARAM])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck(dtype):
-    x = torch.randn(4, 3, 6, dtype=dtype)
-    coefs = [torch.rand(4) for _ in range(3)]
+def test_opcheck(dtype, device):
+    x = torch.randn(4, 3, 6, dtype=dtype, device=device)
+    coefs = [torch.rand(4, device=device) for _ in range(3)]
     for write_grad in (False, True):
         xr = x.clone().requires_grad_(write_grad)
         torch.library.opcheck(torch.ops.ddrl.diffusion_loss_rows.default, (xr, x.clone(), x.clone(), coefs[0], coefs[1], write_grad))

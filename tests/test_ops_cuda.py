@@ -305,20 +305,6 @@ def test_more_than_2pow31_elements(extra):
 
 # ---- dispatcher integration ------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck_cuda(dtype):
-    x = torch.randn(4, 3, 6, dtype=dtype, device=CUDA)
-    coefs = [torch.rand(4, device=CUDA) for _ in range(3)]
-    for write_grad in (False, True):
-        xr = x.clone().requires_grad_(write_grad)
-        torch.library.opcheck(torch.ops.ddrl.diffusion_loss_rows.default, (xr, x.clone(), x.clone(), coefs[0], coefs[1], write_grad))
-        torch.library.opcheck(torch.ops.ddrl.step_logprob_rows.default,
-                              (x.clone(), x.clone(), xr, None, coefs[0], coefs[1], coefs[2] + 0.1, True, write_grad))
-        torch.library.opcheck(torch.ops.ddrl.step_logprob_rows.default,
-                              (x.clone(), x.clone(), xr, x.clone(), coefs[0], coefs[1], coefs[2] + 0.1, False, write_grad))
-    torch.library.opcheck(torch.ops.ddrl.scale_rows.default, (x, coefs[0], torch.float16))
-
-
 def test_cuda_graph_capture(seed):
     """Launches go on the current stream and nothing syncs: the ops can be captured and replayed."""
     pred, x0, noise = (torch.randn(4, 9000, device=CUDA) for _ in range(3))

@@ -39,7 +39,7 @@ python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT
 echo "   built in $(( $(date +%s) - t0 )) s"
 python3 -m ddrl_engine.info | tee "$OUT/info.txt"
 
-section tests 180 python3 -m pytest -q -x -m "gpu and not slow" tests/test_ops_cuda.py tests/test_fp8_attention.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
+section tests 180 python3 -m pytest -q -x -m "gpu and not slow" tests/test_ops_cuda.py tests/test_ops_cpu.py tests/test_fp8_attention.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
 for dt in bf16 fp32; do
   section bench_ops 90 python3 tools/bench_ops.py --device cuda --dtype $dt --elems 64M --rows 16 --json "$OUT/bench_ops_$dt.json" 2>&1 | grep -v Warning | tee -a "$OUT/bench.txt"
 done
