@@ -264,3 +264,11 @@ def test_torch_compile_inductor(seed):
     want = diffusion_loss_ref(p.detach(), a, b, noise_coef=1.0, data_coef=-1.0)
     torch.testing.assert_close(out.double(), want, **reduction_tol())
     torch.testing.assert_close(p.grad, 2 * (p - (b - a)).detach() / p.numel())
+
+
+def test_zero_dim_coefficients_broadcast_to_every_row(seed):
+    pred, x0, noise = (torch.randn(3, 10) for _ in range(3))
+    got = ops.diffusion_loss(pred, x0, noise, noise_coef=torch.tensor(1.0), data_coef=torch.tensor(-1.0), reduction="none")
+    torch.testing.assert_close(got, ops.diffusion_loss(pred, x0, noise, noise_coef=1.0, data_coef=-1.0, reduction="none"))
+    lp = ops.step_logprob(pred, x0, noise, x_coef=torch.tensor(0.9), out_coef=0.1, std=torch.tensor(0.5))
+    torch.testing.assert_close(lp, ops.step_logprob(pred, x0, noise, x_coef=0.9, out_coef=0.1, std=0.5))

@@ -46,21 +46,12 @@ def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: Tensor, reduction: str = "m
     return per_row / (2 * s.float() ** 2)
 
 
-def per_row(coef, rows: int):
-    """A float, a 0-dim tensor (one level for the batch) or [rows] tensor, as the ops take it."""
-    if isinstance(coef, Tensor) and coef.dim() == 0:
-        return coef.expand(rows)
-    return coef
-
-
 def data_loss(pred: Tensor, x0: Tensor, noise: Tensor, noise_coef, data_coef) -> Tensor:
     """The model's own diffusion loss on off-policy data (the forward-KL regulariser), fp32 scalar.
 
     The target is noise_coef * noise + data_coef * x0 (the sampler's parametrisation).
     """
-    n = pred.shape[0]
-    return ops.diffusion_loss(pred, x0, noise, noise_coef=per_row(noise_coef, n), data_coef=per_row(data_coef, n),
-                              reduction="mean")
+    return ops.diffusion_loss(pred, x0, noise, noise_coef=noise_coef, data_coef=data_coef, reduction="mean")
 
 
 def combine(policy: Tensor | None, data: Tensor | None, kl: Tensor | None, *, beta_data: float, beta_kl: float,

@@ -25,7 +25,8 @@ def row_coef(op: str, name: str, value: Coef, rows: int, device: torch.device, *
     """A per-row coefficient as the float32 [rows] tensor the kernels take.
 
     A Python number becomes a filled tensor (a fill kernel on the device: no host sync, so this is
-    safe inside a captured CUDA graph); a tensor must be 1-D with one value per row.
+    safe inside a captured CUDA graph); a 0-dim tensor is broadcast (a stride-0 view); any other
+    tensor must be 1-D with one value per row.
     """
     if isinstance(value, bool):
         raise TypeError(f"{op}: '{name}' must be a float or a 1-D float tensor, got bool")
@@ -40,6 +41,8 @@ def row_coef(op: str, name: str, value: Coef, rows: int, device: torch.device, *
         raise TypeError(f"{op}: '{name}' must be a float or a 1-D float tensor, got {type(value).__name__}")
     if not value.is_floating_point():
         raise TypeError(f"{op}: '{name}' must be a floating tensor, got {value.dtype}")
+    if value.dim() == 0:  # one value for every row (e.g. one sampler level for the batch)
+        value = value.expand(rows)
     if value.dim() != 1 or value.shape[0] != rows:
         raise ValueError(f"{op}: '{name}' must have shape [{rows}] (one value per row), got {list(value.shape)}")
     if value.device != device:
@@ -68,8 +71,3 @@ def common_dtype(*tensors) -> torch.dtype:
         if t is not None:
             dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
     return dtype
-
-
-def row_view(v: Tensor, like: Tensor) -> Tensor:
-    """[rows] -> [rows, 1, 1, ...] broadcastable against `like`."""
-    return v.reshape(-1, *([1] * (like.dim() - 1)))

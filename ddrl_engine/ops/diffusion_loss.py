@@ -65,7 +65,8 @@ def diffusion_loss(
     """Diffusion loss on rows (dim 0), fp32 result: a scalar, or [N] with reduction="none".
 
     pred, x0, noise: same shape [N, ...], float32/bfloat16/float16 (mixed allowed), any layout.
-    noise_coef, data_coef, weight: a float or a 1-D tensor of N values (constants: no gradient).
+    noise_coef, data_coef, weight: a float, a 0-dim tensor (all rows) or a 1-D tensor of N values
+    (constants: no gradient).
     Gradients flow to each of pred, x0, noise that requires grad.
     """
     for name, t in (("pred", pred), ("x0", x0), ("noise", noise)):

@@ -69,7 +69,7 @@ def step_logprob(
     """Per-row log N(x_next; mu, std^2 I), reduced by "mean" or "sum" over each row: fp32 [N].
 
     x_next, x, model_out (and offset): same shape [N, ...], float32/bfloat16/float16, any layout.
-    x_coef, out_coef, std: a float or a 1-D tensor of N values (constants: no gradient). std must
+    x_coef, out_coef, std: a float, a 0-dim tensor or a 1-D tensor of N values (constants: no gradient). std must
     be > 0 (checked for floats and CPU tensors; on CUDA a non-positive std gives NaN for that row,
     since checking would need a host sync inside the sampling loop).
     """
