@@ -1,14 +1,18 @@
 """One rank of a distributed trainer test run (launched by tests/test_distributed.py with torchrun).
 
 python -m torch.distributed.run --nproc_per_node N -m tests.dist_worker OUT PARALLEL STEPS RESULT
-    [--resume CKPT] [--full]
+    [--resume CKPT] [--full] [--fail-at STEP]
 trains the tiny test config for STEPS total steps (checkpoint every 2), resuming from CKPT when given,
 and writes (rank 0) RESULT: per step the global advantages and the update's metrics. --full trains
 the KL-regularised method with EMA, activation checkpointing and the evaluator through Trainer.train()
-and records metrics.jsonl instead.
+and records metrics.jsonl instead. --fail-at STEP runs Trainer.train() (resuming from the latest
+checkpoint, as `ddrl-engine train` does) and kills rank 1 of the first attempt when it reaches STEP:
+run under `torchrun --max-restarts 1`, the second attempt must finish the run; RESULT then holds the
+attempts seen and metrics.jsonl.
 """
 import argparse
 import json
+import os
 from dataclasses import replace
 
 import torch
@@ -29,8 +33,11 @@ def main():
         p.add_argument(name)
     p.add_argument("--resume")
     p.add_argument("--full", action="store_true")
+    p.add_argument("--fail-at", type=int)
     a = p.parse_args()
     steps = int(a.steps)
+    if a.fail_at is not None:
+        return train_with_failure(a.out, a.parallel, steps, a.result, a.fail_at)
     if a.full:
         trainer = make_trainer(full_config(a.out, steps, a.parallel), evaluator=True)
         trainer.train()
@@ -55,6 +62,26 @@ def main():
     if trainer.dist.rank == 0:
         with open(a.result, "w") as f:
             json.dump({"world_size": trainer.dist.world_size, "records": records}, f)
+    trainer.dist.close()
+
+
+def train_with_failure(out, parallel, steps, result, fail_at):
+    attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+    trainer = make_trainer(replace(tiny_config(out, steps=steps), distributed=DistributedConfig(parallel=parallel)))
+    resumed_at = trainer.step if trainer.resume() else None
+    train_step = trainer.train_step
+
+    def failing_step():
+        if attempt == 0 and trainer.dist.rank == 1 and trainer.step == fail_at:
+            os._exit(3)  # a crash: no checkpoint, no clean shutdown
+        return train_step()
+
+    trainer.train_step = failing_step
+    trainer.train()
+    if trainer.dist.rank == 0:
+        lines = (trainer.out / "metrics.jsonl").read_text().splitlines()
+        with open(result, "w") as f:
+            json.dump({"attempt": attempt, "resumed_at": resumed_at, "metrics": [json.loads(ln) for ln in lines]}, f)
     trainer.dist.close()
 
 

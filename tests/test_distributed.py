@@ -26,11 +26,14 @@ LOSSES = ("policy_loss", "data_loss", "grad_norm", "reward", "adv_abs", "clip_fr
 pytestmark = pytest.mark.slow
 
 
-def _torchrun(nproc: int, out: Path, parallel: str, steps: int, resume: Path | None = None, full=False) -> dict:
+def _torchrun(nproc: int, out: Path, parallel: str, steps: int, resume: Path | None = None, full=False,
+              fail_at: int | None = None) -> dict:
     result = out.with_suffix(".json")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+    restarts = ["--max-restarts", "1"] if fail_at is not None else []
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *restarts,
            "-m", "tests.dist_worker", str(out), parallel, str(steps), str(result)]
     cmd += (["--resume", str(resume)] if resume else []) + (["--full"] if full else [])
+    cmd += ["--fail-at", str(fail_at)] if fail_at is not None else []
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -98,6 +101,21 @@ def test_checkpoint_from_one_rank_resumes_on_two(runs):
     ckpt = runs["tmp"] / "fsdp1" / "checkpoints" / "step_0000002"
     two = _torchrun(2, runs["tmp"] / "resume2", "ddp", STEPS, resume=ckpt)
     _assert_same(two["records"], runs["plain"][2:], atol=1e-4, rtol=1e-3, atol_adv=1e-4)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_rank_failure_restarts_from_the_last_checkpoint(runs, tmp_path, parallel):
+    """Rank 1 dies at step 3 (after the step-2 checkpoint, step 3 logged); torchrun --max-restarts 1
+    restarts both ranks, which resume at step 2: the run ends like the uninterrupted one-process run,
+    each step logged once, no data lost or repeated (the losses would differ otherwise)."""
+    run = _torchrun(2, tmp_path / "restart", parallel, STEPS, fail_at=3)
+    assert run["attempt"] == 1 and run["resumed_at"] == 2
+    train = [m for m in run["metrics"] if m["kind"] == "train"]
+    assert [m["step"] for m in train] == list(range(1, STEPS + 1))
+    plain = runs["plain"]
+    for got, want in zip(train, plain):
+        for k in LOSSES:
+            assert got[k] == pytest.approx(want["metrics"][k], rel=1e-3, abs=1e-4), (got["step"], k)
 
 
 def test_fsdp_with_kl_ema_activation_checkpointing_and_eval(tmp_path):

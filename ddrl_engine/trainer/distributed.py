@@ -64,7 +64,9 @@ class Distributed:
             torch.cuda.set_device(device)
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+            timeout = timedelta(seconds=timeout_s)
+            dist.init_process_group(backend, store=_attempt_store(timeout), rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
         return cls(mode, dist.get_rank(), dist.get_world_size(), device)
 
     @staticmethod
@@ -148,6 +150,22 @@ class Distributed:
     def full(t: torch.Tensor) -> torch.Tensor:
         """A plain tensor from a possibly sharded one (e.g. FSDP2's gradient norm)."""
         return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _attempt_store(timeout: timedelta) -> dist.Store:
+    """torchrun's store, with keys prefixed by the restart attempt.
+
+    Under `torchrun --max-restarts`, the restarted workers reuse the elastic agent's store (same
+    MASTER_ADDR:MASTER_PORT), which still holds the failed attempt's process-group keys; a plain
+    init_process_group can read a dead rank's address from them and fail to connect (seen with gloo:
+    "connectFullMesh ... Connection refused"). A per-attempt prefix gives every attempt fresh keys.
+    """
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_hosts and rank == 0, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"ddrl_engine/attempt_{attempt}", store)
 
 
 def checkpoint_blocks(model: nn.Module) -> None:
