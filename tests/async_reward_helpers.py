@@ -60,3 +60,25 @@ class SlowReward:
 
 def broken_factory():
     raise FileNotFoundError("reward weights not found at /nonexistent/aesthetic.pth")
+
+
+class SlowBrightness:
+    """The built-in brightness reward after `delay` seconds (a slow reward model)."""
+
+    name = "brightness"
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay, self.inner = delay, BrightnessReward()
+
+    def __call__(self, samples, cond):
+        time.sleep(self.delay)
+        return self.inner(samples, cond)
+
+
+class FailingBrightness:
+    """Named like the run's reward, fails every time (an unreachable reward service)."""
+
+    name = "brightness"
+
+    def __call__(self, samples, cond):
+        raise ConnectionError("reward service unreachable")

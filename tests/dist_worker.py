@@ -34,6 +34,7 @@ def main():
     p.add_argument("--resume")
     p.add_argument("--full", action="store_true")
     p.add_argument("--fail-at", type=int)
+    p.add_argument("--grad-sync", default="auto")
     a = p.parse_args()
     steps = int(a.steps)
     if a.fail_at is not None:
@@ -47,22 +48,39 @@ def main():
                 json.dump({"world_size": trainer.dist.world_size, "metrics": [json.loads(ln) for ln in lines]}, f)
         trainer.dist.close()
         return
-    cfg = replace(tiny_config(a.out, steps=steps), distributed=DistributedConfig(parallel=a.parallel))
+    cfg = replace(tiny_config(a.out, steps=steps), distributed=DistributedConfig(parallel=a.parallel, grad_sync=a.grad_sync))
     trainer = make_trainer(cfg)
     if a.resume:
         assert trainer.resume(a.resume)
+    allreduces = count_allreduces(trainer.policy) if a.parallel == "ddp" else None
     records = []
     while trainer.step < cfg.run.steps:
         batch = trainer.collect()
         adv = trainer.dist.gather(batch.advantages)
         metrics = trainer.update(batch)
         records.append({"step": trainer.step, "advantages": adv.tolist(), "metrics": metrics})
+        if allreduces is not None:
+            records[-1]["allreduces"], allreduces[0] = allreduces[0], 0
         if trainer.step % cfg.run.ckpt_every == 0:
             trainer.save()
     if trainer.dist.rank == 0:
         with open(a.result, "w") as f:
             json.dump({"world_size": trainer.dist.world_size, "records": records}, f)
     trainer.dist.close()
+
+
+def count_allreduces(ddp_model):
+    """Counts DDP's gradient all-reduces (bucket reductions) through a comm hook: [count]."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    count = [0]
+
+    def hook(state, bucket):
+        count[0] += 1
+        return allreduce_hook(state, bucket)
+
+    ddp_model.register_comm_hook(None, hook)
+    return count
 
 
 def train_with_failure(out, parallel, steps, result, fail_at):

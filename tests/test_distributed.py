@@ -27,13 +27,14 @@ pytestmark = pytest.mark.slow
 
 
 def _torchrun(nproc: int, out: Path, parallel: str, steps: int, resume: Path | None = None, full=False,
-              fail_at: int | None = None) -> dict:
+              fail_at: int | None = None, grad_sync: str = "auto") -> dict:
     result = out.with_suffix(".json")
     restarts = ["--max-restarts", "1"] if fail_at is not None else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *restarts,
            "-m", "tests.dist_worker", str(out), parallel, str(steps), str(result)]
     cmd += (["--resume", str(resume)] if resume else []) + (["--full"] if full else [])
     cmd += ["--fail-at", str(fail_at)] if fail_at is not None else []
+    cmd += ["--grad-sync", grad_sync]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -81,6 +82,19 @@ def test_two_ranks_reproduce_one_process(runs, parallel):
     _assert_same(run["records"][:1], plain[:1])
     # Later steps train on the updated weights: still the same run, up to accumulated rounding.
     _assert_same(run["records"], plain, atol=1e-4, rtol=1e-3, atol_adv=1e-4)
+
+
+@pytest.mark.parametrize("parallel, grad_sync", [("ddp", "backward"), ("fsdp", "update")])
+def test_gradient_sync_per_update_or_per_backward(runs, tmp_path, parallel, grad_sync):
+    """Deferring the gradient reduction to the update's last backward (or not) gives the same run.
+    DDP defaults to one all-reduce per update (counted through a comm hook), FSDP2 to one
+    reduce-scatter per backward; here each runs the other mode."""
+    run = _torchrun(2, tmp_path / "sync", parallel, 2, grad_sync=grad_sync)
+    _assert_same(run["records"], runs["plain"][:2], atol=1e-4, rtol=1e-3, atol_adv=1e-4)
+    if parallel == "ddp":  # the tiny model's gradients fit one bucket: one all-reduce per synced backward
+        backwards = 2 * len(tiny_config("unused").algorithm.trained_steps(tiny_config("unused").sampler.num_steps))
+        assert [r["allreduces"] for r in run["records"]] == [backwards, backwards]
+        assert [r["allreduces"] for r in runs[("ddp", 2)]["records"]] == [1] * STEPS  # default: "update"
 
 
 def test_checkpoint_from_two_ranks_resumes_on_one(runs):

@@ -64,8 +64,9 @@ def test_gradient_sign_raises_likelihood_of_high_advantage_samples(tmp_path):
     assert torch.corrcoef(torch.stack([adv, delta]))[0, 1] > 0.3
 
 
-def test_invalid_rewards_error_or_drop(tmp_path):
-    tr = make_trainer(tiny_config(tmp_path, "grpo"))
+@pytest.mark.parametrize("on_invalid", ["error", "drop"])
+def test_invalid_rewards_error_or_drop(tmp_path, on_invalid):
+    tr = make_trainer(with_run(tiny_config(tmp_path, "grpo"), on_invalid_reward=on_invalid))
     real = tr.rewards.rewards[0]
 
     class Flaky:
@@ -77,12 +78,13 @@ def test_invalid_rewards_error_or_drop(tmp_path):
             return r
 
     tr.rewards.rewards[0] = Flaky()
-    with pytest.raises(ValueError, match="brightness"):
-        tr.train_step()
-    tr.cfg.run.on_invalid_reward = "drop"
+    if on_invalid == "error":
+        with pytest.raises(ValueError, match="brightness"):
+            tr.train_step()
+        return
     with pytest.warns(RuntimeWarning, match="dropping"):
         m = tr.train_step()
-    assert m["invalid_rewards"] == 1 and math.isfinite(m["policy_loss"])
+    assert m["invalid_rewards"] == 1 and tr.invalid_rewards == 1 and math.isfinite(m["policy_loss"])
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):

@@ -121,7 +121,8 @@ def _worker_main(wid: int, gen: int, factory, threads: int, tasks, results) -> N
     except BaseException:  # noqa: BLE001 - reported to the parent, then the worker exits
         results.put(("init_error", wid, gen, None, traceback.format_exc()))
         return
-    results.put(("ready", wid, gen, None, None))
+    spec = ([r.name for r in reward.rewards], list(reward.weights))
+    results.put(("ready", wid, gen, None, spec))
     while True:
         item = tasks.get()
         if item is None:
@@ -205,6 +206,8 @@ class AsyncReward:
         self._pending: collections.deque[_Task] = collections.deque()
         self._ids = itertools.count()
         self._broken: Optional[str] = None
+        self._spec: Optional[tuple[list[str], list[float]]] = None
+        self._spec_ready = threading.Event()  # set by the first "ready" (or by _fail_all)
         self._closed = False
         self._stop = threading.Event()
         self._workers = [self._start_worker(i, 0) for i in range(workers)]
@@ -233,6 +236,15 @@ class AsyncReward:
     def evaluate(self, samples: Tensor, cond: Any) -> Optional[RewardBatch]:
         """submit + result: the synchronous call, through the workers."""
         return self.submit(samples, cond).result()
+
+    def reward_spec(self, timeout_s: Optional[float] = None) -> tuple[list[str], list[float]]:
+        """(names, weights) of the reward the workers built (their WeightedReward's components), as
+        reported by the first worker ready; blocks until then (timeout_s: default self.timeout_s)."""
+        if not self._spec_ready.wait(self.timeout_s if timeout_s is None else timeout_s):
+            raise TimeoutError(f"AsyncReward.reward_spec: no reward worker was ready within {timeout_s or self.timeout_s:g} s")
+        if self._spec is None:
+            raise RewardWorkerError(self._broken or "the AsyncReward is unusable")
+        return list(self._spec[0]), list(self._spec[1])
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Stops the workers (politely, then by force after timeout_s) and fails unfinished batches."""
@@ -305,6 +317,9 @@ class AsyncReward:
             return  # from a worker already replaced
         if kind == "ready":
             w.ready = True
+            if self._spec is None:
+                self._spec = payload
+                self._spec_ready.set()
         elif w.task is not None and w.task.id == task_id:
             task, w.task = w.task, None
             if kind == "ok":
@@ -384,6 +399,7 @@ class AsyncReward:
 
     def _fail_all(self, message: str) -> None:
         self._broken = message
+        self._spec_ready.set()
         with self._lock:
             tasks = list(self._pending) + [w.task for w in self._workers if w.task is not None]
             self._pending.clear()

@@ -170,10 +170,16 @@ class DistributedConfig:
         rank drawing the global noise and keeping its rows, so a run reproduces the one-process run at
         any world size that divides both batches; checkpoints use torch.distributed.checkpoint.
     activation_checkpointing: recompute each DiT block's activations in backward (less memory).
+    grad_sync: when gradients are reduced across ranks within one update (K trained steps, each with a
+        backward for the data loss and one for the policy loss): "update" (once, at the last backward;
+        least communication; under FSDP2 each rank then holds unsharded gradients until then, the
+        full model's gradient memory), "backward" (at every backward; FSDP2 keeps gradients sharded),
+        or "auto" ("update" for ddp, "backward" for fsdp).
     """
 
     parallel: str = "none"
     activation_checkpointing: bool = False
+    grad_sync: str = "auto"
 
 
 @dataclass
@@ -202,6 +208,7 @@ _CHOICES = {
     "data.dataset": ("digits", "folder"),
     "rollout.attention_backend": ("sdpa", "fp8"),
     "distributed.parallel": ("none", "ddp", "fsdp"),
+    "distributed.grad_sync": ("auto", "update", "backward"),
 }
 _POSITIVE = {"run.steps", "run.eval_every", "sampler.num_steps", "rollout.conditions_per_step", "optim.lr",
              "eval.samples_per_class", "eval.heldout_loss_levels", "pretrain.batch_size", "pretrain.lr",

@@ -13,6 +13,7 @@ and the weights and optimizer go through DCP, which reshards: a checkpoint resum
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -97,7 +98,9 @@ class Distributed:
         return out.bool() if t.dtype == torch.bool else out
 
     def reduce(self, values: dict[str, float], op: str = "mean") -> dict[str, float]:
-        """Averages (op="mean") or maximises (op="max") scalar metrics over ranks."""
+        """Averages (op="mean"), sums (op="sum") or maximises (op="max") scalar metrics over ranks."""
+        if op not in ("mean", "sum", "max"):
+            raise ValueError(f"reduce: op must be 'mean', 'sum' or 'max', got {op!r}")
         if not values:
             return {}
         keys = sorted(values)
@@ -142,6 +145,22 @@ class Distributed:
         # parameters that an in-place update (EMA lerp, optimizer) would then miss.
         fully_shard(model, mp_policy=mp, reshard_after_forward=True)
         return model
+
+    @contextlib.contextmanager
+    def grad_sync(self, model: nn.Module, enabled: bool):
+        """Within the block, a backward of `model` reduces gradients across ranks only if `enabled`;
+        otherwise they accumulate locally (DDP no_sync; FSDP2 unsharded) until a synced backward."""
+        if enabled:
+            yield
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            with model.no_sync():
+                yield
+        else:
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -3,7 +3,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import json
 import math
 import random
@@ -29,6 +31,7 @@ from ddrl_engine.trainer.checkpoint import latest_checkpoint, load_checkpoint, s
 from ddrl_engine.trainer.config import TrainConfig, check_config
 from ddrl_engine.trainer.distributed import Distributed, is_dcp_checkpoint, load_dcp_checkpoint, save_dcp_checkpoint
 from ddrl_engine.trainer.evaluate import Evaluator, decode
+from ddrl_engine.trainer.reward_requests import RewardRequests
 
 
 def _rng_state(device: str) -> dict:
@@ -46,14 +49,22 @@ def _set_rng_state(state: dict, device: str) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-@dataclass
 class RolloutBatch:
-    """What one step trains on: the rollout, its advantages [B] (None for sft) and old log-probs [B, K]."""
+    """What one step trains on: the rollout, its old log-probs [B, K] and metrics, and its advantages
+    [B] (None for sft). With reward workers the rewards may still be computing: `advantages` waits
+    for them on first access (and adds the reward metrics), so the trainer reads it as late as it can.
+    """
 
-    rollout: Rollout
-    advantages: torch.Tensor | None
-    old_log_probs: torch.Tensor
-    metrics: dict
+    def __init__(self, rollout: Rollout, old_log_probs: torch.Tensor, metrics: dict, resolve=None):
+        self.rollout, self.old_log_probs, self.metrics = rollout, old_log_probs, metrics
+        self._resolve, self._advantages = resolve, None
+
+    @property
+    def advantages(self) -> torch.Tensor | None:
+        if self._resolve is not None:
+            resolve, self._resolve = self._resolve, None
+            self._advantages = resolve()
+        return self._advantages
 
 
 class Trainer:
@@ -88,6 +99,7 @@ class Trainer:
         self.policy = policy.to(self.device)
         self.sampler = sampler
         self.rewards = rewards
+        self.reward_requests = RewardRequests(rewards, cfg.run.on_invalid_reward) if self.algo.use_reward else None
         self.dataset = dataset
         self.evaluator = evaluator
         self.sample_shape = tuple(cfg.model.sample_shape)
@@ -118,6 +130,11 @@ class Trainer:
         self.heldout = HeldoutLossMonitor(cfg.run.heldout_rise_threshold, early_stop=cfg.run.early_stop_on_heldout)
         self.step = 0
         self.invalid_rewards = 0
+        self.dropped_reward_batches = 0
+        grad_sync = cfg.distributed.grad_sync
+        if grad_sync == "auto":
+            grad_sync = "update" if cfg.distributed.parallel == "ddp" else "backward"
+        self._defer_grad_sync = grad_sync == "update"
         self._stop_signal = False
 
     def _module(self):
@@ -130,12 +147,6 @@ class Trainer:
         if self.sync_timing and self.device.startswith("cuda"):
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
-
-    def _rewards(self, samples, cond):
-        batch = self.rewards.evaluate(samples, cond, on_invalid=self.cfg.run.on_invalid_reward)
-        n_bad = int((~batch.valid).sum())
-        self.invalid_rewards += n_bad
-        return batch, n_bad
 
     def _data_loss(self, x0, y, eps, k):
         """The policy's diffusion loss on data at step k's level (with the given noise)."""
@@ -161,26 +172,12 @@ class Trainer:
             ro = self.runner(cond, generator=self.rollout_gen, shard=self._rollout_shard)
         t_rollout = self._now()
         metrics = {"time_rollout": t_rollout - t0}
-        adv = None
+        resolve = None
         if algo.use_reward:
-            with phase("reward"):
-                if self.dist is None:
-                    batch, n_bad = self._rewards(decode(ro.samples), cond)
-                else:
-                    batch, n_bad = self._gathered_rewards(decode(ro.samples), cond)
-            with phase("advantage"):
-                comps = torch.stack([batch.components[r.name] for r in self.rewards.rewards])
-                weights = torch.tensor(self.rewards.weights, device=comps.device)
-                adv = group_advantages(comps, algo.group_size, eps=algo.adv_eps, clip=algo.adv_clip,
-                                       lambda_transform=algo.adv_lambda, valid=batch.valid, weights=weights).to(dev)
-                if self.dist is not None:  # computed per group on the global batch; keep this rank's rows
-                    metrics.update(reward=batch.total[batch.valid].mean().item(), invalid_rewards=n_bad,
-                                   adv_abs=adv.abs().mean().item())
-                    adv = self.dist.rows(adv)
-            if self.dist is None:
-                metrics.update(reward=batch.total[batch.valid].mean().item(), invalid_rewards=n_bad,
-                               adv_abs=adv.abs().mean().item())
-        metrics["time_reward"] = self._now() - t_rollout
+            with phase("reward"):  # in-process: the reward itself; with workers: handing the batch over
+                pending = self.reward_requests.submit(decode(ro.samples), cond)
+            resolve = functools.partial(self._advantages, pending, metrics)
+        metrics["time_reward_submit"] = self._now() - t_rollout
         old_lp = ro.log_probs
         if cfg.rollout.recompute_old_logprobs:
             with torch.no_grad(), phase("old_logprob"):
@@ -188,22 +185,43 @@ class Trainer:
                 for k in self.trained_steps:
                     old_lp[:, k] = transition(self.policy, self.sampler, ro.states[:, k], k, cond,
                                               x_next=ro.states[:, k + 1], reduction=algo.logprob_reduction).log_prob
-        return RolloutBatch(ro, adv, old_lp, metrics)
+        return RolloutBatch(ro, old_lp, metrics, resolve)
 
-    def _gathered_rewards(self, samples, cond):
-        """This rank's rewards, all-gathered into the global batch's (as on one process)."""
+    def _advantages(self, pending, metrics: dict) -> torch.Tensor:
+        """Waits for the rewards of `pending`, gathers them over ranks, and returns this rank's rows of
+        the group-normalised advantages; adds the reward metrics to `metrics`."""
+        algo = self.algo
+        with phase("reward/wait"):
+            res = pending.result()
+        batch, dropped = res.batch, int(res.dropped)
+        wait = res.wait_s
+        if self.dist is not None:  # the global batch's rewards, as on one process
+            batch = self._gathered(batch)
+            wait = self.dist.reduce({"wait": wait}, "max")["wait"]
+            dropped = round(self.dist.reduce({"dropped": dropped}, "sum")["dropped"])
+        n_bad = int((~batch.valid).sum())
+        self.invalid_rewards += n_bad
+        self.dropped_reward_batches += dropped
+        with phase("advantage"):
+            comps = torch.stack([batch.components[n] for n in self.reward_requests.names])
+            weights = torch.tensor(self.reward_requests.weights, device=comps.device)
+            adv = group_advantages(comps, algo.group_size, eps=algo.adv_eps, clip=algo.adv_clip,
+                                   lambda_transform=algo.adv_lambda, valid=batch.valid, weights=weights).to(self.device)
+        reward = batch.total[batch.valid].mean().item() if bool(batch.valid.any()) else float("nan")
+        metrics.update(reward=reward, invalid_rewards=n_bad, reward_batches_dropped=dropped,
+                       adv_abs=adv.abs().mean().item(), time_reward=res.compute_s, time_reward_wait=wait)
+        # computed per group on the global batch; keep this rank's rows
+        return adv if self.dist is None else self.dist.rows(adv)
+
+    def _gathered(self, local):
+        """This rank's RewardBatch, all-gathered into the global batch's (in rank order)."""
         from ddrl_engine.rewards.base import RewardBatch
 
-        local = self.rewards.evaluate(samples, cond, on_invalid=self.cfg.run.on_invalid_reward)
         g = self.dist.gather
-        valid = g(local.valid)
-        comps = {name: g(c) for name, c in local.components.items()}
-        counts = self.dist.reduce({k: v for k, v in local.n_invalid.items()}, "mean")
+        counts = self.dist.reduce(dict(local.n_invalid), "mean")
         n_invalid = {k: round(v * self.dist.world_size) for k, v in counts.items()}
-        batch = RewardBatch(components=comps, valid=valid, n_invalid=n_invalid, total=g(local.total))
-        n_bad = int((~valid).sum())
-        self.invalid_rewards += n_bad
-        return batch, n_bad
+        return RewardBatch(components={n: g(local.components[n]) for n in self.reward_requests.names},
+                           valid=g(local.valid), n_invalid=n_invalid, total=g(local.total))
 
     def update(self, batch: RolloutBatch) -> dict:
         """ppo_epochs optimiser steps on one rollout batch: policy loss + data loss (+ KL)."""
@@ -211,46 +229,30 @@ class Trainer:
             return self._update(batch)
 
     def _update(self, batch: RolloutBatch) -> dict:
+        """Per epoch: the data-loss pass over the trained steps (it needs no rewards, so reward workers
+        still computing overlap it), then the policy pass (waits for the advantages; policy loss and
+        KL), one backward per trained step in each pass; then clip, AdamW and EMA."""
         algo, dev, ro = self.algo, self.device, batch.rollout
         t0 = self._now()
-        cond, adv, old_lp = ro.cond, batch.advantages, batch.old_log_probs
+        cond, old_lp = ro.cond, batch.old_log_probs
         if self.data is not None:
             x0, y = self.data.next_batch()
             x0, y = x0.to(dev), y.to(dev)
             if self.dist is not None:  # this rank's rows of the global data batch
                 x0, y = self.dist.rows(x0), self.dist.rows(y)
         self.policy.train()
-        metrics = dict(batch.metrics)
         n_trained = len(self.trained_steps)
-        sums = {"policy_loss": 0.0, "data_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_dev": 0.0}
+        policy_pass = algo.use_reward or self.reference is not None
+        backwards = n_trained * ((self.data is not None) + policy_pass)
+        scale = dict(beta_data=algo.beta_data, beta_kl=algo.beta_kl, num_trained_steps=n_trained)
+        sums: dict[str, list[torch.Tensor]] = {"policy_loss": [], "data_loss": [], "kl": [], "clip_frac": []}
+        ratio_devs, first = [], {}
         for epoch in range(algo.ppo_epochs):
             self.opt.zero_grad(set_to_none=True)
-            for i, k in enumerate(self.trained_steps):
-                with phase("train/step", k):
-                    x_k, x_next = ro.states[:, k], ro.states[:, k + 1]
-                    pol = dat = kl = None
-                    if algo.use_reward or self.reference is not None:
-                        with phase("train/forward"):
-                            res = transition(self.policy, self.sampler, x_k, k, cond, x_next=x_next,
-                                             reduction=algo.logprob_reduction)
-                    if algo.use_reward:
-                        pol, stats = clipped_policy_loss(res.log_prob, old_lp[:, k], adv, algo.clip_eps)
-                        sums["policy_loss"] += pol.item()
-                        sums["clip_frac"] += stats.clip_frac.item()
-                        sums["ratio_dev"] += self._max_over_ranks(stats.ratio_max_dev.item())
-                        if epoch == 0 and i == 0:
-                            # On-policy: the recomputed log-prob must equal the rollout's (exactly 0 on CPU).
-                            metrics["ratio_dev_first"] = self._max_over_ranks(stats.ratio_max_dev.item())
-                            # What the rollout's attention backend (e.g. fp8) shifts the log-probs by.
-                            metrics["logprob_mismatch"] = logprob_mismatch(ro.log_probs[:, k], res.log_prob).item()
-                    if self.reference is not None:
-                        with torch.no_grad(), phase("train/reference"):
-                            ref = transition(self.reference, self.sampler, x_k, k, cond, x_next=x_next,
-                                             reduction=algo.logprob_reduction)
-                        std = self.sampler.coefs(k).std.to(dev).expand(x_k.shape[0])
-                        kl = gaussian_kl(res.mean, ref.mean, std, algo.logprob_reduction).mean()
-                        sums["kl"] += kl.item()
-                    if self.data is not None:
+            synced = self._grad_syncs(backwards)
+            if self.data is not None:
+                for k in self.trained_steps:
+                    with phase("train/step", k), next(synced):
                         if algo.data_noise == "rollout":
                             eps, kd = ro.initial_noise, k
                         else:
@@ -258,11 +260,32 @@ class Trainer:
                             kd = int(torch.randint(0, self.sampler.num_steps, (1,), generator=self.data_gen).item())
                         with phase("train/data_loss"):
                             dat = self._data_loss(x0, y, eps, kd)
-                        sums["data_loss"] += dat.item()
-                    loss = combine(pol, dat, kl, beta_data=algo.beta_data, beta_kl=algo.beta_kl,
-                                   num_trained_steps=n_trained)
-                    with phase("train/backward"):
-                        loss.backward()
+                        sums["data_loss"].append(dat.detach())
+                        self._backward(combine(None, dat, None, **scale))
+            adv = batch.advantages if algo.use_reward else None  # waits for the rewards
+            for i, k in enumerate(self.trained_steps if policy_pass else ()):
+                with phase("train/step", k), next(synced):
+                    x_k, x_next = ro.states[:, k], ro.states[:, k + 1]
+                    pol = kl = None
+                    with phase("train/forward"):
+                        res = transition(self.policy, self.sampler, x_k, k, cond, x_next=x_next,
+                                         reduction=algo.logprob_reduction)
+                    if algo.use_reward:
+                        pol, stats = clipped_policy_loss(res.log_prob, old_lp[:, k], adv, algo.clip_eps)
+                        sums["policy_loss"].append(pol.detach())
+                        sums["clip_frac"].append(stats.clip_frac.detach())
+                        ratio_devs.append(stats.ratio_max_dev.detach())
+                        if epoch == 0 and i == 0:
+                            # What the rollout's attention backend (e.g. fp8) shifts the log-probs by.
+                            first["logprob_mismatch"] = logprob_mismatch(ro.log_probs[:, k], res.log_prob).detach()
+                    if self.reference is not None:
+                        with torch.no_grad(), phase("train/reference"):
+                            ref = transition(self.reference, self.sampler, x_k, k, cond, x_next=x_next,
+                                             reduction=algo.logprob_reduction)
+                        std = self.sampler.coefs(k).std.to(dev).expand(x_k.shape[0])
+                        kl = gaussian_kl(res.mean, ref.mean, std, algo.logprob_reduction).mean()
+                        sums["kl"].append(kl.detach())
+                    self._backward(combine(pol, None, kl, **scale))
             with phase("optimizer"):
                 max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
@@ -274,18 +297,39 @@ class Trainer:
                 self.opt.step()
                 self._update_ema()
         self.step += 1
-        denom = n_trained * algo.ppo_epochs
-        if self.dist is not None:  # means over equal shards: the global batch's means
-            ratio_dev = sums.pop("ratio_dev")
-            sums = self.dist.reduce(sums, "mean") | {"ratio_dev": ratio_dev}
-            if "logprob_mismatch" in metrics:
-                metrics.update(self.dist.reduce({"logprob_mismatch": metrics["logprob_mismatch"]}, "mean"))
-        metrics.update({k: v / denom for k, v in sums.items()})
+        metrics = dict(batch.metrics)
+        metrics.update(self._loss_metrics(sums, ratio_devs, first, n_trained * algo.ppo_epochs))
         metrics.update(grad_norm=grad_norm.item(), time_train=self._now() - t0)
         return metrics
 
-    def _max_over_ranks(self, value: float) -> float:
-        return value if self.dist is None else self.dist.reduce({"v": value}, "max")["v"]
+    def _backward(self, loss: torch.Tensor) -> None:
+        with phase("train/backward"):
+            loss.backward()
+
+    def _grad_syncs(self, backwards: int):
+        """One context per backward of an update epoch: gradients are reduced across ranks at every
+        backward, or only at the last one (distributed.grad_sync)."""
+        for i in range(backwards):
+            if self.dist is None:
+                yield contextlib.nullcontext()
+            else:
+                yield self.dist.grad_sync(self.policy, enabled=not self._defer_grad_sync or i == backwards - 1)
+
+    def _loss_metrics(self, sums: dict, ratio_devs: list, first: dict, denom: int) -> dict:
+        """Means of the losses over trained steps and epochs (and ranks), with one host sync, and the
+        largest |ratio - 1| (over ranks): summed over trained steps, and at the first trained step
+        (on-policy it must be 0: exactly on CPU)."""
+        out = {k: (torch.stack(v).sum().item() / denom if v else 0.0) for k, v in sums.items()}
+        devs = torch.stack(ratio_devs).tolist() if ratio_devs else []
+        first = {k: v.item() for k, v in first.items()}
+        if self.dist is not None:  # means over equal shards: the global batch's means; maxima per trained step
+            out = self.dist.reduce(out, "mean")
+            first = self.dist.reduce(first, "mean")
+            devs = list(self.dist.reduce({f"{i:06d}": d for i, d in enumerate(devs)}, "max").values())
+        out["ratio_dev"] = sum(devs) / denom
+        if devs:
+            out["ratio_dev_first"] = devs[0]
+        return out | first
 
     def train_step(self) -> dict:
         with phase("step"):
@@ -329,7 +373,8 @@ class Trainer:
         return {"step": self.step, "optimizer": self.opt.state_dict(), "rng": _rng_state(self.device),
                 "rollout_gen": self.rollout_gen.get_state(), "cond_gen": self.cond_gen.get_state(),
                 "data_gen": self.data_gen.get_state(), "data": None if self.data is None else self.data.state_dict(),
-                "heldout": self.heldout.state_dict(), "invalid_rewards": self.invalid_rewards}
+                "heldout": self.heldout.state_dict(), "invalid_rewards": self.invalid_rewards,
+                "dropped_reward_batches": self.dropped_reward_batches}
 
     def modules(self) -> dict:
         mods = {"model": self._module()}
@@ -372,6 +417,7 @@ class Trainer:
             self.data.load_state_dict(st["data"])
         self.heldout.load_state_dict(st["heldout"])
         self.invalid_rewards = st["invalid_rewards"]
+        self.dropped_reward_batches = st.get("dropped_reward_batches", 0)  # absent before this counter existed
         self._truncate_metrics()
         self.log(f"resumed from {path} at step {self.step}")
         return True

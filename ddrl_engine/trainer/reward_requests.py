@@ -1,0 +1,94 @@
+"""The trainer's rewards: evaluated in the trainer's process (a `WeightedReward`) or in reward
+worker processes (an `AsyncReward`), behind one submit / result interface.
+
+With workers, `submit` returns at once and the trainer computes the data-loss forward and backward
+before it needs the advantages, so a slow reward overlaps that work; `RewardResult.wait_s` is the time
+the step then still blocked on it (near zero when the reward finishes first). In-process rewards are
+computed at submit: the step blocks for all of it, and wait_s says so.
+
+A batch the workers dropped after its retries (AsyncReward on_failure="drop") comes back with every
+sample invalid: masked out of the group statistics, advantage 0, counted in `dropped`; never a
+reward of zero.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ddrl_engine.rewards.async_rewards import AsyncReward, RewardHandle
+from ddrl_engine.rewards.base import RewardBatch, WeightedReward
+
+
+@dataclass
+class RewardResult:
+    """batch: the RewardBatch; wait_s: seconds the step blocked on it; compute_s: reward time
+    (in the workers for an AsyncReward); dropped: the workers gave up on this batch."""
+
+    batch: RewardBatch
+    wait_s: float
+    compute_s: float
+    dropped: bool
+
+
+class PendingReward:
+    """One submitted batch; `result()` blocks until it is done (once; later calls return the same)."""
+
+    def __init__(self, names: list[str], batch_size: int, device, *, handle: RewardHandle | None = None,
+                 ready: RewardResult | None = None):
+        self._names, self._batch_size, self._device = names, batch_size, device
+        self._handle, self._result = handle, ready
+
+    def result(self) -> RewardResult:
+        if self._result is None:
+            batch = self._handle.result()
+            dropped = batch is None
+            if dropped:
+                batch = dropped_batch(self._names, self._batch_size)
+            batch = RewardBatch({k: v.to(self._device) for k, v in batch.components.items()},
+                                batch.valid.to(self._device), batch.n_invalid, batch.total.to(self._device))
+            self._result = RewardResult(batch, self._handle.wait_s or 0.0, self._handle.compute_s or 0.0, dropped)
+        return self._result
+
+
+def dropped_batch(names: list[str], batch_size: int) -> RewardBatch:
+    """A batch with no valid sample (what a dropped reward batch becomes)."""
+    zeros = torch.zeros(batch_size, dtype=torch.float32)
+    return RewardBatch({n: zeros.clone() for n in names}, torch.zeros(batch_size, dtype=torch.bool),
+                       {n: batch_size for n in names}, zeros.clone())
+
+
+class RewardRequests:
+    """Submits rollout batches to `rewards` (WeightedReward or AsyncReward).
+
+    on_invalid: the run's policy for non-finite rewards ("error" or "drop"); an AsyncReward must have
+    been built with the same one (its workers apply it). `submit` reads it each time. names / weights: the reward components, in
+    the order the advantages stack them.
+    """
+
+    def __init__(self, rewards, on_invalid: str):
+        self.rewards, self.on_invalid = rewards, on_invalid
+        if isinstance(rewards, AsyncReward):
+            if rewards.on_invalid != on_invalid:
+                raise ValueError(f"the AsyncReward was built with on_invalid={rewards.on_invalid!r} but the run has "
+                                 f"run.on_invalid_reward = {on_invalid!r}; build it with the run's setting")
+            self.names, self.weights = rewards.reward_spec()
+        elif isinstance(rewards, WeightedReward):
+            self.names, self.weights = [r.name for r in rewards.rewards], list(rewards.weights)
+        else:
+            raise TypeError(f"rewards must be a WeightedReward or an AsyncReward, got {type(rewards).__name__}")
+
+    @property
+    def is_async(self) -> bool:
+        return isinstance(self.rewards, AsyncReward)
+
+    def submit(self, samples: Tensor, cond) -> PendingReward:
+        b, dev = samples.shape[0], samples.device
+        if self.is_async:
+            return PendingReward(self.names, b, dev, handle=self.rewards.submit(samples, cond))
+        t0 = time.perf_counter()
+        batch = self.rewards.evaluate(samples, cond, on_invalid=self.on_invalid)  # warns or raises here
+        took = time.perf_counter() - t0
+        return PendingReward(self.names, b, dev, ready=RewardResult(batch, took, took, False))
