@@ -1,6 +1,7 @@
 """ddrl::fp8_attention: the CPU emulation against float64 attention (Gaussian and outlier inputs,
 odd lengths, both head dims), the quantised tensors against their definition, bad inputs, opcheck,
-torch.compile; the SASS of the built extension (QGMMA/IGMMA); on a GPU, CUDA vs the emulation."""
+torch.compile; the SASS of the built extension (IGMMA/QGMMA/TMA loads) and no link-time libcuda;
+on a GPU, CUDA vs the emulation."""
 from __future__ import annotations
 
 import json
@@ -217,10 +218,33 @@ def test_sass_has_hopper_tensor_core_mma():
         pytest.skip("no cuobjdump (neither triton's nor the CUDA toolkit's)")
     lib = next(Path(ddrl_engine.__file__).parent.glob("_C*.so"))
     sass = subprocess.run([tool, "--dump-sass", str(lib)], capture_output=True, text=True, check=True).stdout
-    kernel = [line for line in sass.splitlines() if "GMMA" in line]
-    assert any("IGMMA" in line for line in kernel), "no IGMMA (int8 wgmma, QK^T) in the SASS"
-    assert any("QGMMA" in line for line in kernel), "no QGMMA (fp8 wgmma, PV) in the SASS"
     assert "sm_90a" in sass, "no sm_90a code object in the extension"
+    # The attention kernel's functions (one per head dim and output dtype), each on its own.
+    kernels = [f for f in sass.split("Function : ")[1:] if "fp8_attention_sm90_kernel" in f.splitlines()[0]]
+    assert kernels, "no fp8_attention_sm90_kernel in the SASS"
+    for body in kernels:
+        name = body.splitlines()[0].strip()
+        assert "IGMMA" in body, f"no IGMMA (int8 wgmma, QK^T) in {name}"
+        assert "QGMMA" in body, f"no QGMMA (fp8 wgmma, PV) in {name}"
+        assert "UTMALDG" in body, f"no UTMALDG (TMA load of Q/K/V^T) in {name}"
+        assert "USETMAXREG" in body, f"no setmaxnreg (producer/consumer register split) in {name}"
+
+
+def test_extension_does_not_link_libcuda():
+    """TMA descriptors are encoded through cudaGetDriverEntryPointByVersion: no link-time libcuda,
+    so the extension imports on machines without an NVIDIA driver."""
+    info = _build_info()
+    if not info.get("with_cuda"):
+        pytest.skip(f"extension built without CUDA ({info.get('no_cuda_reason')})")
+    readelf = shutil.which("readelf") or shutil.which("objdump")
+    if readelf is None:
+        pytest.skip("neither readelf nor objdump")
+    lib = next(Path(ddrl_engine.__file__).parent.glob("_C*.so"))
+    args = ["-d", str(lib)] if readelf.endswith("readelf") else ["-p", str(lib)]
+    dyn = subprocess.run([readelf, *args], capture_output=True, text=True, check=True).stdout
+    needed = [line for line in dyn.splitlines() if "NEEDED" in line]
+    assert needed, "no NEEDED entries found"
+    assert not any("libcuda.so" in line for line in needed), needed
 
 
 # ---- on a GPU ---------------------------------------------------------------------------------

@@ -1,23 +1,43 @@
-// sm_90a attention kernel of ddrl::fp8_attention on the pre-quantised tensors (CuTe, wgmma).
+// sm_90a attention kernel of ddrl::fp8_attention on the pre-quantised tensors (CuTe, TMA, wgmma).
 //
-// What it is: one warpgroup (128 threads) per 64 query rows; key tiles of 128 in a 2-stage
-// cp.async double buffer; S = Q K^T by int8 wgmma (IGMMA, int32 exact); the online softmax of the
-// scheme in registers (ddrl/fp8_attention_math.h: same formulas and tile order as the CPU
-// emulation); P written as e4m3 to shared memory; P V^T tile by fp8 wgmma (QGMMA) into a fresh
-// accumulator, added to the fp32 output in registers (outside the tensor-core accumulator).
-// What it is not (yet): no TMA, no producer/consumer warp specialisation, no intra-warpgroup
-// overlap of softmax and MMA, P goes through shared memory instead of registers (RS wgmma), and
-// P uses the bit-exact software e4m3 rounding. It is a correct-by-construction baseline for the
-// fast kernel, not the fast kernel. It has been compiled, never run, on this machine (no GPU).
+// What it is (per CTA: 128 query rows of one head, 384 threads = 3 warpgroups):
+//  - warpgroup 0 is the producer (setmaxnreg down to 24 registers); one thread of it issues
+//    TMA loads: the 128 x D INT8 Q tile once (own mbarrier), then per 128-key tile the K tile
+//    (INT8, 128 x D), the V^T tile (e4m3, D x 128) and the tile's 128 K scales (cp.async.bulk,
+//    512 bytes) into a 3-stage shared-memory ring guarded by cutlass::PipelineTmaAsync
+//    (full barriers with transaction counts, empty barriers released by the consumers);
+//  - warpgroups 1 and 2 are consumers (setmaxnreg up to 240), 64 query rows each: S = Q K^T by
+//    int8 wgmma (IGMMA, int32 exact), the online softmax of the scheme in registers
+//    (ddrl/fp8_attention_math.h: same formulas, same tile order as the CPU emulation; P rounded
+//    to e4m3 by cvt.rn.satfinite, the rounding fp8attn::float_to_e4m3 defines), P kept in
+//    registers (permuted within each quad to the wgmma A-operand layout by two shuffles per
+//    32 keys and row half; checked at compile time below) and P V^T by fp8 wgmma with A from
+//    registers (QGMMA, RS) into a fresh fp32 accumulator, added to the output in registers
+//    (o' = o * alpha + pv, rounded like the emulation: no FMA contraction).
+//  - inside a consumer warpgroup, tile n's QK^T and tile n-1's PV are issued back to back and the
+//    softmax of tile n runs while the PV wgmma of tile n-1 is in flight (FA3-style intra-warpgroup
+//    overlap); a stage goes back to the producer after its PV has completed.
+// What it is not: no inter-warpgroup ping-pong scheduling of the two consumers (named barriers),
+// no TMA multicast / clusters, no persistent tile scheduler, no TMA store epilogue (the output is
+// written from registers), no causal masking. It has been compiled, never run (no GPU here).
+//
+// Tensor maps: cute::make_tma_copy encodes them through cutlass::call_cuTensorMapEncodeTiled,
+// which, without CUTLASS_ENABLE_DIRECT_CUDA_DRIVER_CALL (never define it for this extension),
+// resolves the driver function at run time with cudaGetDriverEntryPointByVersion: the extension
+// does not link libcuda and still imports on machines without a driver. The launcher checks the
+// entry point and every TMA precondition first, so the encode cannot fail (CUTLASS would assert).
 //
 // CUDA/CUTLASS headers only (no torch).
 #include <cuda_runtime.h>
 
 #include <cute/tensor.hpp>
 #include <cute/atom/copy_atom.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cute/atom/mma_atom.hpp>
 #include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/numeric_types.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "ddrl/fp8_attention_math.h"
 #include "ddrl/fp8_attention_params.h"
@@ -29,56 +49,152 @@ namespace {
 using namespace cute;
 using fp8 = cutlass::float_e4m3_t;
 
-constexpr int kBM = 64;                  // query rows per CTA (one warpgroup)
-constexpr int kBN = fp8attn::kKeyTile;   // keys per online-softmax step
-constexpr int kThreads = 128;
-constexpr int kStages = 2;
+constexpr int kWgRows = 64;                    // query rows per consumer warpgroup
+constexpr int kConsumers = 2;                  // consumer warpgroups
+constexpr int kBM = kWgRows * kConsumers;      // query rows per CTA (sq_pad is a multiple)
+constexpr int kBN = fp8attn::kKeyTile;         // keys per online-softmax step
+constexpr int kThreads = 128 * (1 + kConsumers);
+constexpr int kStages = 3;
+constexpr int kProducerRegs = 24;
+constexpr int kConsumerRegs = 240;             // 128 * 24 + 256 * 240 <= 64K registers
+static_assert(kBM == 128 && fp8attn::kKeyTile == 128, "the padding granule must be the CTA's row tile");
 
 template <int D>
 struct Sm90Traits {
   using AtomQK = std::conditional_t<D == 128, GMMA::Layout_K_SW128_Atom<int8_t>, GMMA::Layout_K_SW64_Atom<int8_t>>;
   using Atom8 = GMMA::Layout_K_SW128_Atom<fp8>;  // 128 keys of e4m3 = 128 bytes
   using LayoutQ = decltype(tile_to_shape(AtomQK{}, Shape<Int<kBM>, Int<D>>{}));
+  using LayoutK1 = decltype(tile_to_shape(AtomQK{}, Shape<Int<kBN>, Int<D>>{}));  // one stage (TMA box)
+  using LayoutV1 = decltype(tile_to_shape(Atom8{}, Shape<Int<D>, Int<kBN>>{}));
   using LayoutK = decltype(tile_to_shape(AtomQK{}, Shape<Int<kBN>, Int<D>, Int<kStages>>{}));
-  using LayoutP = decltype(tile_to_shape(Atom8{}, Shape<Int<kBM>, Int<kBN>>{}));
   using LayoutV = decltype(tile_to_shape(Atom8{}, Shape<Int<D>, Int<kBN>, Int<kStages>>{}));
-  using Mma0 = decltype(make_tiled_mma(SM90_64x128x32_S32S8S8_SS_TN{}));
-  using Mma1 = decltype(make_tiled_mma(std::conditional_t<D == 128, SM90_64x128x32_F32E4M3E4M3_SS_TN<>,
-                                                          SM90_64x64x32_F32E4M3E4M3_SS_TN<>>{}));
-  // 16-byte cp.async: a row of Q/K is D bytes (D/16 threads), a row of V^T is 128 bytes.
-  using CopyQK = decltype(make_tiled_copy(
-      Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>, int8_t>{},
-      Layout<Shape<Int<kThreads / (D / 16)>, Int<D / 16>>, Stride<Int<D / 16>, _1>>{}, Layout<Shape<_1, _16>>{}));
-  using CopyV = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>, fp8>{},
-                                         Layout<Shape<_16, _8>, Stride<_8, _1>>{}, Layout<Shape<_1, _16>>{}));
+  using WGs = Layout<Shape<Int<kConsumers>, _1, _1>>;  // consumer warpgroups stacked along M
+  using OpS = SM90_64x128x32_S32S8S8_SS_TN;
+  using OpO = std::conditional_t<D == 128, SM90_64x128x32_F32E4M3E4M3_RS_TN<>, SM90_64x64x32_F32E4M3E4M3_RS_TN<>>;
+  using MmaS = decltype(make_tiled_mma(OpS{}, WGs{}));
+  using MmaO = decltype(make_tiled_mma(OpO{}, WGs{}));
+  using Pipeline = cutlass::PipelineTmaAsync<kStages>;
 
   struct Smem {
     alignas(1024) int8_t q[cosize_v<LayoutQ>];
     alignas(1024) int8_t k[cosize_v<LayoutK>];
     alignas(1024) fp8 v[cosize_v<LayoutV>];
-    alignas(1024) fp8 p[cosize_v<LayoutP>];
-    float k_scale[kStages][kBN];
+    alignas(16) float k_scale[kStages][kBN];
+    typename Pipeline::SharedStorage pipe;
+    alignas(8) uint64_t q_bar;
   };
   static constexpr int kSmemBytes = int(sizeof(Smem)) + 1024;  // + room to align the base
+  static constexpr uint32_t kQBytes = kBM * D;
+  static constexpr uint32_t kScaleBytes = kBN * sizeof(float);
+  static constexpr uint32_t kStageBytes = kBN * D + D * kBN + kScaleBytes;  // K + V^T + K scales
+  static_assert(cosize_v<LayoutK1> == kBN * D && cosize_v<LayoutV1> == D * kBN, "dense TMA boxes");
 };
 
-// acc = A B^T over the whole K extent of the tiles, into a zeroed accumulator.
-template <class Mma, class TA, class TB, class TC>
-__device__ __forceinline__ void gemm_fresh(Mma& mma, const TA& tA, const TB& tB, TC& tC) {
-  warpgroup_fence_operand(tC);
-  warpgroup_arrive();
-  mma.accumulate_ = GMMA::ScaleOut::Zero;
-  CUTLASS_PRAGMA_UNROLL
-  for (int kb = 0; kb < size<2>(tA); ++kb) {
-    cute::gemm(mma, tA(_, _, kb), tB(_, _, kb), tC);
-    mma.accumulate_ = GMMA::ScaleOut::One;
-  }
-  warpgroup_commit_batch();
-  warpgroup_wait<0>();
-  warpgroup_fence_operand(tC);
+// ---- TMA descriptors (host) ---------------------------------------------------------------------
+// Q and K: [BH, rows_pad, D] int8 as (rows, D, BH); V^T: [BH, D, Sk_pad] e4m3 as (D, Sk_pad, BH).
+template <int D>
+auto make_tma_q(const int8_t* q8, int64_t sq_pad, int64_t bh) {
+  Tensor m = make_tensor(make_gmem_ptr(q8), make_shape(sq_pad, Int<D>{}, bh), make_stride(Int<D>{}, _1{}, sq_pad * D));
+  return make_tma_copy(SM90_TMA_LOAD{}, m, typename Sm90Traits<D>::LayoutQ{});
+}
+template <int D>
+auto make_tma_k(const int8_t* k8, int64_t sk_pad, int64_t bh) {
+  Tensor m = make_tensor(make_gmem_ptr(k8), make_shape(sk_pad, Int<D>{}, bh), make_stride(Int<D>{}, _1{}, sk_pad * D));
+  return make_tma_copy(SM90_TMA_LOAD{}, m, typename Sm90Traits<D>::LayoutK1{});
+}
+template <int D>
+auto make_tma_v(const uint8_t* v8t, int64_t sk_pad, int64_t bh) {
+  Tensor m = make_tensor(make_gmem_ptr(reinterpret_cast<const fp8*>(v8t)), make_shape(Int<D>{}, sk_pad, bh),
+                         make_stride(sk_pad, _1{}, sk_pad * D));
+  return make_tma_copy(SM90_TMA_LOAD{}, m, typename Sm90Traits<D>::LayoutV1{});
 }
 
-// Sum / max over the 4 threads of a quad: they hold the same two accumulator rows.
+template <int D>
+struct KernelParams {
+  decltype(make_tma_q<D>(nullptr, 0, 0)) tma_q;
+  decltype(make_tma_k<D>(nullptr, 0, 0)) tma_k;
+  decltype(make_tma_v<D>(nullptr, 0, 0)) tma_v;
+  Fp8AttentionParams p;
+};
+
+// ---- P from the S accumulator layout to the A-operand layout of the RS wgmma ---------------------
+// A thread of a quad (lane % 4 = q) holds, per 8-key group j and row half h (rows g, g + 8), the
+// pair of keys 8j + 2q, 8j + 2q + 1 of the S accumulator; the 8-bit A operand wants, per 32 keys,
+// keys 4q .. 4q + 3 and 16 + 4q .. 16 + 4q + 3. Per 32 keys and row half, every thread packs two
+// words, W0 = pairs of groups (0, 2) and W1 = groups (1, 3), and reads two words from its quad:
+// round r reads lane perm_src(q, r), which provides W[perm_word(src, r)]; the two words X (keys
+// 4q, 4q + 1, 16 + 4q, 17 + 4q) and Y (the next two of each) are byte-permuted into the A registers.
+__host__ __device__ constexpr int perm_src(int lane, int round) {
+  const int q = lane & 3;
+  return (lane & ~3) | (2 * (q & 1) + ((q >> 1) ^ round));
+}
+__host__ __device__ constexpr int perm_word(int lane, int round) { return (lane & 1) ^ round; }
+__host__ __device__ constexpr bool perm_swap(int lane) { return (lane & 2) != 0; }  // X is round 1's word
+
+// Compile-time emulation of that exchange on the CuTe layouts of the two wgmma atoms: value ids are
+// positions m + 64 n in the 64 x 128 S tile; after the exchange, A register value (thread t, value
+// e + 4h + 8 half of the 32-key block kb) must hold the id the A layout assigns to it.
+template <class CL, class AL>
+constexpr bool p_exchange_is_exact(int t_begin, int t_end) {
+  struct Word {
+    int b[4];
+  };
+  for (int t = t_begin; t < t_end; ++t) {
+    for (int kb = 0; kb < 4; ++kb) {
+      for (int h = 0; h < 2; ++h) {
+        auto word = [&](int lane, int w) {  // word w of lane `lane` of t's warp
+          const int src = (t & ~31) | lane;
+          const int j0 = 4 * kb + w, j1 = j0 + 2;
+          Word out{};
+          out.b[0] = int(CL{}(src, 4 * j0 + 2 * h));
+          out.b[1] = int(CL{}(src, 4 * j0 + 2 * h + 1));
+          out.b[2] = int(CL{}(src, 4 * j1 + 2 * h));
+          out.b[3] = int(CL{}(src, 4 * j1 + 2 * h + 1));
+          return out;
+        };
+        const int lane = t & 31;
+        const int s0 = perm_src(lane, 0), s1 = perm_src(lane, 1);
+        const Word r0 = word(s0 & 31, perm_word(s0, 0)), r1 = word(s1 & 31, perm_word(s1, 1));
+        const Word x = perm_swap(lane) ? r1 : r0, y = perm_swap(lane) ? r0 : r1;
+        const int lo[4] = {x.b[0], x.b[1], y.b[0], y.b[1]};
+        const int hi[4] = {x.b[2], x.b[3], y.b[2], y.b[3]};
+        for (int e = 0; e < 4; ++e) {
+          const int a_lo = int(AL{}(t, e + 4 * h)), a_hi = int(AL{}(t, e + 4 * h + 8));  // m + 64 k
+          if (lo[e] != a_lo % 64 + 64 * (a_lo / 64 + 32 * kb)) return false;
+          if (hi[e] != a_hi % 64 + 64 * (a_hi / 64 + 32 * kb)) return false;
+        }
+      }
+    }
+  }
+  return true;
+}
+// One constant evaluation per 4 threads (the front end bounds the work of each).
+template <int Chunk>
+struct PExchangeChunk {
+  static constexpr bool value = p_exchange_is_exact<MMA_Traits<SM90_64x128x32_S32S8S8_SS_TN>::CLayout,
+                                                    MMA_Traits<SM90_64x128x32_F32E4M3E4M3_RS_TN<>>::ALayout>(
+      4 * Chunk, 4 * Chunk + 4);
+};
+template <int... Chunks>
+constexpr bool p_exchange_all(std::integer_sequence<int, Chunks...>) {
+  return (PExchangeChunk<Chunks>::value && ...);
+}
+static_assert(p_exchange_all(std::make_integer_sequence<int, 32>{}),
+              "the quad exchange of P does not produce the wgmma A-operand layout");
+static_assert(std::is_same_v<MMA_Traits<SM90_64x128x32_F32E4M3E4M3_RS_TN<>>::ALayout,
+                             MMA_Traits<SM90_64x64x32_F32E4M3E4M3_RS_TN<>>::ALayout>);
+
+// Register fragments are indexed linearly below: their layouts must be compact column-major.
+template <class L>
+constexpr bool is_compact() {
+  for (int i = 0; i < int(size(L{})); ++i)
+    if (int(L{}(i)) != i) return false;
+  return true;
+}
+
+// S accumulator value i: element i & 1 of the pair of 8-key group i >> 2, row half (i >> 1) & 1.
+__device__ __forceinline__ int row_half(int i) { return (i >> 1) & 1; }
+
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
@@ -88,155 +204,282 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// Two floats to e4m3 (round to nearest even, saturating: fp8attn::float_to_e4m3), lo in the low byte.
+__device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
+  uint16_t r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+// The exact values of two e4m3 (low byte first), through f16x2.
+__device__ __forceinline__ float2 e4m3x2_to_float2(uint32_t pair) {
+  uint32_t h2;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(static_cast<uint16_t>(pair)));
+  __half2 h;
+  memcpy(&h, &h2, 4);
+  return __half22float2(h);
+}
+
+// Issue acc = A B^T over the K extent of the tiles into a zeroed accumulator (one wgmma batch).
+template <class Mma, class TA, class TB, class TC>
+__device__ __forceinline__ void gemm_issue(Mma& mma, const TA& tA, const TB& tB, TC& tC) {
+  warpgroup_fence_operand(tC);
+  warpgroup_arrive();
+  mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTLASS_PRAGMA_UNROLL
+  for (int kb = 0; kb < size<2>(tA); ++kb) {
+    cute::gemm(mma, tA(_, _, kb), tB(_, _, kb), tC);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_fence_operand(tC);
+}
+
 template <int D, typename OutT>
-__global__ void __launch_bounds__(kThreads, 1) fp8_attention_sm90_kernel(Fp8AttentionParams p) {
+__global__ void __launch_bounds__(kThreads, 1) fp8_attention_sm90_kernel(const __grid_constant__ KernelParams<D> kp) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = Sm90Traits<D>;
+  using Pipeline = typename T::Pipeline;
+  using Barrier = cutlass::arch::ClusterTransactionBarrier;
   extern __shared__ char smem_raw[];
   auto& smem = *reinterpret_cast<typename T::Smem*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  const int tid = threadIdx.x;
+  const Fp8AttentionParams& p = kp.p;
+  const int warp_group = cutlass::canonical_warp_group_idx();
   const int64_t m_blocks = p.sq_pad / kBM;
   const int64_t bh = blockIdx.x / m_blocks, m_block = blockIdx.x % m_blocks;
   const int64_t m0 = m_block * kBM;
   const int n_tiles = int((p.sk + kBN - 1) / kBN);
 
+  typename Pipeline::Params pipe_params;
+  pipe_params.transaction_bytes = T::kStageBytes;
+  pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pipe_params.is_leader = threadIdx.x == 0;
+  pipe_params.num_consumers = 128 * kConsumers;
+  if (threadIdx.x == 0) Barrier::init(&smem.q_bar, 1);
+  // Warp 0 initialises the stage barriers; every thread fences the initialisation.
+  Pipeline pipeline(smem.pipe, pipe_params, Shape<_1, _1, _1>{});
+  __syncthreads();
+
   Tensor sQ = make_tensor(make_smem_ptr(smem.q), typename T::LayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(smem.k), typename T::LayoutK{});
   Tensor sV = make_tensor(make_smem_ptr(smem.v), typename T::LayoutV{});
-  Tensor sP = make_tensor(make_smem_ptr(smem.p), typename T::LayoutP{});
 
-  Tensor gQ = make_tensor(make_gmem_ptr(p.q8 + (bh * p.sq_pad + m0) * D), Shape<Int<kBM>, Int<D>>{},
-                          Stride<Int<D>, _1>{});
-  Tensor mK = make_tensor(make_gmem_ptr(p.k8 + bh * p.sk_pad * D), make_shape(p.sk_pad, Int<D>{}),
-                          make_stride(Int<D>{}, _1{}));
-  Tensor gK = local_tile(mK, Shape<Int<kBN>, Int<D>>{}, make_coord(_, 0));  // (kBN, D, tiles)
-  Tensor mV = make_tensor(make_gmem_ptr(reinterpret_cast<const fp8*>(p.v8t) + bh * D * p.sk_pad),
-                          make_shape(Int<D>{}, p.sk_pad), make_stride(p.sk_pad, _1{}));
-  Tensor gV = local_tile(mV, Shape<Int<D>, Int<kBN>>{}, make_coord(0, _));  // (D, kBN, tiles)
-  const float* k_scale = p.k_scale + bh * p.sk_pad;
+  if (warp_group == 0) {
+    // ---- producer: one thread issues every load ----
+    cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
+    if (threadIdx.x == 0) {
+      prefetch_tma_descriptor(kp.tma_q.get_tma_descriptor());
+      prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
+      prefetch_tma_descriptor(kp.tma_v.get_tma_descriptor());
+      Tensor mQ = kp.tma_q.get_tma_tensor(make_shape(p.sq_pad, Int<D>{}, p.bh));
+      Tensor mK = kp.tma_k.get_tma_tensor(make_shape(p.sk_pad, Int<D>{}, p.bh));
+      Tensor mV = kp.tma_v.get_tma_tensor(make_shape(Int<D>{}, p.sk_pad, p.bh));
+      Tensor gQ = local_tile(mQ(_, _, bh), Shape<Int<kBM>, Int<D>>{}, make_coord(m_block, 0));  // (kBM, D)
+      Tensor gK = local_tile(mK(_, _, bh), Shape<Int<kBN>, Int<D>>{}, make_coord(_, 0));        // (kBN, D, n)
+      Tensor gV = local_tile(mV(_, _, bh), Shape<Int<D>, Int<kBN>>{}, make_coord(0, _));        // (D, kBN, n)
+      auto cq = kp.tma_q.get_slice(0);
+      auto ck = kp.tma_k.get_slice(0);
+      auto cv = kp.tma_v.get_slice(0);
+      Tensor tQg = cq.partition_S(gQ);
+      Tensor tQs = cq.partition_D(sQ);
+      Tensor tKg = ck.partition_S(gK);  // (TMA, .., n)
+      Tensor tKs = ck.partition_D(sK);  // (TMA, .., stage)
+      Tensor tVg = cv.partition_S(gV);
+      Tensor tVs = cv.partition_D(sV);
 
-  typename T::CopyQK copy_qk;
-  typename T::CopyV copy_v;
-  auto thr_qk = copy_qk.get_thread_slice(tid);
-  auto thr_v = copy_v.get_thread_slice(tid);
-  Tensor tQgQ = thr_qk.partition_S(gQ);
-  Tensor tQsQ = thr_qk.partition_D(sQ);
-  Tensor tKgK = thr_qk.partition_S(gK);  // (CPY, CPY_N, CPY_K, tiles)
-  Tensor tKsK = thr_qk.partition_D(sK);  // (CPY, CPY_N, CPY_K, stages)
-  Tensor tVgV = thr_v.partition_S(gV);
-  Tensor tVsV = thr_v.partition_D(sV);
+      Barrier::arrive_and_expect_tx(&smem.q_bar, T::kQBytes);
+      copy(kp.tma_q.with(smem.q_bar), tQg, tQs);
 
-  auto load_tile = [&](int n, int stage) {
-    copy(copy_qk, tKgK(_, _, _, n), tKsK(_, _, _, stage));
-    copy(copy_v, tVgV(_, _, _, n), tVsV(_, _, _, stage));
-    smem.k_scale[stage][tid] = k_scale[int64_t(n) * kBN + tid];  // kThreads == kBN
-  };
+      const float* k_scale = p.k_scale + bh * p.sk_pad;
+      auto state = cutlass::make_producer_start_state<Pipeline>();
+      for (int n = 0; n < n_tiles; ++n) {
+        pipeline.producer_acquire(state);  // waits for a free stage, expects kStageBytes
+        uint64_t* bar = pipeline.producer_get_barrier(state);
+        const int s = state.index();
+        copy(kp.tma_k.with(*bar), tKg(_, _, _, n), tKs(_, _, _, s));
+        copy(kp.tma_v.with(*bar), tVg(_, _, _, n), tVs(_, _, _, s));
+        SM90_BULK_COPY_G2S::copy(k_scale + int64_t(n) * kBN, bar, smem.k_scale[s], int32_t(T::kScaleBytes));
+        ++state;
+      }
+    }
+    return;
+  }
 
-  copy(copy_qk, tQgQ, tQsQ);
-  load_tile(0, 0);
-  cp_async_fence();
-
-  typename T::Mma0 mma0;
-  typename T::Mma1 mma1;
-  auto thr0 = mma0.get_thread_slice(tid);
-  auto thr1 = mma1.get_thread_slice(tid);
-  Tensor tSrQ = thr0.make_fragment_A(thr0.partition_A(sQ));  // descriptors (MMA, M, K)
-  Tensor tSrK = thr0.make_fragment_B(thr0.partition_B(sK));  // (MMA, N, K, stages)
-  Tensor tSrS = partition_fragment_C(mma0, Shape<Int<kBM>, Int<kBN>>{});  // int32
-  Tensor tOrP = thr1.make_fragment_A(thr1.partition_A(sP));
-  Tensor tOrV = thr1.make_fragment_B(thr1.partition_B(sV));
-  Tensor tOrPV = partition_fragment_C(mma1, Shape<Int<kBM>, Int<D>>{});  // fp32, fresh per tile
+  // ---- consumers: warpgroups 1 and 2, query rows m0 + 64 (warp_group - 1) + [0, 64) ----
+  cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
+  const int ctid = threadIdx.x - 128;
+  const int lane = threadIdx.x & 31;
+  typename T::MmaS mma_s;
+  typename T::MmaO mma_o;
+  auto thr_s = mma_s.get_thread_slice(ctid);
+  auto thr_o = mma_o.get_thread_slice(ctid);
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);  // smem descriptors (MMA, 1, D / 32)
+  Tensor tSrK = thr_s.partition_fragment_B(sK);  // (MMA, 1, D / 32, stages)
+  Tensor tOrVt = thr_o.partition_fragment_B(sV);  // (MMA, 1, kBN / 32, stages)
+  Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBM>, Int<kBN>>{});   // int32
+  Tensor tOrPV = partition_fragment_C(mma_o, Shape<Int<kBM>, Int<D>>{});    // fp32, fresh per tile
   Tensor tOrO = make_fragment_like(tOrPV);
-  clear(tOrO);
-  Tensor tScS = thr0.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
-  Tensor tOcO = thr1.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<D>>{}));
-  Tensor tSsP = thr0.partition_C(sP);  // P written through the S accumulator's layout
+  Tensor tOrP = make_tensor<fp8>(partition_shape_A(mma_o, Shape<Int<kBM>, Int<kBN>>{}));  // e4m3 registers
+  Tensor tOrPw = recast<uint32_t>(tOrP);
+  Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
+  Tensor tOcO = thr_o.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<D>>{}));
+  static_assert(size(tSrS) == 64 && size(tOrP) == 64 && size(tOrPw) == 16 && size(tOrO) == D / 2);
+  static_assert(is_compact<decltype(tSrS.layout())>() && is_compact<decltype(tOrO.layout())>() &&
+                is_compact<decltype(tOrPV.layout())>() && is_compact<decltype(tOrP.layout())>() &&
+                is_compact<decltype(tOrPw.layout())>());
 
-  // Each thread holds two rows of the 64 (a warp's 16 rows, lane / 4 and lane / 4 + 8).
-  const int row0 = get<0>(tScS(0));
-  auto row_slot = [&](int r) { return r == row0 ? 0 : 1; };
+  // Each thread holds two rows (g and g + 8 of its warp's 16) of its warpgroup's 64.
+  const int row0 = int(get<0>(tScS(0)));
   float qs[2], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   CUTLASS_PRAGMA_UNROLL
-  for (int s = 0; s < 2; ++s) qs[s] = p.q_scale[bh * p.sq_pad + m0 + row0 + 8 * s];
+  for (int h = 0; h < 2; ++h) qs[h] = p.q_scale[bh * p.sq_pad + m0 + row0 + 8 * h];
+  clear(tOrO);
 
-  for (int n = 0; n < n_tiles; ++n) {
-    const int stage = n & 1;
-    if (n + 1 < n_tiles) {
-      load_tile(n + 1, stage ^ 1);
-      cp_async_fence();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    cutlass::arch::fence_view_async_shared();
-    __syncthreads();
-
-    gemm_fresh(mma0, tSrQ, tSrK(_, _, _, stage), tSrS);
-
-    // Online softmax of the scheme, base 2, masked beyond the last key.
-    const int64_t key0 = int64_t(n) * kBN;
-    float t[size(tSrS)];
+  // Online softmax of tile `n` (stage `s`) on tSrS: updates m, l; alpha = 2^(m_old - m_new);
+  // writes P (e4m3, A-operand layout) to pw.
+  auto softmax = [&](int s, int n, uint32_t (&pw)[16], float (&alpha)[2]) {
+    const float* ks = smem.k_scale[s];
+    const int64_t valid = p.sk - int64_t(n) * kBN;  // keys of this tile before the padding
+    float t[64];
     float tile_max[2] = {-INFINITY, -INFINITY};
     CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(tSrS); ++i) {
-      const int slot = row_slot(get<0>(tScS(i)));
-      const int col = get<1>(tScS(i));
-      t[i] = key0 + col < p.sk ? fp8attn::logit(tSrS(i), qs[slot], smem.k_scale[stage][col]) : -INFINITY;
-      tile_max[slot] = fmaxf(tile_max[slot], t[i]);
+    for (int i = 0; i < 64; ++i) {
+      const int col = int(get<1>(tScS(i)));
+      t[i] = col < valid ? fp8attn::logit(tSrS(i), qs[row_half(i)], ks[col]) : -INFINITY;
+      tile_max[row_half(i)] = fmaxf(tile_max[row_half(i)], t[i]);
     }
-    float m_new[2], alpha[2], rowsum[2] = {0.f, 0.f};
+    float rowsum[2] = {0.f, 0.f};
     CUTLASS_PRAGMA_UNROLL
-    for (int s = 0; s < 2; ++s) {
-      m_new[s] = fmaxf(m[s], quad_max(tile_max[s]));
-      alpha[s] = fp8attn::rescale_factor(m[s], m_new[s]);
+    for (int h = 0; h < 2; ++h) {
+      const float m_new = fmaxf(m[h], quad_max(tile_max[h]));
+      alpha[h] = fp8attn::rescale_factor(m[h], m_new);
+      m[h] = m_new;
+    }
+    uint32_t pair[16][2];  // e4m3 pairs per 8-key group and row half
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < 16; ++j) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int i = 4 * j + 2 * h;  // exp2f(-inf) = 0: masked keys give 0
+        pair[j][h] = e4m3x2(exp2f(t[i] - m[h]) * fp8attn::kFp8Max, exp2f(t[i + 1] - m[h]) * fp8attn::kFp8Max);
+        const float2 back = e4m3x2_to_float2(pair[j][h]);
+        rowsum[h] += back.x;
+        rowsum[h] += back.y;
+      }
     }
     CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(tSrS); ++i) {
-      const int slot = row_slot(get<0>(tScS(i)));
-      const uint8_t b = fp8attn::quant_p(t[i], m_new[slot]);  // exp2f(-inf) = 0 -> 0 for masked keys
-      rowsum[slot] += fp8attn::e4m3_to_float(b);
-      tSsP(i) = fp8::bitcast(b);
-    }
+    for (int h = 0; h < 2; ++h) l[h] = __fadd_rn(__fmul_rn(l[h], alpha[h]), quad_sum(rowsum[h]));
+    const int src0 = perm_src(lane, 0), src1 = perm_src(lane, 1);
+    const bool w0 = perm_word(lane, 0) != 0, swap = perm_swap(lane);
     CUTLASS_PRAGMA_UNROLL
-    for (int s = 0; s < 2; ++s) {
-      l[s] = l[s] * alpha[s] + quad_sum(rowsum[s]);
-      m[s] = m_new[s];
+    for (int kb = 0; kb < 4; ++kb) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t wa = pair[4 * kb][h] | (pair[4 * kb + 2][h] << 16);
+        const uint32_t wb = pair[4 * kb + 1][h] | (pair[4 * kb + 3][h] << 16);
+        // Round r provides word perm_word(lane, r): round 0 wb iff w0, round 1 the other one.
+        const uint32_t r0 = __shfl_sync(0xffffffffu, w0 ? wb : wa, src0);
+        const uint32_t r1 = __shfl_sync(0xffffffffu, w0 ? wa : wb, src1);
+        const uint32_t x = swap ? r1 : r0, y = swap ? r0 : r1;
+        pw[4 * kb + h] = __byte_perm(x, y, 0x5410);
+        pw[4 * kb + 2 + h] = __byte_perm(x, y, 0x7632);
+      }
     }
-    cutlass::arch::fence_view_async_shared();  // P's generic-proxy stores -> wgmma (async proxy)
-    __syncthreads();
+  };
+  auto rescale_add = [&](const float (&alpha)[2]) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tOrO); ++i)
+      tOrO(i) = __fadd_rn(__fmul_rn(tOrO(i), alpha[row_half(i)]), tOrPV(i));
+  };
 
-    gemm_fresh(mma1, tOrP, tOrV(_, _, _, stage), tOrPV);
+  Barrier::wait(&smem.q_bar, 0);
+  typename Pipeline::PipelineState rd;  // stage 0, phase 0
+  uint32_t pw[16];
+  float alpha_prev[2], alpha[2];
+
+  // Tile 0: S, softmax.
+  pipeline.consumer_wait(rd);
+  gemm_issue(mma_s, tSrQ, tSrK(_, _, _, rd.index()), tSrS);
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(tSrS);
+  softmax(rd.index(), 0, pw, alpha_prev);
+  auto prev = rd;
+  ++rd;
+  for (int n = 1; n < n_tiles; ++n) {
     CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(tOrO); ++i) {
-      const int slot = row_slot(get<0>(tOcO(i)));
-      tOrO(i) = tOrO(i) * alpha[slot] + tOrPV(i);
-    }
-    __syncthreads();  // this stage's K, V and P are read: the next iteration may overwrite them
+    for (int r = 0; r < 16; ++r) tOrPw(r) = pw[r];  // P of tile n - 1 (the last PV has completed)
+    warpgroup_fence_operand(tOrPw);
+    pipeline.consumer_wait(rd);
+    gemm_issue(mma_s, tSrQ, tSrK(_, _, _, rd.index()), tSrS);        // S_n = Q K_n^T
+    gemm_issue(mma_o, tOrP, tOrVt(_, _, _, prev.index()), tOrPV);    // PV_{n-1}, in flight ...
+    warpgroup_wait<1>();                                             // ... while S_n is done
+    warpgroup_fence_operand(tSrS);
+    softmax(rd.index(), n, pw, alpha);                               // ... and softmax runs
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tOrPV);
+    warpgroup_fence_operand(tOrPw);
+    pipeline.consumer_release(prev);  // K_{n-1} and V_{n-1} are read
+    rescale_add(alpha_prev);          // o = o * alpha_{n-1} + PV_{n-1}
+    alpha_prev[0] = alpha[0];
+    alpha_prev[1] = alpha[1];
+    prev = rd;
+    ++rd;
   }
+  CUTLASS_PRAGMA_UNROLL
+  for (int r = 0; r < 16; ++r) tOrPw(r) = pw[r];
+  warpgroup_fence_operand(tOrPw);
+  gemm_issue(mma_o, tOrP, tOrVt(_, _, _, prev.index()), tOrPV);
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(tOrPV);
+  warpgroup_fence_operand(tOrPw);
+  pipeline.consumer_release(prev);
+  rescale_add(alpha_prev);
 
   OutT* out = static_cast<OutT*>(p.out);
   CUTLASS_PRAGMA_UNROLL
   for (int i = 0; i < size(tOrO); ++i) {
-    const int r = get<0>(tOcO(i)), c = get<1>(tOcO(i));
+    const int r = int(get<0>(tOcO(i))), c = int(get<1>(tOcO(i)));
     const int64_t row = m0 + r;
     if (row < p.sq) {
-      const float o = fp8attn::finalize(tOrO(i), l[row_slot(r)], p.v_scale[bh * D + c], p.v_mean[bh * D + c]);
+      const float o = fp8attn::finalize(tOrO(i), l[row_half(i)], p.v_scale[bh * D + c], p.v_mean[bh * D + c]);
       out[(bh * p.sq + row) * D + c] = cuda::from_float<OutT>(o);
     }
   }
 #endif
 }
 
+// ---- launcher -----------------------------------------------------------------------------------
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+// cuTensorMapEncodeTiled, resolved the way cutlass::call_cuTensorMapEncodeTiled resolves it.
+bool tensor_map_encoder_available() {
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult status{};
+#if CUDART_VERSION >= 12050
+  const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &status);
+#else
+  const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &status);
+#endif
+  if (err != cudaSuccess) cudaGetLastError();  // clear the (non-sticky) error
+  return err == cudaSuccess && status == cudaDriverEntryPointSuccess && fn != nullptr;
+}
+
 template <int D, typename OutT>
 int launch(const Fp8AttentionParams& p, cudaStream_t stream) {
+  using T = Sm90Traits<D>;
   auto kernel = fp8_attention_sm90_kernel<D, OutT>;
-  constexpr int smem = Sm90Traits<D>::kSmemBytes;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  constexpr int smem = T::kSmemBytes;
+  int dev = 0, smem_optin = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err != cudaSuccess) return static_cast<int>(err);
+  if (smem_optin < smem) return static_cast<int>(cudaErrorInvalidConfiguration);
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return static_cast<int>(err);
+  const KernelParams<D> kp{make_tma_q<D>(p.q8, p.sq_pad, p.bh), make_tma_k<D>(p.k8, p.sk_pad, p.bh),
+                           make_tma_v<D>(p.v8t, p.sk_pad, p.bh), p};
   const int64_t blocks = p.bh * (p.sq_pad / kBM);
-  if (blocks > 0x7fffffff) return static_cast<int>(cudaErrorInvalidConfiguration);
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(kp);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -250,18 +493,37 @@ int launch_out(const Fp8AttentionParams& p, cudaStream_t stream) {
   return static_cast<int>(cudaErrorInvalidValue);
 }
 
+// Every precondition of the kernel and of its tensor maps (cuTensorMapEncodeTiled: 16-byte
+// aligned base, strides multiples of 16 bytes below 2^40, dimensions below 2^32).
+int check_params(const Fp8AttentionParams& p) {
+  const int bad = static_cast<int>(cudaErrorInvalidValue);
+  if (p.d != 64 && p.d != 128) return bad;
+  if (p.bh < 1 || p.sq < 1 || p.sk < 1) return bad;
+  if (p.sq_pad < p.sq || p.sk_pad < p.sk || p.sq_pad % kBM != 0 || p.sk_pad % kBN != 0) return bad;
+  if (!p.q8 || !p.q_scale || !p.k8 || !p.k_scale || !p.v8t || !p.v_scale || !p.v_mean || !p.out) return bad;
+  if (!aligned16(p.q8) || !aligned16(p.k8) || !aligned16(p.v8t) || !aligned16(p.k_scale))
+    return static_cast<int>(cudaErrorMisalignedAddress);
+  constexpr int64_t kDimMax = int64_t(1) << 32, kStrideMax = int64_t(1) << 40;
+  if (p.bh >= kDimMax || p.sq_pad >= kDimMax || p.sk_pad >= kDimMax) return bad;
+  if (p.sq_pad * p.d >= kStrideMax || p.sk_pad * p.d >= kStrideMax) return bad;  // head strides
+  if (p.bh * (p.sq_pad / kBM) > 0x7fffffff) return static_cast<int>(cudaErrorInvalidConfiguration);
+  return 0;
+}
+
 }  // namespace
 
 int launch_fp8_attention_sm90(const Fp8AttentionParams& p, void* stream) {
   if (p.bh == 0 || p.sq == 0) return 0;
+  if (const int err = check_params(p)) return err;
   int dev = 0, major = 0, minor = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  if (err != cudaSuccess) return static_cast<int>(err);
   if (major != 9 || minor != 0) return static_cast<int>(cudaErrorNotSupported);
+  if (!tensor_map_encoder_available()) return static_cast<int>(cudaErrorNotSupported);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return p.d == 64 ? launch_out<64>(p, s) : p.d == 128 ? launch_out<128>(p, s)
-                                                      : static_cast<int>(cudaErrorInvalidValue);
+  return p.d == 64 ? launch_out<64>(p, s) : launch_out<128>(p, s);
 }
 
 }  // namespace ddrl
