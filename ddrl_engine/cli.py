@@ -5,6 +5,8 @@
   ddrl-engine train --config X.toml     train one method; resumes from DIR/checkpoints when present
   ddrl-engine eval --config X.toml [--checkpoint DIR]
   ddrl-engine config                    print the default configuration, every field documented
+  ddrl-engine memory --preset wan2.1-14b --resolution 720p --world-size 64 --activation-checkpointing
+                                        estimated memory per GPU (a formula, not a measurement)
 """
 from __future__ import annotations
 
@@ -88,6 +90,83 @@ def cmd_config(args):
     print(defaults_as_toml())
 
 
+def cmd_memory(args):
+    from ddrl_engine.trainer import memory as mem
+
+    custom = {k: getattr(args, k) for k in ("params", "block_params", "blocks", "hidden", "ffn_dim")}
+    if args.preset and any(v is not None for v in custom.values()):
+        raise ValueError("give --preset or the model's numbers (--params, --block-params, --blocks, "
+                         "--hidden, --ffn-dim), not both")
+    options = dict(rollout_per_rank=args.rollout_per_rank, data_per_rank=args.data_per_rank, parallel=args.parallel,
+                   kl_reference=args.kl_reference, ema=args.ema, sampler_steps=args.sampler_steps, prompts=args.prompts)
+    if args.summary:
+        print(mem.summary_table(tuple(args.world_size), **options))
+        return
+    if args.preset:
+        shape = mem.PRESETS[args.preset].shape
+    else:
+        missing = [f"--{k.replace('_', '-')}" for k, v in custom.items() if v is None]
+        if missing:
+            raise ValueError(f"give --preset ({', '.join(mem.PRESETS)}) or all of the model's numbers "
+                             f"(missing {', '.join(missing)})")
+        shape = mem.ModelShape(params=args.params, block_params=args.block_params, num_blocks=args.blocks,
+                               hidden=args.hidden, ffn_dim=args.ffn_dim, latent_per_token=args.latent_per_token)
+    video = [args.frames, args.height, args.width]
+    if args.tokens is not None and (args.resolution or any(v is not None for v in video)):
+        raise ValueError("give --tokens or the video size (--resolution, or --frames/--height/--width), not both")
+    if args.tokens is not None:
+        tokens, what = args.tokens, f"{args.tokens:,} tokens"
+    else:
+        if any(v is not None for v in video):
+            if None in video or args.resolution:
+                raise ValueError("--frames, --height and --width go together (and replace --resolution)")
+            frames, height, width = video
+        else:
+            frames, height, width = mem.RESOLUTIONS[args.resolution or "480p"]
+        tokens = mem.video_tokens(frames, height, width)
+        what = f"{frames} frames {width}x{height} = {tokens:,} tokens"
+    for w in args.world_size:
+        est = mem.estimate_memory(shape, tokens=tokens, world_size=w, activation_checkpointing=args.activation_checkpointing,
+                                  **options)
+        print(f"{args.preset or 'custom model'}: {shape.params / 1e9:.2f}B parameters, {what}, {args.parallel} "
+              f"over {w} GPUs, per rank {args.rollout_per_rank} rollout + {args.data_per_rank} data samples, "
+              f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}")
+        print(est.table())
+        print("ESTIMATE from the formula in ddrl_engine/trainer/memory.py (not measured); CUDA context, NCCL "
+              "buffers and fragmentation are not included\n")
+
+
+def _add_memory_parser(sub):
+    from ddrl_engine.trainer.memory import PRESETS, RESOLUTIONS
+
+    p = sub.add_parser("memory", help="estimated memory per GPU of a training step (FSDP2/DDP)",
+                       description="Per-GPU memory ESTIMATE (formula in ddrl_engine/trainer/memory.py; not measured).")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a published model's dimensions")
+    p.add_argument("--params", type=int, help="custom model: all parameters")
+    p.add_argument("--block-params", type=int, help="custom model: parameters of the largest transformer block")
+    p.add_argument("--blocks", type=int, help="custom model: number of transformer blocks")
+    p.add_argument("--hidden", type=int, help="custom model: token width")
+    p.add_argument("--ffn-dim", type=int, help="custom model: FFN width")
+    p.add_argument("--latent-per-token", type=int, default=64, help="latent values per token (default 64: 16 x 1x2x2)")
+    p.add_argument("--resolution", choices=sorted(RESOLUTIONS), help="81-frame video size (default 480p)")
+    p.add_argument("--frames", type=int, help="video frames (with --height, --width)")
+    p.add_argument("--height", type=int, help="video height in pixels")
+    p.add_argument("--width", type=int, help="video width in pixels")
+    p.add_argument("--tokens", type=int, help="transformer tokens per sample (instead of a video size)")
+    p.add_argument("--world-size", type=int, nargs="+", default=[8], help="GPUs (one or more; default 8)")
+    p.add_argument("--parallel", choices=("fsdp", "ddp", "none"), default="fsdp")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--rollout-per-rank", type=int, default=1, help="rollout samples per rank (default 1)")
+    p.add_argument("--data-per-rank", type=int, default=1, help="data samples per rank (default 1; 0 without data loss)")
+    p.add_argument("--kl-reference", action="store_true", help="a frozen KL reference copy (algorithm.beta_kl > 0)")
+    p.add_argument("--ema", action="store_true", help="EMA weights (optim.ema_decay > 0)")
+    p.add_argument("--sampler-steps", type=int, default=10, help="sampler steps K (rollout states kept: K + 1)")
+    p.add_argument("--prompts", type=int, default=0, help="prompts in the policy's prompt bank on the device")
+    p.add_argument("--summary", action="store_true",
+                   help="a markdown table of totals for every preset and resolution at each --world-size")
+    p.set_defaults(fn=cmd_memory)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="ddrl-engine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -115,6 +194,7 @@ def main(argv=None):
 
     p = sub.add_parser("config", help="print the default configuration with every field documented")
     p.set_defaults(fn=cmd_config)
+    _add_memory_parser(sub)
 
     args = ap.parse_args(argv)
     try:

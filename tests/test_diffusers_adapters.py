@@ -189,3 +189,38 @@ def test_rollout_runs_on_an_adapter():
     with torch.no_grad():
         out = rollout(policy, sampler, cond, generator=torch.Generator().manual_seed(0), sample_shape=shape)
     assert out.samples.shape == (3, *shape) and torch.isfinite(out.log_probs).all()
+
+
+BLOCKS = {"sd3": ["transformer_blocks"], "flux": ["transformer_blocks", "single_transformer_blocks"], "wan": ["blocks"]}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_blocks_are_the_transformer_blocks(name):
+    from ddrl_engine.trainer.distributed import checkpoint_blocks
+
+    policy, shape = make(name)
+    want = [b for attr in BLOCKS[name] for b in getattr(policy.model, attr)]
+    assert want and [id(b) for b in policy.blocks] == [id(b) for b in want]
+    # Every block parameter belongs to the policy: sharding per block then the root covers them all once.
+    ids = {id(p) for p in policy.parameters()}
+    assert all(id(p) in ids for b in policy.blocks for p in b.parameters())
+
+    # Activation checkpointing recomputes each block in backward: same outputs and gradients.
+    x, t, cond = inputs(shape)
+    plain, _ = make(name)
+    calls = []
+    first, inner = policy.blocks[0], policy.blocks[0].forward
+    first.forward = lambda *a, **k: calls.append(1) or inner(*a, **k)
+    checkpoint_blocks(policy)
+    results = []
+    for p in (plain, policy):
+        p.train()
+        out = p(x, t, cond)
+        out.square().mean().backward()
+        results.append((out.detach(), {n: q.grad for n, q in p.named_parameters() if q.grad is not None}))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert len(calls) == 2  # forward, then the recomputation in backward
+    torch.testing.assert_close(out_b, out_a, rtol=0, atol=0)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == sum(1 for _ in plain.parameters())
+    for n in grads_a:
+        torch.testing.assert_close(grads_b[n], grads_a[n], rtol=0, atol=0, msg=n)

@@ -27,6 +27,10 @@ rollout's attention in fp8. Only the diffusers "native" attention backend (which
 `F.scaled_dot_product_attention`) can be routed; a processor that computes attention another way
 raises instead of silently bypassing our backends.
 
+Distribution. `policy.blocks` lists the transformer blocks (SD3: transformer_blocks; FLUX: the
+double- then single-stream blocks; Wan: blocks), the units FSDP2 shards one by one and activation
+checkpointing recomputes (ddrl_engine.trainer.distributed).
+
 LoRA. `enable_lora(rank=..., alpha=..., target_modules=...)` adds peft LoRA adapters and freezes
 every other parameter.
 
@@ -233,6 +237,8 @@ class DiffusersPolicy(Policy):
     """
 
     model_class_name: str = ""
+    # Attributes of the diffusers model holding its transformer blocks, in execution order.
+    block_attrs: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, sample_shape: Sequence[int], prompts: Optional[TextCondition] = None,
                  *, ddrl_attention: bool = True) -> None:
@@ -265,6 +271,12 @@ class DiffusersPolicy(Policy):
         """Writes the transformer (config.json + safetensors) so `from_pretrained(path)` reloads it.
         (Saving and reloading LoRA adapters on their own is not wrapped here yet.)"""
         self.model.save_pretrained(os.fspath(path), safe_serialization=True, **kwargs)
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The model's transformer blocks, in execution order: the units `Distributed.fully_shard` shards
+        one by one and `checkpoint_blocks` recomputes (without them the model is sharded as one unit)."""
+        return [block for attr in self.block_attrs for block in getattr(self.model, attr)]
 
     # -- prompts -------------------------------------------------------------------------------------------
 
@@ -351,6 +363,7 @@ class SD3Policy(DiffusersPolicy):
     Timestep convention: t * 1000 (the FlowMatchEulerDiscreteScheduler's sigma * num_train_timesteps)."""
 
     model_class_name = "SD3Transformer2DModel"
+    block_attrs = ("transformer_blocks",)
 
     def _velocity(self, x: Tensor, t: Tensor, cond: TextCondition) -> Tensor:
         if cond.pooled is None:
@@ -366,6 +379,7 @@ class FluxPolicy(DiffusersPolicy):
     Timestep convention: t in [0, 1] (the model multiplies by 1000 itself)."""
 
     model_class_name = "FluxTransformer2DModel"
+    block_attrs = ("transformer_blocks", "single_transformer_blocks")
 
     def __init__(self, model: nn.Module, sample_shape: Sequence[int], prompts: Optional[TextCondition] = None,
                  **kwargs) -> None:
@@ -416,6 +430,7 @@ class WanPolicy(DiffusersPolicy):
     embeddings (a TextCondition or a bare [B, L, D] tensor). Timestep convention: t * 1000."""
 
     model_class_name = "WanTransformer3DModel"
+    block_attrs = ("blocks",)
 
     def _velocity(self, x: Tensor, t: Tensor, cond: TextCondition) -> Tensor:
         return self.model(hidden_states=x, timestep=t * 1000.0, encoder_hidden_states=cond.embeds, return_dict=False)[0]

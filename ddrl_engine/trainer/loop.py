@@ -72,6 +72,10 @@ class Trainer:
 
     policy: the model to train (its current weights are the base). sampler, rewards, dataset and
     evaluator come from trainer.builders for the built-in default, or from the user.
+    rewards: a WeightedReward (computed in this process) or an AsyncReward (reward workers, which
+        overlap the data-loss pass; see ddrl_engine.trainer.reward_requests).
+    decode: what the rewards see of a rollout's samples (default: clamped to the [-1, 1] image range;
+        for a latent model pass e.g. the identity, or a VAE decode).
     sync_timing: synchronise the device at each timed boundary, so the time_* metrics are device
         time, not launch time (benchmarks; costs a sync per phase).
     Every phase runs inside a named `ddrl_engine.profiling.phase` range (NVTX + torch.profiler).
@@ -82,7 +86,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, policy, sampler, rewards, dataset, evaluator: Evaluator | None = None,
-                 *, log=print, sync_timing: bool = False):
+                 *, log=print, sync_timing: bool = False, decode=decode):
         check_config(cfg)
         if cfg.rollout.cuda_graph:
             RolloutRunner.check_device(cfg.run.device)
@@ -99,6 +103,7 @@ class Trainer:
         self.policy = policy.to(self.device)
         self.sampler = sampler
         self.rewards = rewards
+        self.decode = decode
         self.reward_requests = RewardRequests(rewards, cfg.run.on_invalid_reward) if self.algo.use_reward else None
         self.dataset = dataset
         self.evaluator = evaluator
@@ -175,7 +180,7 @@ class Trainer:
         resolve = None
         if algo.use_reward:
             with phase("reward"):  # in-process: the reward itself; with workers: handing the batch over
-                pending = self.reward_requests.submit(decode(ro.samples), cond)
+                pending = self.reward_requests.submit(self.decode(ro.samples), cond)
             resolve = functools.partial(self._advantages, pending, metrics)
         metrics["time_reward_submit"] = self._now() - t_rollout
         old_lp = ro.log_probs
