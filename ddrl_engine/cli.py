@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import replace
@@ -65,10 +66,16 @@ def cmd_train(args):
 
     cfg = _load(args)
     dataset, base, sampler, rewards, evaluator = _setup(cfg)
-    trainer = Trainer(cfg, base, sampler, rewards, dataset, evaluator)
-    if not args.no_resume:
-        trainer.resume()
-    evals = trainer.train()
+    from ddrl_engine.trainer.builders import build_trainer_rewards
+
+    with contextlib.ExitStack() as stack:
+        trainer_rewards = build_trainer_rewards(cfg, dataset, rewards)  # reward workers, when configured
+        if trainer_rewards is not rewards:
+            stack.enter_context(trainer_rewards)
+        trainer = Trainer(cfg, base, sampler, trainer_rewards, dataset, evaluator)
+        if not args.no_resume:
+            trainer.resume()
+        evals = trainer.train()
     if evals:
         print(json.dumps(evals[-1], indent=2))
 

@@ -1,6 +1,7 @@
 """The trainer with reward workers (AsyncReward): same results as in-process rewards, the reward
 overlapped with the data-loss pass (time_reward_wait), dropped batches masked and counted."""
 import functools
+import json
 import math
 import time
 
@@ -87,3 +88,72 @@ def test_async_reward_must_share_the_runs_invalid_policy(tmp_path):
         with pytest.raises(ValueError, match="on_invalid"):
             RewardRequests(rewards, "error")
         assert RewardRequests(rewards, "drop").names == ["brightness"]
+
+
+def test_reward_workers_from_the_config(tmp_path):
+    """[reward_workers] workers = 1: the built-in rewards in a worker, same run as in process."""
+    from dataclasses import replace
+
+    from ddrl_engine.trainer.builders import build_dataset, build_rewards, build_trainer_rewards
+    from ddrl_engine.trainer.config import RewardWorkersConfig
+
+    cfg = replace(tiny_config(tmp_path / "w", steps=2), rewards={"brightness": 1.0, "contrast": 0.5},
+                  reward_workers=RewardWorkersConfig(workers=1, timeout_s=60))
+    dataset = build_dataset(cfg)
+    in_process = build_rewards(cfg, dataset)
+    assert build_trainer_rewards(replace(cfg, reward_workers=RewardWorkersConfig()), dataset, in_process) is in_process
+    with build_trainer_rewards(cfg, dataset, in_process) as rewards:
+        assert isinstance(rewards, AsyncReward)
+        got = [make_trainer(cfg, rewards=rewards).train_step() for _ in range(1)]
+    want = [make_trainer(replace(cfg, reward_workers=RewardWorkersConfig())).train_step()]
+    for g, w in zip(got, want):
+        for k in LOSSES:
+            assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-7), k
+
+
+def test_cli_train_with_reward_workers(tmp_path, capsys):
+    from ddrl_engine.cli import main
+
+    toml = tmp_path / "run.toml"
+    toml.write_text(f"""
+[run]
+out_dir = "{tmp_path / 'out'}"
+steps = 2
+eval_every = 2
+progress = false
+[model]
+hidden = 32
+depth = 1
+heads = 2
+[sampler]
+num_steps = 4
+[algorithm]
+group_size = 4
+beta_data = 0.1
+[rollout]
+conditions_per_step = 2
+[eval]
+samples_per_class = 2
+heldout_loss_levels = 2
+[pretrain]
+steps = 5
+batch_size = 16
+[reward_workers]
+workers = 1
+timeout_s = 60
+""")
+    assert main(["train", "--config", str(toml)]) == 0
+    lines = [json.loads(ln) for ln in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in lines if m["kind"] == "train"]
+    assert [m["step"] for m in train] == [1, 2]
+    assert all(m["reward_batches_dropped"] == 0 and m["time_reward_wait"] >= 0 for m in train)
+
+
+@pytest.mark.parametrize("field, value, match", [("workers", -1, "reward_workers.workers"),
+                                                 ("on_failure", "ignore", "reward_workers.on_failure"),
+                                                 ("timeout_s", 0, "reward_workers.timeout_s")])
+def test_reward_workers_config_is_validated(field, value, match):
+    from ddrl_engine.trainer.config import config_from_dict
+
+    with pytest.raises(ValueError, match=match):
+        config_from_dict({"reward_workers": {field: value}})

@@ -1,6 +1,7 @@
 """Builds the pieces of a run from its TrainConfig: model, sampler, data, rewards, monitors."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -51,20 +52,38 @@ def build_sampler(cfg: TrainConfig):
 
 
 def build_rewards(cfg: TrainConfig, dataset: Dataset) -> WeightedReward:
-    rewards, weights = [], []
-    for name, weight in cfg.rewards.items():
+    """The run's [rewards], computed in this process."""
+    return named_rewards(cfg.rewards, dataset.is_digits)
+
+
+def named_rewards(weights: dict[str, float], digits: bool) -> WeightedReward:
+    """The built-in rewards by name (a top-level function: reward workers build them from it)."""
+    rewards = []
+    for name in weights:
         if name == "brightness":
             rewards.append(BrightnessReward())
         elif name == "contrast":
             rewards.append(ContrastReward())
         elif name == "class_confidence":
-            if not dataset.is_digits:
+            if not digits:
                 raise ValueError("config: reward 'class_confidence' uses the digits classifier; it needs data.dataset = 'digits'")
             rewards.append(ClassConfidenceReward(reward_classifier()))
         else:
             raise ValueError(f"config: unknown reward 'rewards.{name}' (known: {', '.join(REWARD_NAMES)})")
-        weights.append(weight)
-    return WeightedReward(rewards, weights)
+    return WeightedReward(rewards, list(weights.values()))
+
+
+def build_trainer_rewards(cfg: TrainConfig, dataset: Dataset, in_process: WeightedReward):
+    """What the Trainer computes rewards with: `in_process` (reward_workers.workers = 0), or an
+    AsyncReward whose workers build the same rewards (close it when done: it is a context manager)."""
+    w = cfg.reward_workers
+    if w.workers == 0:
+        return in_process
+    from ddrl_engine.rewards.async_rewards import AsyncReward
+
+    return AsyncReward(functools.partial(named_rewards, dict(cfg.rewards), dataset.is_digits), workers=w.workers,
+                       timeout_s=w.timeout_s, retries=w.retries, on_invalid=cfg.run.on_invalid_reward,
+                       on_failure=w.on_failure, worker_threads=w.threads)
 
 
 def build_data_stream(cfg: TrainConfig, dataset: Dataset, rollout_batch: int) -> DataStream:

@@ -183,6 +183,26 @@ class DistributedConfig:
 
 
 @dataclass
+class RewardWorkersConfig:
+    """Reward computation in worker processes (ddrl_engine.rewards.AsyncReward), overlapping the
+    data-loss pass of each step; the step logs time_reward_wait and reward_batches_dropped.
+
+    workers: reward worker processes (0 = compute the rewards in the trainer's process).
+    timeout_s: seconds one attempt may take before its worker is killed and replaced.
+    retries: extra attempts of a failed batch (a raise, a timeout, a dead worker).
+    on_failure: after the retries, "drop" the batch (its samples are masked out of the step, counted)
+        or "raise" (stop the run).
+    threads: torch threads per worker.
+    """
+
+    workers: int = 0
+    timeout_s: float = 300.0
+    retries: int = 1
+    on_failure: str = "drop"
+    threads: int = 1
+
+
+@dataclass
 class TrainConfig:
     """A whole run. [rewards] maps reward names to weights: brightness, contrast, class_confidence."""
 
@@ -196,6 +216,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    reward_workers: RewardWorkersConfig = field(default_factory=RewardWorkersConfig)
     rewards: dict[str, float] = field(default_factory=lambda: {"brightness": 1.0})
 
     def to_dict(self) -> dict:
@@ -209,11 +230,13 @@ _CHOICES = {
     "rollout.attention_backend": ("sdpa", "fp8"),
     "distributed.parallel": ("none", "ddp", "fsdp"),
     "distributed.grad_sync": ("auto", "update", "backward"),
+    "reward_workers.on_failure": ("drop", "raise"),
 }
 _POSITIVE = {"run.steps", "run.eval_every", "sampler.num_steps", "rollout.conditions_per_step", "optim.lr",
              "eval.samples_per_class", "eval.heldout_loss_levels", "pretrain.batch_size", "pretrain.lr",
-             "run.keep_checkpoints"}
-_NON_NEGATIVE = {"run.ckpt_every", "optim.weight_decay", "optim.grad_clip", "data.batch_size", "pretrain.steps"}
+             "run.keep_checkpoints", "reward_workers.timeout_s", "reward_workers.threads"}
+_NON_NEGATIVE = {"run.ckpt_every", "optim.weight_decay", "optim.grad_clip", "data.batch_size", "pretrain.steps",
+                 "reward_workers.workers", "reward_workers.retries"}
 
 
 def _check_value(where: str, value, hint):
