@@ -2,37 +2,13 @@
 import json
 
 from ddrl_engine.trainer.demo import run_demo
+from tests.trainer_helpers import TINY_TOML
 
-TINY = """
-[run]
-steps = 2
-eval_every = 2
-ckpt_every = 0
-[model]
-hidden = 32
-depth = 1
-heads = 2
-[sampler]
-num_steps = 4
-[algorithm]
-group_size = 4
-clip_eps = 0.2
-[rollout]
-conditions_per_step = 2
-[eval]
-samples_per_class = 2
-heldout_loss_levels = 2
-[pretrain]
-steps = 20
-batch_size = 32
-[rewards]
-brightness = 1.0
-"""
 
 
 def test_demo_writes_summary_report_and_pictures(tmp_path):
     cfg = tmp_path / "tiny.toml"
-    cfg.write_text(TINY)
+    cfg.write_text(TINY_TOML)
     out = tmp_path / "demo"
     run_demo(out, config=cfg, progress=False, log=lambda *a: None)
     summary = json.loads((out / "summary.json").read_text())

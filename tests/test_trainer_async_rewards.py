@@ -11,7 +11,7 @@ import torch
 from ddrl_engine.models.dit import DiT
 from ddrl_engine.rewards.async_rewards import AsyncReward
 from tests.async_reward_helpers import FailingBrightness, SlowBrightness
-from tests.trainer_helpers import make_trainer, tiny_config
+from tests.trainer_helpers import TINY_TOML, make_trainer, tiny_config
 
 LOSSES = ("reward", "adv_abs", "policy_loss", "data_loss", "clip_frac", "grad_norm", "ratio_dev")
 
@@ -115,34 +115,8 @@ def test_cli_train_with_reward_workers(tmp_path, capsys):
     from ddrl_engine.cli import main
 
     toml = tmp_path / "run.toml"
-    toml.write_text(f"""
-[run]
-out_dir = "{tmp_path / 'out'}"
-steps = 2
-eval_every = 2
-progress = false
-[model]
-hidden = 32
-depth = 1
-heads = 2
-[sampler]
-num_steps = 4
-[algorithm]
-group_size = 4
-beta_data = 0.1
-[rollout]
-conditions_per_step = 2
-[eval]
-samples_per_class = 2
-heldout_loss_levels = 2
-[pretrain]
-steps = 5
-batch_size = 16
-[reward_workers]
-workers = 1
-timeout_s = 60
-""")
-    assert main(["train", "--config", str(toml)]) == 0
+    toml.write_text(TINY_TOML + "[reward_workers]\nworkers = 1\ntimeout_s = 60\n")
+    assert main(["train", "--config", str(toml), "--out", str(tmp_path / "out")]) == 0
     lines = [json.loads(ln) for ln in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in lines if m["kind"] == "train"]
     assert [m["step"] for m in train] == [1, 2]

@@ -9,6 +9,34 @@ from ddrl_engine.trainer.config import (EvalConfig, OptimConfig, RolloutConfig, 
 from ddrl_engine.trainer.loop import Trainer
 
 
+# A tiny run as a TOML file (CLI and demo tests; tiny_config below is the Python one).
+TINY_TOML = """
+[run]
+steps = 2
+eval_every = 2
+ckpt_every = 0
+[model]
+hidden = 32
+depth = 1
+heads = 2
+[sampler]
+num_steps = 4
+[algorithm]
+group_size = 4
+clip_eps = 0.2
+[rollout]
+conditions_per_step = 2
+[eval]
+samples_per_class = 2
+heldout_loss_levels = 2
+[pretrain]
+steps = 20
+batch_size = 32
+[rewards]
+brightness = 1.0
+"""
+
+
 def tiny_config(out_dir, method="ddrl", steps=4, **algo) -> TrainConfig:
     algo.setdefault("group_size", 4)
     algo.setdefault("clip_eps", 0.2)
