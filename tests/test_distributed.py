@@ -4,6 +4,7 @@
 Each torchrun launch (tests/dist_worker.py) takes ~10 s on a 2-core machine; the runs are shared by a
 module fixture.
 """
+import copy
 import json
 import os
 import subprocess
@@ -161,3 +162,42 @@ def test_parallel_outside_torchrun_is_an_error(tmp_path, monkeypatch):
     cfg = replace(tiny_config(tmp_path), distributed=DistributedConfig(parallel="ddp"))
     with pytest.raises(RuntimeError, match="torchrun"):
         make_trainer(cfg)
+
+
+def test_fsdp_mixed_precision_keeps_the_noise_level_exact(tmp_path, monkeypatch):
+    """FSDP2 with bf16 compute (CUDA's policy, forced here on CPU): the blocks compute in bf16 but the
+    root does not cast the policy's inputs, so the timestep embedding sees the exact fp32 level."""
+    import torch.distributed as dist
+
+    import ddrl_engine.models.dit as dit_module
+    from ddrl_engine.trainer.distributed import Distributed
+
+    seen = []
+    features = dit_module.timestep_features
+
+    def spy(t, dim):
+        seen.append(t.detach().clone())
+        return features(t, dim)
+
+    monkeypatch.setattr(dit_module, "timestep_features", spy)
+    cfg = tiny_config(tmp_path)
+    torch.manual_seed(0)
+    plain = make_trainer(cfg).policy
+    for p in plain.parameters():  # adaLN-Zero starts at 0: make the output depend on the weights
+        torch.nn.init.normal_(p, std=0.1)
+    sharded = copy.deepcopy(plain)
+    x = torch.randn(4, *cfg.model.sample_shape)
+    t = torch.full((4,), 0.7)
+    y = torch.arange(4) % cfg.model.num_classes
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        Distributed("fsdp", 0, 1, "cpu").fully_shard(sharded, compute_dtype=torch.bfloat16)
+        out = sharded(x, t, y)
+        out.float().square().mean().backward()
+    finally:
+        dist.destroy_process_group()
+    assert seen[-1].dtype == torch.float32 and torch.equal(seen[-1], t)
+    assert out.dtype == torch.float32  # returned in x's dtype
+    ref = plain(x, t, y)
+    torch.testing.assert_close(out, ref, atol=0.05, rtol=0.05)  # bf16 compute
+    assert all(p.grad is not None for p in sharded.parameters())

@@ -130,20 +130,26 @@ class Distributed:
             return nn.parallel.DistributedDataParallel(policy, device_ids=ids), reference, ema
         return tuple(None if m is None else self.fully_shard(m) for m in (policy, reference, ema))
 
-    def fully_shard(self, model: nn.Module) -> nn.Module:
-        """FSDP2 per transformer block (model.blocks) and the root; on CUDA bf16 compute and fp32 reduce."""
+    def fully_shard(self, model: nn.Module, compute_dtype: torch.dtype | None = None) -> nn.Module:
+        """FSDP2 per transformer block (model.blocks) and the root. compute_dtype: the parameters' dtype
+        in forward/backward, with fp32 gradient reduction (default: bf16 on CUDA; on CPU fp32, as CPU
+        bf16 matmuls are slow and would break the 1-rank equality).
+
+        The root does not cast the policy's inputs (x, t): the models cast x to their weights' dtype
+        themselves and build the timestep embedding from the fp32 level (cast at the root, t = 0.7
+        would reach the model as 0.69921875; for a diffusers model, timestep 699.2 instead of 700)."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        if self.device.startswith("cuda"):
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        else:  # CPU kernels: keep fp32 (bf16 matmuls are slow and would break the 1-rank equality)
-            mp = MixedPrecisionPolicy()
+        if compute_dtype is None:
+            compute_dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for block in getattr(model, "blocks", ()):
             fully_shard(block, mp_policy=mp)
         # The root also reshards after forward: a module only run without grad (the EMA after an
         # evaluation, the reference, the policy after a rollout) must not be left holding unsharded
         # parameters that an in-place update (EMA lerp, optimizer) would then miss.
-        fully_shard(model, mp_policy=mp, reshard_after_forward=True)
+        root_mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        fully_shard(model, mp_policy=root_mp, reshard_after_forward=True)
         return model
 
     @contextlib.contextmanager
