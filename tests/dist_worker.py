@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import torch
 
-from ddrl_engine.trainer.config import DistributedConfig, OptimConfig
+from ddrl_engine.trainer.config import DistributedConfig, OptimConfig, RewardWorkersConfig
 from tests.trainer_helpers import make_trainer, tiny_config
 
 
@@ -35,6 +35,7 @@ def main():
     p.add_argument("--full", action="store_true")
     p.add_argument("--fail-at", type=int)
     p.add_argument("--grad-sync", default="auto")
+    p.add_argument("--reward-workers", type=int, default=0)
     a = p.parse_args()
     steps = int(a.steps)
     if a.fail_at is not None:
@@ -48,8 +49,14 @@ def main():
                 json.dump({"world_size": trainer.dist.world_size, "metrics": [json.loads(ln) for ln in lines]}, f)
         trainer.dist.close()
         return
-    cfg = replace(tiny_config(a.out, steps=steps), distributed=DistributedConfig(parallel=a.parallel, grad_sync=a.grad_sync))
-    trainer = make_trainer(cfg)
+    cfg = replace(tiny_config(a.out, steps=steps), distributed=DistributedConfig(parallel=a.parallel, grad_sync=a.grad_sync),
+                  reward_workers=RewardWorkersConfig(workers=a.reward_workers, timeout_s=60))
+    rewards = None
+    if a.reward_workers:  # each rank its own reward worker processes
+        from ddrl_engine.trainer.builders import build_dataset, build_trainer_rewards
+
+        rewards = build_trainer_rewards(cfg, build_dataset(cfg), in_process=None)
+    trainer = make_trainer(cfg, rewards=rewards)
     if a.resume:
         assert trainer.resume(a.resume)
     allreduces = count_allreduces(trainer.policy) if a.parallel == "ddp" else None
@@ -66,6 +73,8 @@ def main():
     if trainer.dist.rank == 0:
         with open(a.result, "w") as f:
             json.dump({"world_size": trainer.dist.world_size, "records": records}, f)
+    if rewards is not None:
+        rewards.close()
     trainer.dist.close()
 
 

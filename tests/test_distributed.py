@@ -28,14 +28,14 @@ pytestmark = pytest.mark.slow
 
 
 def _torchrun(nproc: int, out: Path, parallel: str, steps: int, resume: Path | None = None, full=False,
-              fail_at: int | None = None, grad_sync: str = "auto") -> dict:
+              fail_at: int | None = None, grad_sync: str = "auto", reward_workers: int = 0) -> dict:
     result = out.with_suffix(".json")
     restarts = ["--max-restarts", "1"] if fail_at is not None else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *restarts,
            "-m", "tests.dist_worker", str(out), parallel, str(steps), str(result)]
     cmd += (["--resume", str(resume)] if resume else []) + (["--full"] if full else [])
     cmd += ["--fail-at", str(fail_at)] if fail_at is not None else []
-    cmd += ["--grad-sync", grad_sync]
+    cmd += ["--grad-sync", grad_sync, "--reward-workers", str(reward_workers)]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -96,6 +96,14 @@ def test_gradient_sync_per_update_or_per_backward(runs, tmp_path, parallel, grad
         backwards = 2 * len(tiny_config("unused").algorithm.trained_steps(tiny_config("unused").sampler.num_steps))
         assert [r["allreduces"] for r in run["records"]] == [backwards, backwards]
         assert [r["allreduces"] for r in runs[("ddp", 2)]["records"]] == [1] * STEPS  # default: "update"
+
+
+def test_reward_workers_on_every_rank(runs, tmp_path):
+    """Each rank submits its rows to its own reward worker; the rewards are gathered after the data-loss
+    pass: the same run as the one-process run with in-process rewards."""
+    run = _torchrun(2, tmp_path / "workers", "ddp", 2, reward_workers=1)
+    _assert_same(run["records"], runs["plain"][:2], atol=1e-4, rtol=1e-3, atol_adv=1e-4)
+    assert all(r["metrics"]["reward_batches_dropped"] == 0 for r in run["records"])
 
 
 def test_checkpoint_from_two_ranks_resumes_on_one(runs):
