@@ -65,3 +65,11 @@ def test_cli_config_and_errors(tmp_path, capsys):
     bad.write_text("[optim]\nlrr = 1.0\n")
     assert main(["train", "--config", str(bad)]) == 2
     assert "unknown field 'optim.lrr'" in capsys.readouterr().err
+
+
+def test_cuda_graph_with_fsdp_is_refused():
+    from ddrl_engine.trainer.config import check_config
+
+    with pytest.raises(ValueError, match="cuda_graph.*fsdp"):
+        check_config(config_from_dict({"run": {"device": "cuda"}, "rollout": {"cuda_graph": True},
+                                       "distributed": {"parallel": "fsdp"}}))

@@ -73,6 +73,19 @@ def test_eager_runner_on_a_dit_bf16_states():
     assert_same_rollout(runner(conditions(batch=4), generator=torch.Generator().manual_seed(1)), ref)
 
 
+def test_train_eval_mode_is_part_of_the_plan_key():
+    """A graph replays the kernels it captured: a policy switched between train() and eval() (dropout,
+    norms) must not replay the other mode's plan."""
+    sampler, policy = make_case("rf"), TinyPolicy()
+    runner = RolloutRunner(policy, sampler, sample_shape=SAMPLE_SHAPE)
+    gen = torch.Generator().manual_seed(0)
+    policy.eval()
+    runner(conditions(), generator=gen)
+    policy.train()
+    runner(conditions(), generator=gen)
+    assert len(runner.keys) == 2
+
+
 def test_graph_request_on_cpu_fails_with_the_reason():
     sampler, policy = make_case("rf"), TinyPolicy()
     assert "cpu" in graph_unavailable_reason("cpu")
@@ -202,8 +215,46 @@ def test_a_policy_with_a_host_sync_fails_to_capture_clearly():
 
     runner = RolloutRunner(Syncing(), make_sampler("rectified_flow_sde", num_steps=2), sample_shape=cfg.sample_shape,
                            cuda_graph=True)
+    gen = torch.Generator(dev).manual_seed(0)
+    caller_stream = torch.cuda.current_stream(dev)
     with pytest.raises(RuntimeError, match="capturing the rollout into a CUDA graph failed"):
-        runner(conditions(dev, batch=2), generator=torch.Generator(dev).manual_seed(0))
+        runner(conditions(dev, batch=2), generator=gen)
+    # The failed capture leaves nothing behind: the caller's stream is current again, the generator
+    # and the device's default generator draw eagerly, and a good policy still captures and replays.
+    assert torch.cuda.current_stream(dev) == caller_stream
+    torch.randn(4, device=dev, generator=gen)
+    torch.randn(4, device=dev)
+    good = RolloutRunner(policy, make_sampler("rectified_flow_sde", num_steps=2), sample_shape=cfg.sample_shape,
+                         cuda_graph=True)
+    good(conditions(dev, batch=2), generator=gen)
+    torch.cuda.synchronize()
+    assert good.captures == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_under_autocast_sees_weight_updates():
+    """Under an enclosing autocast the capture must cast the weights inside the graph (no autocast
+    weight cache): a replay after an in-place optimiser step uses the new weights."""
+    dev = torch.device("cuda")
+    cfg, policy = _dit(dev)
+    sampler = make_sampler("rectified_flow_sde", num_steps=3)
+    cond = conditions(dev, batch=4) % cfg.num_classes
+    runner = RolloutRunner(policy, sampler, sample_shape=cfg.sample_shape, cuda_graph=True)
+    gen = torch.Generator(dev)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        runner(cond, generator=gen.manual_seed(3))
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.mul_(1.5)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = runner(cond, generator=gen.manual_seed(3)).states.clone()
+        want = rollout(policy, sampler, cond, generator=torch.Generator(dev).manual_seed(3),
+                       sample_shape=cfg.sample_shape).states
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+    assert runner.captures == 1
+    runner(cond, generator=gen)  # outside autocast: another plan, not the bf16 graph
+    assert runner.captures == 2 and len(runner.keys) == 2
 
 
 @pytest.mark.gpu

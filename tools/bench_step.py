@@ -201,6 +201,11 @@ def main(argv=None) -> int:
     configs = bench_configs(args.device)
     results = {"machine": machine(), "device": args.device, "steps": steps, "warmup": args.warmup,
                "tf32": cuda and not args.no_tf32, "configs": {}}
+
+    def save():  # after every variant: a run cut short (a time budget) keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2, default=str)
     print(f"# bench_step on {results['machine']}, device {args.device}, {steps} steps after {args.warmup} warm-up")
     for cname in filter(None, args.configs.split(",")):
         if cname not in configs:
@@ -213,6 +218,8 @@ def main(argv=None) -> int:
         print("| variant | samples/s | ms/step | rollout ms | reward+adv ms | update ms | vs baseline |")
         print("|---|---|---|---|---|---|---|")
         rows, base = [], None
+        results["configs"][cname] = {"model": cfg.model.to_dict(), "num_steps": cfg.sampler.num_steps,
+                                     "tokens": tokens, "rows": rows}
         for name, overrides, why in variants(args.device):
             if wanted and name not in wanted:
                 continue
@@ -228,6 +235,7 @@ def main(argv=None) -> int:
                 gc.collect()
                 if cuda:
                     torch.cuda.empty_cache()
+                save()
                 continue
             base = r["samples_per_s"] if name == "baseline" else base
             r["speedup"] = r["samples_per_s"] / base if base else None
@@ -235,11 +243,8 @@ def main(argv=None) -> int:
             sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
             print(f"| {name} | {r['samples_per_s']:.2f} | {r['step_ms']:.1f} | {r['rollout_ms']:.1f} | "
                   f"{r['reward_ms']:.1f} | {r['update_ms']:.1f} | {sp} |", flush=True)
-        results["configs"][cname] = {"model": cfg.model.to_dict(), "num_steps": cfg.sampler.num_steps,
-                                     "tokens": tokens, "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2, default=str)
+            save()
+    save()
     return 0
 
 

@@ -167,12 +167,12 @@ at::Tensor fp8_attention_quantized_cpu(const at::Tensor& q8, const at::Tensor& q
           p[j] = e4m3_to_float(quant_p(t[j], m_new));
           rowsum += p[j];
         }
-        l = l * alpha + rowsum;
+        l = mul_add_rn(l, alpha, rowsum);
         for (int64_t d = 0; d < D; ++d) {
           const float* vd = vh + d * s.Sk_pad + j0;
           float pv = 0.f;
           for (int64_t j = 0; j < n; ++j) pv += p[j] * vd[j];
-          o[d] = o[d] * alpha + pv;
+          o[d] = mul_add_rn(o[d], alpha, pv);
         }
         m = m_new;
       }

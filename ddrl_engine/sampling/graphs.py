@@ -12,8 +12,12 @@ once per key and replayed:
   run from the same generator state gives (bitwise, on one stream) and fresh noise every call;
 - weights: the graph reads the policy's parameter storage; in-place updates (the optimiser step,
   `load_state_dict`) are seen by the next replay without recapture. If a parameter or buffer is
-  replaced by a new tensor (other storage) or the sampler's tables move, the runner recaptures
-  (counted in `captures`), since the old graph would read stale memory.
+  replaced by a new tensor (other storage; for FSDP2's DTensor parameters, of the local shard) or the
+  sampler's tables move, the runner recaptures (counted in `captures`), since the old graph would
+  read stale memory;
+- mode: the policy's train/eval flags and an enclosing CUDA autocast are part of the key (a graph
+  replays the kernels it captured); under autocast the weights are cast inside the graph (no autocast
+  weight cache), so optimiser steps are seen.
 
 The returned Rollout's tensors are views of the static buffers: valid until the next call with the
 same key (clone what must outlive it). A graph request that cannot be honoured raises (CPU device,
@@ -22,6 +26,7 @@ never falls back to eager on its own.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -34,6 +39,7 @@ from ddrl_engine.sampling.base import Sampler
 from ddrl_engine.sampling.rollout import Rollout, RolloutBuffers, as_rollout, check_cond, run_chain
 
 _REDUCTIONS = ("mean", "sum")
+_FAILED_CAPTURES: list = []  # graphs whose capture raised, kept alive (see RolloutRunner._capture)
 
 
 def graph_unavailable_reason(device) -> str | None:
@@ -116,16 +122,27 @@ class RolloutRunner:
     # ---- the plan ---------------------------------------------------------------------------
     def key(self, cond: Tensor, generator: torch.Generator | None, shard: tuple[int, int] | None = None) -> tuple:
         """What a captured graph depends on besides the weights' storage: batch, K, dtype, shape,
-        reduction, attention backend, device (and, in graph mode, the generator it reads)."""
+        reduction, attention backend, device, the policy's train/eval flags and the CUDA autocast
+        state (both change which kernels a forward launches; a graph replays what it captured), and,
+        in graph mode, the generator it reads."""
         gen = id(generator) if self.cuda_graph else None
+        modes = tuple(m.training for m in self.policy.modules()) if hasattr(self.policy, "modules") else ()
         return (cond.shape[0], self.sampler.num_steps, self.dtype, self.sample_shape, self.reduction,
-                current_attention_backend(), str(cond.device), gen) + ((tuple(shard),) if shard is not None else ())
+                current_attention_backend(), str(cond.device), gen, modes, _autocast_dtype()) + (
+                    (tuple(shard),) if shard is not None else ())
 
     def _weight_ptrs(self) -> tuple:
+        """Where (and as what) every parameter and buffer lives. An FSDP2 parameter is a DTensor,
+        whose own data_ptr() is 0: its local shard's storage is what the captured all-gather reads."""
         if not hasattr(self.policy, "parameters"):
             return ()
         tensors = list(self.policy.parameters()) + list(self.policy.buffers())
-        return tuple(t.data_ptr() for t in tensors)
+        out = []
+        for t in tensors:
+            local = getattr(t, "_local_tensor", None)
+            t = local if isinstance(local, Tensor) else t
+            out.append((t.data_ptr(), t.dtype, tuple(t.shape)))
+        return tuple(out)
 
     def _entry(self, cond: Tensor, generator, shard=None) -> _Entry:
         key = self.key(cond, generator, shard)
@@ -151,7 +168,10 @@ class RolloutRunner:
                 raise RuntimeError("rollout.cuda_graph = true cannot be honoured: the graphed rollout needs an "
                                    f"explicit CUDA torch.Generator (registered with the graph), got {generator!r}")
         entry = self._entry(cond, generator, shard)
-        with phase("rollout"):
+        # Graph mode: warm-up, capture and replay on cond's device whatever the current device is
+        # (the generator's graph-side seed/offset tensors are made on the current device).
+        on_device = torch.cuda.device(cond.device) if self.cuda_graph else contextlib.nullcontext()
+        with phase("rollout"), on_device:
             entry.cond.copy_(cond)
             if not self.cuda_graph:
                 run_chain(self.policy, self.sampler, entry.cond, entry.buffers, generator=generator,
@@ -168,22 +188,45 @@ class RolloutRunner:
 
     def _capture(self, entry: _Entry, generator: torch.Generator, shard=None) -> None:
         entry.graph = None
+        device = entry.cond.device
         state = generator.get_state()
-        run = lambda: run_chain(self.policy, self.sampler, entry.cond, entry.buffers,  # noqa: E731
-                                generator=generator, reduction=self.reduction, shard=shard)
+        amp = _autocast_dtype()
+
+        def run():
+            # Under an enclosing CUDA autocast, its weight cache would hand the capture the low-precision
+            # weight copies the warm-up made (outside the graph, freed when that autocast exits, never
+            # refreshed by optimiser steps): cast inside the graph instead, on every replay.
+            amp_ctx = (contextlib.nullcontext() if amp is None
+                       else torch.autocast("cuda", dtype=amp, cache_enabled=False))
+            with amp_ctx:
+                run_chain(self.policy, self.sampler, entry.cond, entry.buffers, generator=generator,
+                          reduction=self.reduction, shard=shard)
+
         with phase("rollout/capture"):
+            graph = None
+            caller_stream = torch.cuda.current_stream(device)
             try:
-                side = torch.cuda.Stream(device=entry.cond.device)
-                side.wait_stream(torch.cuda.current_stream(entry.cond.device))
+                # Warm-up and capture on the same side stream: lazily created per-stream state (e.g.
+                # cuBLAS workspaces) then exists before the capture starts.
+                side = torch.cuda.Stream(device=device)
+                side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):
                     for _ in range(self.warmup):
                         run()
-                torch.cuda.current_stream(entry.cond.device).wait_stream(side)
+                torch.cuda.current_stream(device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 graph.register_generator_state(generator)
-                with torch.cuda.graph(graph):
+                with torch.cuda.graph(graph, stream=side):
                     run()
             except Exception as e:  # the cause is chained; no eager fallback
+                # torch.cuda.graph.__exit__ skips restoring the caller's stream when capture_end raises.
+                torch.cuda.set_stream(caller_stream)
+                if graph is not None:
+                    # The caching allocator may keep this graph's pool filter (which points at the
+                    # graph) after a capture_end that raised: never free the object it points to.
+                    _FAILED_CAPTURES.append(graph)
+                    graph = None
+                _reset_generators_after_failed_capture(generator, device)
                 raise RuntimeError(
                     "rollout.cuda_graph = true cannot be honoured: capturing the rollout into a CUDA graph failed "
                     f"({type(e).__name__}: {e}). Typical causes: a host sync in the policy (.item(), .cpu(), "
@@ -196,3 +239,28 @@ class RolloutRunner:
         entry.weight_ptrs = self._weight_ptrs()
         entry.generator = generator  # keeps id(generator) in the key unique while the entry lives
         self.captures += 1
+
+
+def _autocast_dtype() -> torch.dtype | None:
+    """The dtype of an enclosing CUDA autocast region, or None outside one."""
+    if not torch.is_autocast_enabled("cuda"):
+        return None
+    return torch.get_autocast_dtype("cuda")
+
+
+def _reset_generators_after_failed_capture(generator: torch.Generator, device) -> None:
+    """Best effort, after a capture that raised. torch releases that keep the graph RNG state per
+    generator (not per capture) put every generator of a capture (the explicit one and the device's
+    default one) into capture mode at capture_begin and take them out only when capture_end succeeds;
+    after a failed capture each later eager draw from them raises ("Offset increment outside graph
+    capture encountered unexpectedly"). One successful capture with the same generators resets that;
+    on releases with per-capture RNG state it is a harmless no-op."""
+    try:
+        with torch.cuda.device(device):
+            graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(generator)
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device=device)):
+                torch.zeros(1, device=device)
+            del graph
+    except Exception:  # the original capture error is what the caller reports
+        pass

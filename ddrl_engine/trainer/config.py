@@ -327,6 +327,11 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.distributed.activation_checkpointing and cfg.distributed.parallel == "none":
         raise ValueError("config: 'distributed.activation_checkpointing' = true needs distributed.parallel = "
                          "'ddp' or 'fsdp'")
+    if cfg.rollout.cuda_graph and cfg.distributed.parallel == "fsdp":
+        # A captured FSDP2 forward would hold its all-gathers, side streams and storage resizes: never
+        # tried, so refused rather than risked. DDP rolls out with the unwrapped module: fine.
+        raise ValueError("config: 'rollout.cuda_graph' = true is not supported with distributed.parallel = 'fsdp' "
+                         "(untested: the capture would contain FSDP2's all-gathers); use 'ddp' or cuda_graph = false")
 
 
 def load_config(path: str | Path) -> TrainConfig:

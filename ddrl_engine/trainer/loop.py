@@ -262,7 +262,8 @@ class Trainer:
                             eps, kd = ro.initial_noise, k
                         else:
                             eps = draw_noise(x0.shape, generator=self.data_gen, device=dev, shard=self._data_shard)
-                            kd = int(torch.randint(0, self.sampler.num_steps, (1,), generator=self.data_gen).item())
+                            kd = int(torch.randint(0, self.sampler.num_steps, (1,), generator=self.data_gen,
+                                                   device=self.data_gen.device).item())
                         with phase("train/data_loss"):
                             dat = self._data_loss(x0, y, eps, kd)
                         sums["data_loss"].append(dat.detach())

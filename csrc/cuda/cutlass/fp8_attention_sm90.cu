@@ -368,7 +368,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_attention_sm90_kernel(const _
       }
     }
     CUTLASS_PRAGMA_UNROLL
-    for (int h = 0; h < 2; ++h) l[h] = __fadd_rn(__fmul_rn(l[h], alpha[h]), quad_sum(rowsum[h]));
+    for (int h = 0; h < 2; ++h) l[h] = fp8attn::mul_add_rn(l[h], alpha[h], quad_sum(rowsum[h]));
     const int src0 = perm_src(lane, 0), src1 = perm_src(lane, 1);
     const bool w0 = perm_word(lane, 0) != 0, swap = perm_swap(lane);
     CUTLASS_PRAGMA_UNROLL
@@ -389,7 +389,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_attention_sm90_kernel(const _
   auto rescale_add = [&](const float (&alpha)[2]) {
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < size(tOrO); ++i)
-      tOrO(i) = __fadd_rn(__fmul_rn(tOrO(i), alpha[row_half(i)]), tOrPV(i));
+      tOrO(i) = fp8attn::mul_add_rn(tOrO(i), alpha[row_half(i)], tOrPV(i));
   };
 
   Barrier::wait(&smem.q_bar, 0);

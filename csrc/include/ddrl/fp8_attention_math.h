@@ -147,6 +147,17 @@ DDRL_FP8_HD float centred_amax(float vmax, float vmin, float mean) {
   return fmaxf(vmax - mean, mean - vmin);
 }
 
-DDRL_FP8_HD float finalize(float o, float l, float vs, float vm) { return o / l * vs + vm; }
+// a * b + c with both roundings, on host and device alike (nvcc contracts a product next to an add
+// into one FFMA unless told not to; host builds target x86-64 without FMA). The kernels use it for
+// every multiply-add of the scheme (l and o updates, finalize).
+DDRL_FP8_HD float mul_add_rn(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(__fmul_rn(a, b), c);
+#else
+  return a * b + c;
+#endif
+}
+
+DDRL_FP8_HD float finalize(float o, float l, float vs, float vm) { return mul_add_rn(o / l, vs, vm); }
 
 }  // namespace ddrl::fp8attn
