@@ -105,7 +105,8 @@ def cmd_memory(args):
         raise ValueError("give --preset or the model's numbers (--params, --block-params, --blocks, "
                          "--hidden, --ffn-dim), not both")
     options = dict(rollout_per_rank=args.rollout_per_rank, data_per_rank=args.data_per_rank, parallel=args.parallel,
-                   kl_reference=args.kl_reference, ema=args.ema, sampler_steps=args.sampler_steps, prompts=args.prompts)
+                   kl_reference=args.kl_reference, ema=args.ema, sampler_steps=args.sampler_steps, prompts=args.prompts,
+                   micro_batch=args.micro_batch)
     if args.summary:
         print(mem.summary_table(tuple(args.world_size), **options))
         return
@@ -164,6 +165,8 @@ def _add_memory_parser(sub):
     p.add_argument("--parallel", choices=("fsdp", "ddp", "none"), default="fsdp")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--rollout-per-rank", type=int, default=1, help="rollout samples per rank (default 1)")
+    p.add_argument("--micro-batch", type=int, default=0,
+                   help="optim.micro_batch: rows per forward/backward in the update (default 0: all)")
     p.add_argument("--data-per-rank", type=int, default=1, help="data samples per rank (default 1; 0 without data loss)")
     p.add_argument("--kl-reference", action="store_true", help="a frozen KL reference copy (algorithm.beta_kl > 0)")
     p.add_argument("--ema", action="store_true", help="EMA weights (optim.ema_decay > 0)")

@@ -123,6 +123,11 @@ def test_activation_terms():
     ah4, af4, ao4 = ACTIVATION_FACTORS[4]  # DDP and one process compute in the fp32 weights
     ddp = estimate_memory(shape, tokens=1000, world_size=8, parallel="ddp", data_per_rank=0)
     assert ddp.parts["activations"] == 1000 * (40 * (ah4 * 1024 + af4 * 4096) + ao4 * 1024)
+    # optim.micro_batch bounds the rows alive in one forward/backward.
+    micro = estimate_memory(shape, tokens=1000, world_size=8, rollout_per_rank=4, data_per_rank=4, micro_batch=1)
+    assert micro.parts["activations"] == full.parts["activations"] / 2
+    with pytest.raises(ValueError, match="micro_batch"):
+        estimate_memory(shape, tokens=1000, world_size=8, micro_batch=-1)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -77,6 +77,9 @@ class OptimConfig:
     beta2: AdamW beta2.
     grad_clip: clip the global gradient norm to this (0 = off).
     ema_decay: decay of the EMA weights (0 = no EMA).
+    micro_batch: rows per forward/backward in the update (0 = all of the rank's rows at once); the
+        gradients of the micro-batches accumulate, weighted by their share of the rows, so the update
+        is the same up to rounding while activation memory follows the micro-batch.
     """
 
     lr: float = 1e-4
@@ -85,6 +88,7 @@ class OptimConfig:
     beta2: float = 0.999
     grad_clip: float = 1.0
     ema_decay: float = 0.0
+    micro_batch: int = 0
 
 
 @dataclass
@@ -236,7 +240,7 @@ _POSITIVE = {"run.steps", "run.eval_every", "sampler.num_steps", "rollout.condit
              "eval.samples_per_class", "eval.heldout_loss_levels", "pretrain.batch_size", "pretrain.lr",
              "run.keep_checkpoints", "reward_workers.timeout_s", "reward_workers.threads"}
 _NON_NEGATIVE = {"run.ckpt_every", "optim.weight_decay", "optim.grad_clip", "data.batch_size", "pretrain.steps",
-                 "reward_workers.workers", "reward_workers.retries"}
+                 "reward_workers.workers", "reward_workers.retries", "optim.micro_batch"}
 
 
 def _check_value(where: str, value, hint):

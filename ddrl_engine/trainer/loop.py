@@ -49,6 +49,12 @@ def _set_rng_state(state: dict, device: str) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def micro_batches(rows: int, micro: int) -> list[tuple[slice, float]]:
+    """(rows slice, share of the rows) per micro-batch of at most `micro` rows (0: one batch)."""
+    size = rows if micro <= 0 else min(micro, rows)
+    return [(slice(a, min(a + size, rows)), (min(a + size, rows) - a) / rows) for a in range(0, rows, size)]
+
+
 class RolloutBatch:
     """What one step trains on: the rollout, its old log-probs [B, K] and metrics, and its advantages
     [B] (None for sft). With reward workers the rewards may still be computing: `advantages` waits
@@ -236,7 +242,9 @@ class Trainer:
     def _update(self, batch: RolloutBatch) -> dict:
         """Per epoch: the data-loss pass over the trained steps (it needs no rewards, so reward workers
         still computing overlap it), then the policy pass (waits for the advantages; policy loss and
-        KL), one backward per trained step in each pass; then clip, AdamW and EMA."""
+        KL), one backward per trained step and micro-batch (optim.micro_batch rows) in each pass; then
+        clip, AdamW and EMA. Each micro-batch's loss is weighted by its share of the rank's rows, so
+        the accumulated gradient is the whole batch's (up to rounding)."""
         algo, dev, ro = self.algo, self.device, batch.rollout
         t0 = self._now()
         cond, old_lp = ro.cond, batch.old_log_probs
@@ -248,50 +256,58 @@ class Trainer:
         self.policy.train()
         n_trained = len(self.trained_steps)
         policy_pass = algo.use_reward or self.reference is not None
-        backwards = n_trained * ((self.data is not None) + policy_pass)
+        roll_parts = micro_batches(ro.states.shape[0], self.cfg.optim.micro_batch)
+        data_parts = micro_batches(x0.shape[0], self.cfg.optim.micro_batch) if self.data is not None else []
+        backwards = n_trained * (len(data_parts) + policy_pass * len(roll_parts))
         scale = dict(beta_data=algo.beta_data, beta_kl=algo.beta_kl, num_trained_steps=n_trained)
         sums: dict[str, list[torch.Tensor]] = {"policy_loss": [], "data_loss": [], "kl": [], "clip_frac": []}
         ratio_devs, first = [], {}
         for epoch in range(algo.ppo_epochs):
             self.opt.zero_grad(set_to_none=True)
             synced = self._grad_syncs(backwards)
-            if self.data is not None:
-                for k in self.trained_steps:
+            for k in self.trained_steps if self.data is not None else ():
+                if algo.data_noise == "rollout":
+                    eps, kd = ro.initial_noise, k
+                else:
+                    eps = draw_noise(x0.shape, generator=self.data_gen, device=dev, shard=self._data_shard)
+                    kd = int(torch.randint(0, self.sampler.num_steps, (1,), generator=self.data_gen,
+                                           device=self.data_gen.device).item())
+                for part, share in data_parts:
                     with phase("train/step", k), next(synced):
-                        if algo.data_noise == "rollout":
-                            eps, kd = ro.initial_noise, k
-                        else:
-                            eps = draw_noise(x0.shape, generator=self.data_gen, device=dev, shard=self._data_shard)
-                            kd = int(torch.randint(0, self.sampler.num_steps, (1,), generator=self.data_gen,
-                                                   device=self.data_gen.device).item())
                         with phase("train/data_loss"):
-                            dat = self._data_loss(x0, y, eps, kd)
+                            dat = self._data_loss(x0[part], y[part], eps[part], kd) * share
                         sums["data_loss"].append(dat.detach())
                         self._backward(combine(None, dat, None, **scale))
             adv = batch.advantages if algo.use_reward else None  # waits for the rewards
             for i, k in enumerate(self.trained_steps if policy_pass else ()):
-                with phase("train/step", k), next(synced):
-                    x_k, x_next = ro.states[:, k], ro.states[:, k + 1]
-                    pol = kl = None
-                    with phase("train/forward"):
-                        res = transition(self.policy, self.sampler, x_k, k, cond, x_next=x_next,
-                                         reduction=algo.logprob_reduction)
-                    if algo.use_reward:
-                        pol, stats = clipped_policy_loss(res.log_prob, old_lp[:, k], adv, algo.clip_eps)
-                        sums["policy_loss"].append(pol.detach())
-                        sums["clip_frac"].append(stats.clip_frac.detach())
-                        ratio_devs.append(stats.ratio_max_dev.detach())
-                        if epoch == 0 and i == 0:
-                            # What the rollout's attention backend (e.g. fp8) shifts the log-probs by.
-                            first["logprob_mismatch"] = logprob_mismatch(ro.log_probs[:, k], res.log_prob).detach()
-                    if self.reference is not None:
-                        with torch.no_grad(), phase("train/reference"):
-                            ref = transition(self.reference, self.sampler, x_k, k, cond, x_next=x_next,
+                step_devs = []
+                for part, share in roll_parts:
+                    with phase("train/step", k), next(synced):
+                        x_k, x_next = ro.states[part, k], ro.states[part, k + 1]
+                        pol = kl = None
+                        with phase("train/forward"):
+                            res = transition(self.policy, self.sampler, x_k, k, cond[part], x_next=x_next,
                                              reduction=algo.logprob_reduction)
-                        std = self.sampler.coefs(k).std.to(dev).expand(x_k.shape[0])
-                        kl = gaussian_kl(res.mean, ref.mean, std, algo.logprob_reduction).mean()
-                        sums["kl"].append(kl.detach())
-                    self._backward(combine(pol, None, kl, **scale))
+                        if algo.use_reward:
+                            pol, stats = clipped_policy_loss(res.log_prob, old_lp[part, k], adv[part], algo.clip_eps)
+                            pol = pol * share
+                            sums["policy_loss"].append(pol.detach())
+                            sums["clip_frac"].append(stats.clip_frac * share)
+                            step_devs.append(stats.ratio_max_dev)
+                            if epoch == 0 and i == 0:
+                                # What the rollout's attention backend (e.g. fp8) shifts the log-probs by.
+                                lm = logprob_mismatch(ro.log_probs[part, k], res.log_prob).detach() * share
+                                first["logprob_mismatch"] = first.get("logprob_mismatch", 0) + lm
+                        if self.reference is not None:
+                            with torch.no_grad(), phase("train/reference"):
+                                ref = transition(self.reference, self.sampler, x_k, k, cond[part], x_next=x_next,
+                                                 reduction=algo.logprob_reduction)
+                            std = self.sampler.coefs(k).std.to(dev).expand(x_k.shape[0])
+                            kl = gaussian_kl(res.mean, ref.mean, std, algo.logprob_reduction).mean() * share
+                            sums["kl"].append(kl.detach())
+                        self._backward(combine(pol, None, kl, **scale))
+                if step_devs:
+                    ratio_devs.append(torch.stack(step_devs).max())
             with phase("optimizer"):
                 max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)

@@ -6,7 +6,7 @@ the count is known; P without FSDP), Pb parameters of the largest block (one FSD
 parameters outside the blocks (the root unit), L blocks, h hidden size, f FFN width, N tokens per
 sample, K sampler steps, b_r rollout rows and b_d data rows per rank, b = max(b_r, b_d) (the trainer
 runs one backward per trained step for the data loss and another for the policy loss, so one batch's
-activations are alive at a time; ddrl_engine/trainer/loop.py `_update`), c compute bytes (2 under FSDP2 on CUDA, whose MixedPrecisionPolicy
+activations are alive at a time; ddrl_engine/trainer/loop.py `_update`), or min(b, optim.micro_batch), c compute bytes (2 under FSDP2 on CUDA, whose MixedPrecisionPolicy
 computes in bf16; under DDP or one process the trainer computes in the weights' dtype, fp32: 4).
 
     weights        4 S                      fp32 master weights
@@ -139,9 +139,10 @@ class MemoryEstimate:
 def estimate_memory(model: ModelShape | nn.Module, *, tokens: int, world_size: int, rollout_per_rank: int = 1,
                     data_per_rank: int = 1, parallel: str = "fsdp", activation_checkpointing: bool = False,
                     kl_reference: bool = False, ema: bool = False, sampler_steps: int = 10,
-                    prompts: int = 0) -> MemoryEstimate:
+                    prompts: int = 0, micro_batch: int = 0) -> MemoryEstimate:
     """Per-GPU bytes of one training step (see the module docstring for every term). `model` is a
-    ModelShape or a module with `blocks` (see ModelShape.from_module)."""
+    ModelShape or a module with `blocks` (see ModelShape.from_module). micro_batch: the trainer's
+    optim.micro_batch (rows per forward/backward; 0 = all of the rank's rows), which bounds b."""
     shape = model if isinstance(model, ModelShape) else ModelShape.from_module(model)
     if parallel not in PARALLEL:
         raise ValueError(f"memory estimate: 'parallel' must be one of {PARALLEL}, got {parallel!r}")
@@ -151,6 +152,7 @@ def estimate_memory(model: ModelShape | nn.Module, *, tokens: int, world_size: i
     _positive("data_per_rank", data_per_rank, 0)
     _positive("sampler_steps", sampler_steps)
     _positive("prompts", prompts, 0)
+    _positive("micro_batch", micro_batch, 0)
     if rollout_per_rank + data_per_rank == 0:
         raise ValueError("memory estimate: 'rollout_per_rank' + 'data_per_rank' must be >= 1 (nothing is trained)")
     if parallel == "none" and world_size != 1:
@@ -161,6 +163,8 @@ def estimate_memory(model: ModelShape | nn.Module, *, tokens: int, world_size: i
     alpha_h, alpha_f, alpha_out = ACTIVATION_FACTORS[c]
     block_act = alpha_h * shape.hidden + alpha_f * shape.ffn_dim  # bytes per token and block
     b, n = max(rollout_per_rank, data_per_rank), tokens
+    if micro_batch:
+        b = min(b, micro_batch)
     if activation_checkpointing:
         per_token = shape.num_blocks * c * shape.hidden + block_act + alpha_out * shape.hidden
     else:
@@ -181,7 +185,7 @@ def estimate_memory(model: ModelShape | nn.Module, *, tokens: int, world_size: i
     parts["activations" + (" (checkpointed)" if activation_checkpointing else "")] = b * n * per_token
     inputs = dict(tokens=tokens, world_size=world_size, rollout_per_rank=rollout_per_rank, data_per_rank=data_per_rank,
                   parallel=parallel, activation_checkpointing=activation_checkpointing, kl_reference=kl_reference,
-                  ema=ema, sampler_steps=sampler_steps, prompts=prompts, compute_bytes=c)
+                  ema=ema, sampler_steps=sampler_steps, prompts=prompts, micro_batch=micro_batch, compute_bytes=c)
     return MemoryEstimate(parts, inputs)
 
 
