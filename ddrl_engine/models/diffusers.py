@@ -296,7 +296,9 @@ class DiffusersPolicy(Policy):
                                  "(pass prompts= or call set_prompts, or pass a TextCondition)")
             if cond.shape != (batch,):
                 raise ValueError(f"cond must have shape [B]=[{batch}], got {tuple(cond.shape)}")
-            cond = self._prompts.to(device)[cond.to(device)]
+            if self._prompts.embeds.device != torch.device(device):  # moved once, not per forward
+                self._prompts = self._prompts.to(device)
+            cond = self._prompts[cond.to(device)]
         elif isinstance(cond, Tensor) and cond.is_floating_point():
             cond = TextCondition(cond)
         if not isinstance(cond, TextCondition):
