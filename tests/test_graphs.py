@@ -126,6 +126,16 @@ def _dit(device):
     return cfg, policy.to(device).eval()
 
 
+def _graphed(num_steps: int, batch: int):
+    """A CUDA DiT, a sampler of num_steps, conditions of `batch` rows and a graph-mode runner."""
+    dev = torch.device("cuda")
+    cfg, policy = _dit(dev)
+    sampler = make_sampler("rectified_flow_sde", num_steps=num_steps)
+    cond = conditions(dev, batch=batch) % cfg.num_classes
+    runner = RolloutRunner(policy, sampler, sample_shape=cfg.sample_shape, cuda_graph=True)
+    return dev, cfg, policy, sampler, cond, runner
+
+
 # Graph and eager launch the same kernels with the same Philox seed/offset, so results agree to the
 # last bit on one stream; the tolerance only guards against a library picking another algorithm
 # for the same shapes inside the capture.
@@ -158,11 +168,7 @@ def test_graph_replay_equals_eager_for_the_same_seed(sampler_name):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_replay_sees_in_place_weight_updates_without_recapture():
-    dev = torch.device("cuda")
-    cfg, policy = _dit(dev)
-    sampler = make_sampler("rectified_flow_sde", num_steps=4)
-    cond = conditions(dev, batch=8) % cfg.num_classes
-    runner = RolloutRunner(policy, sampler, sample_shape=cfg.sample_shape, cuda_graph=True)
+    dev, cfg, policy, sampler, cond, runner = _graphed(4, 8)
     gen = torch.Generator(dev)
     before = runner(cond, generator=gen.manual_seed(5)).states.clone()
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-2, fused=True)
@@ -184,11 +190,7 @@ def test_replay_sees_in_place_weight_updates_without_recapture():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_two_replays_draw_fresh_noise():
-    dev = torch.device("cuda")
-    cfg, policy = _dit(dev)
-    sampler = make_sampler("rectified_flow_sde", num_steps=3)
-    cond = conditions(dev, batch=4) % cfg.num_classes
-    runner = RolloutRunner(policy, sampler, sample_shape=cfg.sample_shape, cuda_graph=True)
+    dev, cfg, policy, sampler, cond, runner = _graphed(3, 4)
     gen = torch.Generator(dev).manual_seed(0)
     a = runner(cond, generator=gen).states.clone()
     b = runner(cond, generator=gen).states.clone()
@@ -236,11 +238,7 @@ def test_a_policy_with_a_host_sync_fails_to_capture_clearly():
 def test_graph_under_autocast_sees_weight_updates():
     """Under an enclosing autocast the capture must cast the weights inside the graph (no autocast
     weight cache): a replay after an in-place optimiser step uses the new weights."""
-    dev = torch.device("cuda")
-    cfg, policy = _dit(dev)
-    sampler = make_sampler("rectified_flow_sde", num_steps=3)
-    cond = conditions(dev, batch=4) % cfg.num_classes
-    runner = RolloutRunner(policy, sampler, sample_shape=cfg.sample_shape, cuda_graph=True)
+    dev, cfg, policy, sampler, cond, runner = _graphed(3, 4)
     gen = torch.Generator(dev)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         runner(cond, generator=gen.manual_seed(3))
