@@ -36,6 +36,7 @@ def main():
     p.add_argument("--fail-at", type=int)
     p.add_argument("--grad-sync", default="auto")
     p.add_argument("--reward-workers", type=int, default=0)
+    p.add_argument("--shard-size", type=int, default=0)
     a = p.parse_args()
     steps = int(a.steps)
     if a.fail_at is not None:
@@ -49,7 +50,8 @@ def main():
                 json.dump({"world_size": trainer.dist.world_size, "metrics": [json.loads(ln) for ln in lines]}, f)
         trainer.dist.close()
         return
-    cfg = replace(tiny_config(a.out, steps=steps), distributed=DistributedConfig(parallel=a.parallel, grad_sync=a.grad_sync),
+    cfg = replace(tiny_config(a.out, steps=steps), distributed=DistributedConfig(parallel=a.parallel, grad_sync=a.grad_sync,
+                                                                                shard_size=a.shard_size),
                   reward_workers=RewardWorkersConfig(workers=a.reward_workers, timeout_s=60))
     rewards = None
     if a.reward_workers:  # each rank its own reward worker processes
@@ -72,7 +74,8 @@ def main():
             trainer.save()
     if trainer.dist.rank == 0:
         with open(a.result, "w") as f:
-            json.dump({"world_size": trainer.dist.world_size, "records": records}, f)
+            placements = [type(pl).__name__ for pl in getattr(next(trainer.policy.parameters()), "placements", ())]
+            json.dump({"world_size": trainer.dist.world_size, "records": records, "placements": placements}, f)
     if rewards is not None:
         rewards.close()
     trainer.dist.close()

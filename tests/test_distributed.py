@@ -28,14 +28,15 @@ pytestmark = pytest.mark.slow
 
 
 def _torchrun(nproc: int, out: Path, parallel: str, steps: int, resume: Path | None = None, full=False,
-              fail_at: int | None = None, grad_sync: str = "auto", reward_workers: int = 0) -> dict:
+              fail_at: int | None = None, grad_sync: str = "auto", reward_workers: int = 0,
+              shard_size: int = 0) -> dict:
     result = out.with_suffix(".json")
     restarts = ["--max-restarts", "1"] if fail_at is not None else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *restarts,
            "-m", "tests.dist_worker", str(out), parallel, str(steps), str(result)]
     cmd += (["--resume", str(resume)] if resume else []) + (["--full"] if full else [])
     cmd += ["--fail-at", str(fail_at)] if fail_at is not None else []
-    cmd += ["--grad-sync", grad_sync, "--reward-workers", str(reward_workers)]
+    cmd += ["--grad-sync", grad_sync, "--reward-workers", str(reward_workers), "--shard-size", str(shard_size)]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -96,6 +97,19 @@ def test_gradient_sync_per_update_or_per_backward(runs, tmp_path, parallel, grad
         backwards = 2 * len(tiny_config("unused").algorithm.trained_steps(tiny_config("unused").sampler.num_steps))
         assert [r["allreduces"] for r in run["records"]] == [backwards, backwards]
         assert [r["allreduces"] for r in runs[("ddp", 2)]["records"]] == [1] * STEPS  # default: "update"
+
+
+def test_hybrid_sharding_replicates_across_shard_groups(runs, tmp_path):
+    """distributed.shard_size = 1 at world size 2: HSDP with two replicas of a one-rank shard group (the
+    2-D mesh a multi-node run uses with shard_size = GPUs per node): the same run as one process."""
+    run = _torchrun(2, tmp_path / "hsdp", "fsdp", 2, shard_size=1)
+    assert run["placements"] == ["Replicate", "Shard"]
+    assert runs[("fsdp", 2)]["placements"] == ["Shard"]
+    _assert_same(run["records"], runs["plain"][:2], atol=1e-4, rtol=1e-3, atol_adv=1e-4)
+    # Its DCP checkpoint resumes in one process like any other.
+    resumed = _plain_records(tiny_config(tmp_path / "hsdp_resumed", steps=STEPS),
+                             resume=tmp_path / "hsdp" / "checkpoints" / "step_0000002")
+    _assert_same(resumed, runs["plain"][2:], atol=1e-4, rtol=1e-3, atol_adv=1e-4)
 
 
 def test_reward_workers_on_every_rank(runs, tmp_path):
@@ -162,6 +176,8 @@ def test_parallel_config_is_validated():
         config_from_dict({"distributed": {"parallel": "zero3"}})
     with pytest.raises(ValueError, match="activation_checkpointing"):
         config_from_dict({"distributed": {"activation_checkpointing": True}})
+    with pytest.raises(ValueError, match="shard_size"):
+        config_from_dict({"distributed": {"parallel": "fsdp", "shard_size": -2}})
 
 
 def test_parallel_outside_torchrun_is_an_error(tmp_path, monkeypatch):

@@ -179,11 +179,15 @@ class DistributedConfig:
         least communication; under FSDP2 each rank then holds unsharded gradients until then, the
         full model's gradient memory), "backward" (at every backward; FSDP2 keeps gradients sharded),
         or "auto" ("update" for ddp, "backward" for fsdp).
+    shard_size: with fsdp, shard each model over groups of this many ranks and replicate across the
+        groups (HSDP: e.g. the GPUs of one node, so parameter all-gathers stay inside a node and only
+        gradients cross nodes); 0 = shard over all ranks. Must divide the world size.
     """
 
     parallel: str = "none"
     activation_checkpointing: bool = False
     grad_sync: str = "auto"
+    shard_size: int = 0
 
 
 @dataclass
@@ -240,7 +244,8 @@ _POSITIVE = {"run.steps", "run.eval_every", "sampler.num_steps", "rollout.condit
              "eval.samples_per_class", "eval.heldout_loss_levels", "pretrain.batch_size", "pretrain.lr",
              "run.keep_checkpoints", "reward_workers.timeout_s", "reward_workers.threads"}
 _NON_NEGATIVE = {"run.ckpt_every", "optim.weight_decay", "optim.grad_clip", "data.batch_size", "pretrain.steps",
-                 "reward_workers.workers", "reward_workers.retries", "optim.micro_batch"}
+                 "reward_workers.workers", "reward_workers.retries", "optim.micro_batch",
+                 "distributed.shard_size"}
 
 
 def _check_value(where: str, value, hint):

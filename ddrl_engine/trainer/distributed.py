@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -41,17 +41,21 @@ def is_dcp_checkpoint(path: str | Path) -> bool:
 
 @dataclass
 class Distributed:
-    """One rank's view of a torchrun job. mode: "ddp" or "fsdp"; device: this rank's device."""
+    """One rank's view of a torchrun job. mode: "ddp" or "fsdp"; device: this rank's device;
+    shard_size: FSDP2 shards over groups of this many ranks and replicates across the groups (HSDP;
+    0 or the world size: shard over all ranks)."""
 
     mode: str
     rank: int
     world_size: int
     device: str
+    shard_size: int = 0
+    _mesh: object = field(default=None, init=False, repr=False, compare=False)
 
     # ---- setup ------------------------------------------------------------------------------
 
     @classmethod
-    def from_env(cls, mode: str, device: str, timeout_s: float = 600) -> "Distributed":
+    def from_env(cls, mode: str, device: str, timeout_s: float = 600, shard_size: int = 0) -> "Distributed":
         """Joins the torchrun job described by RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR (gloo on CPU,
         NCCL on CUDA; "cuda" becomes cuda:LOCAL_RANK). Raises with the cause outside torchrun."""
         missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -68,7 +72,11 @@ class Distributed:
             timeout = timedelta(seconds=timeout_s)
             dist.init_process_group(backend, store=_attempt_store(timeout), rank=int(os.environ["RANK"]),
                                     world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
-        return cls(mode, dist.get_rank(), dist.get_world_size(), device)
+        ctx = cls(mode, dist.get_rank(), dist.get_world_size(), device, shard_size)
+        if shard_size and (mode != "fsdp" or ctx.world_size % shard_size):
+            raise ValueError(f"distributed.shard_size = {shard_size} needs parallel = 'fsdp' and a world size "
+                             f"divisible by it (world size {ctx.world_size}, parallel {mode!r})")
+        return ctx
 
     @staticmethod
     def close() -> None:
@@ -143,14 +151,29 @@ class Distributed:
         if compute_dtype is None:
             compute_dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        mesh = self.mesh()
         for block in getattr(model, "blocks", ()):
-            fully_shard(block, mp_policy=mp)
+            fully_shard(block, mesh=mesh, mp_policy=mp)
         # The root also reshards after forward: a module only run without grad (the EMA after an
         # evaluation, the reference, the policy after a rollout) must not be left holding unsharded
         # parameters that an in-place update (EMA lerp, optimizer) would then miss.
         root_mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-        fully_shard(model, mp_policy=root_mp, reshard_after_forward=True)
+        fully_shard(model, mesh=mesh, mp_policy=root_mp, reshard_after_forward=True)
         return model
+
+    def mesh(self):
+        """FSDP2's device mesh: 1-D over all ranks, or 2-D (replicate, shard) for HSDP (shard_size)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if self._mesh is None:
+            kind = "cuda" if self.device.startswith("cuda") else "cpu"
+            size = self.shard_size or self.world_size
+            if size == self.world_size:
+                self._mesh = init_device_mesh(kind, (self.world_size,), mesh_dim_names=("shard",))
+            else:  # shard inside groups of `size` ranks (e.g. a node), replicate across them
+                self._mesh = init_device_mesh(kind, (self.world_size // size, size),
+                                              mesh_dim_names=("replicate", "shard"))
+        return self._mesh
 
     @contextlib.contextmanager
     def grad_sync(self, model: nn.Module, enabled: bool):

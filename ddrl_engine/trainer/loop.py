@@ -103,7 +103,8 @@ class Trainer:
         self.cfg, self.log = cfg, log
         self.sync_timing = sync_timing
         par = cfg.distributed.parallel
-        self.dist = Distributed.from_env(par, cfg.run.device) if par != "none" else None
+        self.dist = (Distributed.from_env(par, cfg.run.device, shard_size=cfg.distributed.shard_size)
+                     if par != "none" else None)
         self.device = cfg.run.device if self.dist is None else self.dist.device
         self.algo = cfg.algorithm
         self.policy = policy.to(self.device)
