@@ -1,10 +1,12 @@
 """Rewards: the interface, their validation and weighting, the default (hackable) rewards, and
-`AsyncReward` (rewards in worker processes). CLIP-based rewards (open_clip, local weights) live in
+`AsyncReward` (rewards in worker processes), `HttpReward` / `serve_reward` (a reward model behind a
+local HTTP endpoint). CLIP-based rewards (open_clip, local weights) live in
 `ddrl_engine.rewards.clip`."""
 
 from .async_rewards import AsyncReward, AsyncRewardStats, RewardFailedError, RewardHandle, RewardWorkerError
 from .base import Reward, RewardBatch, WeightedReward, validate_rewards
 from .classifier import ClassConfidenceReward, reward_classifier
+from .http import HttpReward, RewardServer, serve_reward
 from .image import BrightnessReward, ContrastReward
 
 __all__ = [
@@ -13,12 +15,15 @@ __all__ = [
     "BrightnessReward",
     "ClassConfidenceReward",
     "ContrastReward",
+    "HttpReward",
     "Reward",
     "RewardBatch",
     "RewardFailedError",
     "RewardHandle",
+    "RewardServer",
     "RewardWorkerError",
     "WeightedReward",
     "reward_classifier",
+    "serve_reward",
     "validate_rewards",
 ]
