@@ -215,7 +215,9 @@ def main(argv=None) -> int:
         tokens = math.prod(cfg.model.grid)
         print(f"\n## {cname}: hidden {cfg.model.hidden}, depth {cfg.model.depth}, {tokens} tokens, "
               f"K = {cfg.sampler.num_steps}, {cfg.rollout.conditions_per_step * cfg.algorithm.group_size} samples/step\n")
-        print("| variant | samples/s | ms/step | rollout ms | reward+adv ms | update ms | vs baseline |")
+        # reward ms: the baseline's includes its advantages; the engine computes them in the update
+        # (after the data-loss pass, which reward workers overlap).
+        print("| variant | samples/s | ms/step | rollout ms | reward ms | update ms | vs baseline |")
         print("|---|---|---|---|---|---|---|")
         rows, base = [], None
         results["configs"][cname] = {"model": cfg.model.to_dict(), "num_steps": cfg.sampler.num_steps,
