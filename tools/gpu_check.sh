@@ -4,8 +4,8 @@
 # the end-to-end step benchmark (bench_step), prints short tables. Under 8 minutes:
 # GPU_CHECK_BUDGET_S (default 450, the build included) bounds the whole script; sections that would
 # start with less than 20 s left are skipped, and each is cut at its own limit. GPU_CHECK_SECTIONS
-# picks some of "tests graphs bench_ops bench_attention bench_step slow" (default: all, in that order:
-# correctness first).
+# picks some of "tests graphs bench_ops bench_attention bench_step fp8_rollout slow" (default: all, in
+# that order: correctness first; fp8_rollout = tools/fp8_rollout_check.py, issue 4's end-to-end check).
 #
 # From a developer session, with the device tool:
 #   run(command="bash tools/gpu_check.sh", timeout_s=540)
@@ -24,7 +24,7 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_
 
 t0=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-450}
-SECTIONS=${GPU_CHECK_SECTIONS:-"tests graphs bench_ops bench_attention bench_step slow"}
+SECTIONS=${GPU_CHECK_SECTIONS:-"tests graphs bench_ops bench_attention bench_step fp8_rollout slow"}
 
 # section NAME TIMEOUT CMD...: runs CMD when NAME is selected and time is left, bounded by both.
 section() {
@@ -92,6 +92,8 @@ EOF
   section bench_attention 90 python3 tools/bench_attention.py --seqs 4096,16384,32768,75600 --dims 128,64 --iters 5 \
     --budget-ms 1500 --json "$OUT/bench_attention.json"
   section bench_step 120 python3 tools/bench_step.py --device cuda --steps 2 --json "$OUT/bench_step.json"
+  section fp8_rollout 120 python3 tools/fp8_rollout_check.py --device cuda --samples-per-class 32 --train-steps 20 \
+    --out /tmp/fp8_rollout_check
   section slow 90 "${PYTEST[@]}" -m "gpu and slow" tests/test_ops_cuda.py 2>&1 | summary
   echo "== total $(( $(date +%s) - t0 )) s"
 }
