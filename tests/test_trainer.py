@@ -220,3 +220,37 @@ def test_micro_batches_give_the_same_update(tmp_path, method):
         for k in ("policy_loss", "data_loss", "kl", "clip_frac", "grad_norm", "ratio_dev", "logprob_mismatch"):
             assert g[k] == pytest.approx(w[k], rel=1e-5, abs=1e-6), k
     torch.testing.assert_close(g_params, w_params, rtol=1e-5, atol=1e-6)
+
+
+def test_data_loss_at_one_step_per_update(tmp_path, monkeypatch):
+    """algorithm.data_loss_steps = "one": one data-loss forward/backward per update, at a trained step
+    drawn from the data generator, weighted as the mean over trained steps (the same term as "all"
+    in expectation); the logged data_loss is that one evaluation."""
+    from ddrl_engine.algorithms import losses
+
+    cfg = tiny_config(tmp_path, "ddrl", steps=2, data_loss_steps="one")
+    tr = make_trainer(cfg)
+    calls, levels = [], []
+    data_loss_fn = tr._data_loss
+
+    def spy(x0, y, eps, k):
+        levels.append(k)
+        out = data_loss_fn(x0, y, eps, k)
+        calls.append(out.item())
+        return out
+
+    monkeypatch.setattr(tr, "_data_loss", spy)
+    combined = []
+    real_combine = losses.combine
+    monkeypatch.setattr("ddrl_engine.trainer.loop.combine",
+                        lambda p, d, k, **kw: combined.append((d is not None, kw["num_trained_steps"])) or real_combine(p, d, k, **kw))
+    m = tr.train_step()
+    assert len(calls) == 1 and levels[0] in tr.trained_steps
+    assert m["data_loss"] == pytest.approx(calls[0])
+    # The data term's weight: beta_data * L_data (a mean over 1 step), the policy terms / |trained|.
+    assert [n for is_data, n in combined if is_data] == [1]
+    assert {n for is_data, n in combined if not is_data} == {len(tr.trained_steps)}
+    # Over updates the drawn step varies (uniform over the trained steps).
+    for _ in range(7):
+        tr.train_step()
+    assert len(set(levels)) > 1

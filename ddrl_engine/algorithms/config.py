@@ -24,6 +24,10 @@ class DDRLConfig:
     ppo_epochs: passes over one rollout batch (the ratio differs from 1 after the first).
     data_noise: "rollout" (the data loss uses each trained step's noise level and the rollout's
         initial noise, the reference default) or "fresh" (random level and noise).
+    data_loss_steps: "all" (the data loss at every trained step, the reference default) or "one" (at
+        one trained step per update, drawn uniformly, weighted as the mean over the trained steps: an
+        unbiased estimate of the same term at 1/|trained steps| of the cost; the paper's ablation
+        "data loss once per data item" found it works as well).
     logprob_reduction: "mean" or "sum" over the elements of a transition's log-density.
     use_reward: False only for "sft".
     """
@@ -39,6 +43,7 @@ class DDRLConfig:
     train_steps: str | list[int] = "every_other"
     ppo_epochs: int = 1
     data_noise: str = "rollout"
+    data_loss_steps: str = "all"
     logprob_reduction: str = "mean"
     use_reward: bool = True
 
@@ -61,6 +66,8 @@ class DDRLConfig:
             raise ValueError(f"algorithm.ppo_epochs must be >= 1, got {self.ppo_epochs}")
         if self.data_noise not in ("rollout", "fresh"):
             raise ValueError(f"algorithm.data_noise must be 'rollout' or 'fresh', got {self.data_noise!r}")
+        if self.data_loss_steps not in ("all", "one"):
+            raise ValueError(f"algorithm.data_loss_steps must be 'all' or 'one', got {self.data_loss_steps!r}")
         if self.logprob_reduction not in ("mean", "sum"):
             raise ValueError(f"algorithm.logprob_reduction must be 'mean' or 'sum', got {self.logprob_reduction!r}")
         ts = self.train_steps

@@ -259,14 +259,16 @@ class Trainer:
         policy_pass = algo.use_reward or self.reference is not None
         roll_parts = micro_batches(ro.states.shape[0], self.cfg.optim.micro_batch)
         data_parts = micro_batches(x0.shape[0], self.cfg.optim.micro_batch) if self.data is not None else []
-        backwards = n_trained * (len(data_parts) + policy_pass * len(roll_parts))
+        n_data = (n_trained if algo.data_loss_steps == "all" else 1) if self.data is not None else 0
+        backwards = n_data * len(data_parts) + policy_pass * n_trained * len(roll_parts)
         scale = dict(beta_data=algo.beta_data, beta_kl=algo.beta_kl, num_trained_steps=n_trained)
+        data_scale = dict(scale, num_trained_steps=max(n_data, 1))  # the data term: a mean over its steps
         sums: dict[str, list[torch.Tensor]] = {"policy_loss": [], "data_loss": [], "kl": [], "clip_frac": []}
         ratio_devs, first = [], {}
         for epoch in range(algo.ppo_epochs):
             self.opt.zero_grad(set_to_none=True)
             synced = self._grad_syncs(backwards)
-            for k in self.trained_steps if self.data is not None else ():
+            for k in self._data_steps(n_data):
                 if algo.data_noise == "rollout":
                     eps, kd = ro.initial_noise, k
                 else:
@@ -278,7 +280,7 @@ class Trainer:
                         with phase("train/data_loss"):
                             dat = self._data_loss(x0[part], y[part], eps[part], kd) * share
                         sums["data_loss"].append(dat.detach())
-                        self._backward(combine(None, dat, None, **scale))
+                        self._backward(combine(None, dat, None, **data_scale))
             adv = batch.advantages if algo.use_reward else None  # waits for the rewards
             for i, k in enumerate(self.trained_steps if policy_pass else ()):
                 step_devs = []
@@ -321,9 +323,19 @@ class Trainer:
                 self._update_ema()
         self.step += 1
         metrics = dict(batch.metrics)
-        metrics.update(self._loss_metrics(sums, ratio_devs, first, n_trained * algo.ppo_epochs))
+        metrics.update(self._loss_metrics(sums, ratio_devs, first, n_trained * algo.ppo_epochs,
+                                          {"data_loss": max(n_data, 1) * algo.ppo_epochs}))
         metrics.update(grad_norm=grad_norm.item(), time_train=self._now() - t0)
         return metrics
+
+    def _data_steps(self, n_data: int) -> list[int]:
+        """The trained steps the data loss is computed at: all of them, or one drawn uniformly
+        (algorithm.data_loss_steps = "one"; from the data generator, so ranks agree)."""
+        if n_data in (0, len(self.trained_steps)):
+            return self.trained_steps[:n_data]
+        i = int(torch.randint(0, len(self.trained_steps), (1,), generator=self.data_gen,
+                              device=self.data_gen.device).item())
+        return [self.trained_steps[i]]
 
     def _backward(self, loss: torch.Tensor) -> None:
         with phase("train/backward"):
@@ -338,11 +350,12 @@ class Trainer:
             else:
                 yield self.dist.grad_sync(self.policy, enabled=not self._defer_grad_sync or i == backwards - 1)
 
-    def _loss_metrics(self, sums: dict, ratio_devs: list, first: dict, denom: int) -> dict:
+    def _loss_metrics(self, sums: dict, ratio_devs: list, first: dict, denom: int, denoms: dict) -> dict:
         """Means of the losses over trained steps and epochs (and ranks), with one host sync, and the
         largest |ratio - 1| (over ranks): summed over trained steps, and at the first trained step
-        (on-policy it must be 0: exactly on CPU)."""
-        out = {k: (torch.stack(v).sum().item() / denom if v else 0.0) for k, v in sums.items()}
+        (on-policy it must be 0: exactly on CPU). denoms: per-metric denominators where they differ
+        from `denom` (the data loss may run at one step per update)."""
+        out = {k: (torch.stack(v).sum().item() / denoms.get(k, denom) if v else 0.0) for k, v in sums.items()}
         devs = torch.stack(ratio_devs).tolist() if ratio_devs else []
         first = {k: v.item() for k, v in first.items()}
         if self.dist is not None:  # means over equal shards: the global batch's means; maxima per trained step
