@@ -230,8 +230,7 @@ class Trainer:
         from ddrl_engine.rewards.base import RewardBatch
 
         g = self.dist.gather
-        counts = self.dist.reduce(dict(local.n_invalid), "mean")
-        n_invalid = {k: round(v * self.dist.world_size) for k, v in counts.items()}
+        n_invalid = {k: round(v) for k, v in self.dist.reduce(dict(local.n_invalid), "sum").items()}
         return RewardBatch(components={n: g(local.components[n]) for n in self.reward_requests.names},
                            valid=g(local.valid), n_invalid=n_invalid, total=g(local.total))
 
