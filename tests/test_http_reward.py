@@ -75,3 +75,26 @@ def test_async_reward_retries_then_drops_an_unreachable_server():
         with AsyncReward(functools.partial(HttpReward, server.url, name="brightness"), timeout_s=30) as rewards:
             batch = rewards.submit(samples, cond).result()
     torch.testing.assert_close(batch.total, BrightnessReward()(samples, cond))
+
+
+def test_reward_server_from_the_command_line():
+    import subprocess
+    import sys
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ddrl_engine.rewards.serve", "--factory",
+                             "tests.async_reward_helpers:weighted_pixels", "--port", str(port)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert "serving" in proc.stdout.readline()
+        samples, cond = _batch()
+        got = HttpReward(f"http://127.0.0.1:{port}", name="weighted")(samples, cond)
+        from tests.async_reward_helpers import weighted_pixels
+
+        torch.testing.assert_close(got, weighted_pixels()(samples, cond))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    bad = subprocess.run([sys.executable, "-m", "ddrl_engine.rewards.serve", "--factory", "no_colon"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "package.module:function" in bad.stderr

@@ -5,6 +5,8 @@ to its own GPU) behind a small POST endpoint.
     reward = HttpReward("http://127.0.0.1:8765", name="aesthetic", timeout_s=60)
     values = reward(samples, cond)                          # [B] float32, like any Reward
 
+A reward server from the command line: `python -m ddrl_engine.rewards.serve --factory pkg.module:fn`.
+
 Protocol (one request per batch): POST of a safetensors payload with the tensors "samples" [B, ...]
 and "cond" [B] (only tensor conditions travel); the answer is a safetensors payload with "rewards"
 [B] float32, or HTTP 500 with the server-side traceback as text. Plain stdlib HTTP (no extra
@@ -116,3 +118,4 @@ def serve_reward(reward, *, host: str = "127.0.0.1", port: int = 0) -> RewardSer
     thread = threading.Thread(target=httpd.serve_forever, name="ddrl-reward-server", daemon=True)
     thread.start()
     return RewardServer(httpd, thread)
+
