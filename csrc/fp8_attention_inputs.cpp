@@ -1,7 +1,11 @@
 #include "fp8_attention_inputs.h"
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
+
+#include <cmath>
 
 #include "ddrl/fp8_attention_math.h"
 
@@ -23,8 +27,10 @@ void check_layout(const char* op, const char* name, const at::Tensor& t, at::Sca
 
 }  // namespace
 
-Fp8AttentionShape check_fp8_attention_inputs(const char* op, const at::Tensor& q,
-                                             const at::Tensor& k, const at::Tensor& v) {
+Fp8AttentionShape check_fp8_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                             const at::Tensor& v, double softmax_scale) {
+  TORCH_CHECK(softmax_scale > 0 && std::isfinite(softmax_scale), op,
+              ": 'softmax_scale' must be positive, got ", softmax_scale);
   const std::pair<const char*, const at::Tensor*> args[] = {{"q", &q}, {"k", &k}, {"v", &v}};
   for (const auto& [name, t] : args) {
     TORCH_CHECK(t->defined(), op, ": '", name, "' is an undefined tensor");
@@ -76,6 +82,16 @@ Fp8AttentionShape check_fp8_quantized(const char* op, const at::Tensor& q8, cons
   check_layout(op, "v_scale", v_scale, at::kFloat, {s.B, s.H, s.D}, dev);
   check_layout(op, "v_mean", v_mean, at::kFloat, {s.B, s.H, s.D}, dev);
   return s;
+}
+
+Fp8Quantized allocate_fp8_quantized(const Fp8AttentionShape& s, const at::TensorOptions& opts, bool zeroed) {
+  const auto make = [&](at::IntArrayRef shape, at::ScalarType dtype) {
+    return zeroed ? at::zeros(shape, opts.dtype(dtype)) : at::empty(shape, opts.dtype(dtype));
+  };
+  return {make({s.B, s.H, s.Sq_pad, s.D}, at::kChar), make({s.B, s.H, s.Sq_pad}, at::kFloat),
+          make({s.B, s.H, s.Sk_pad, s.D}, at::kChar), make({s.B, s.H, s.Sk_pad}, at::kFloat),
+          make({s.B, s.H, s.D, s.Sk_pad}, at::kByte), make({s.B, s.H, s.D}, at::kFloat),
+          make({s.B, s.H, s.D}, at::kFloat)};
 }
 
 }  // namespace ddrl

@@ -4,6 +4,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <tuple>
+
 namespace ddrl {
 
 struct Fp8AttentionShape {
@@ -12,9 +14,22 @@ struct Fp8AttentionShape {
 };
 
 // q, k, v: [B, H, S, D] float32/bfloat16/float16 of one dtype and device, D in {64, 128},
-// at least one key; k and v share their length. Returns the sizes.
-Fp8AttentionShape check_fp8_attention_inputs(const char* op, const at::Tensor& q,
-                                             const at::Tensor& k, const at::Tensor& v);
+// at least one key; k and v share their length; softmax_scale positive and finite. Returns the sizes.
+Fp8AttentionShape check_fp8_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                             const at::Tensor& v, double softmax_scale);
+
+// The seven tensors fp8_attention_quantize returns (layouts in ddrl/fp8_attention_params.h).
+struct Fp8Quantized {
+  at::Tensor q8, q_scale, k8, k_scale, v8t, v_scale, v_mean;
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> as_tuple() const {
+    return {q8, q_scale, k8, k_scale, v8t, v_scale, v_mean};
+  }
+};
+
+// The quantized tensors for `s` on opts' device. zeroed: padding must read as zeros (the CPU
+// emulation writes only real tokens; the CUDA pre-pass writes every element, padding included).
+Fp8Quantized allocate_fp8_quantized(const Fp8AttentionShape& s, const at::TensorOptions& opts, bool zeroed);
 
 // The outputs of fp8_attention_quantize, as the attention step receives them.
 Fp8AttentionShape check_fp8_quantized(const char* op, const at::Tensor& q8, const at::Tensor& q_scale,

@@ -54,17 +54,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 fp8_attention_quantize_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                            double softmax_scale) {
   const char* op = "ddrl.fp8_attention_quantize";
-  const Fp8AttentionShape s = check_fp8_attention_inputs(op, q_in, k_in, v_in);
-  TORCH_CHECK(softmax_scale > 0 && std::isfinite(softmax_scale), op, ": 'softmax_scale' must be positive, got ", softmax_scale);
+  const Fp8AttentionShape s = check_fp8_attention_inputs(op, q_in, k_in, v_in, softmax_scale);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const auto opts = q.options();
-  at::Tensor q8 = at::zeros({s.B, s.H, s.Sq_pad, s.D}, opts.dtype(at::kChar));
-  at::Tensor qs = at::zeros({s.B, s.H, s.Sq_pad}, opts.dtype(at::kFloat));
-  at::Tensor k8 = at::zeros({s.B, s.H, s.Sk_pad, s.D}, opts.dtype(at::kChar));
-  at::Tensor ks = at::zeros({s.B, s.H, s.Sk_pad}, opts.dtype(at::kFloat));
-  at::Tensor v8t = at::zeros({s.B, s.H, s.D, s.Sk_pad}, opts.dtype(at::kByte));
-  at::Tensor vs = at::empty({s.B, s.H, s.D}, opts.dtype(at::kFloat));
-  at::Tensor vm = at::empty({s.B, s.H, s.D}, opts.dtype(at::kFloat));
+  const Fp8Quantized t = allocate_fp8_quantized(s, q.options(), /*zeroed=*/true);
+  const at::Tensor &q8 = t.q8, &qs = t.q_scale, &k8 = t.k8, &ks = t.k_scale, &v8t = t.v8t, &vs = t.v_scale,
+                   &vm = t.v_mean;
   const float factor = logit_factor(static_cast<float>(softmax_scale), static_cast<int>(s.D));
   const int64_t D = s.D;
 
@@ -110,7 +104,7 @@ fp8_attention_quantize_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const
       }
     });
   });
-  return {q8, qs, k8, ks, v8t, vs, vm};
+  return t.as_tuple();
 }
 
 at::Tensor fp8_attention_quantized_cpu(const at::Tensor& q8, const at::Tensor& qs, const at::Tensor& k8,

@@ -17,26 +17,29 @@ namespace {
 
 void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+// The quantized tensors' pointers, for the pre-pass (writes them) and the attention (reads them).
+template <class Params>
+void set_quantized_pointers(Params& p, const Fp8Quantized& t) {
+  p.q8 = t.q8.data_ptr<int8_t>();
+  p.q_scale = t.q_scale.data_ptr<float>();
+  p.k8 = t.k8.data_ptr<int8_t>();
+  p.k_scale = t.k_scale.data_ptr<float>();
+  p.v8t = t.v8t.data_ptr<uint8_t>();
+  p.v_scale = t.v_scale.data_ptr<float>();
+  p.v_mean = t.v_mean.data_ptr<float>();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 fp8_attention_quantize_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                             double softmax_scale) {
   const char* op = "ddrl.fp8_attention_quantize";
-  const Fp8AttentionShape s = check_fp8_attention_inputs(op, q_in, k_in, v_in);
-  TORCH_CHECK(softmax_scale > 0 && std::isfinite(softmax_scale), op,
-              ": 'softmax_scale' must be positive, got ", softmax_scale);
+  const Fp8AttentionShape s = check_fp8_attention_inputs(op, q_in, k_in, v_in, softmax_scale);
   c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const auto opts = q.options();
-  // Every element, padding included, is written by the kernels.
-  at::Tensor q8 = at::empty({s.B, s.H, s.Sq_pad, s.D}, opts.dtype(at::kChar));
-  at::Tensor qs = at::empty({s.B, s.H, s.Sq_pad}, opts.dtype(at::kFloat));
-  at::Tensor k8 = at::empty({s.B, s.H, s.Sk_pad, s.D}, opts.dtype(at::kChar));
-  at::Tensor ks = at::empty({s.B, s.H, s.Sk_pad}, opts.dtype(at::kFloat));
-  at::Tensor v8t = at::empty({s.B, s.H, s.D, s.Sk_pad}, opts.dtype(at::kByte));
-  at::Tensor vs = at::empty({s.B, s.H, s.D}, opts.dtype(at::kFloat));
-  at::Tensor vm = at::empty({s.B, s.H, s.D}, opts.dtype(at::kFloat));
+  const Fp8Quantized t = allocate_fp8_quantized(s, q.options(), /*zeroed=*/false);  // the kernels write all
   const int64_t bh = s.B * s.H;
-  at::Tensor ws = at::empty({std::max<int64_t>(fp8_quantize_workspace_floats(bh, s.Sk, s.D), 1)}, opts.dtype(at::kFloat));
+  at::Tensor ws = at::empty({std::max<int64_t>(fp8_quantize_workspace_floats(bh, s.Sk, s.D), 1)},
+                            q.options().dtype(at::kFloat));
   Fp8QuantizeParams p{};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -45,17 +48,11 @@ fp8_attention_quantize_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
   p.bh = bh, p.sq = s.Sq, p.sk = s.Sk, p.sq_pad = s.Sq_pad, p.sk_pad = s.Sk_pad;
   p.d = static_cast<int>(s.D);
   p.logit_factor = fp8attn::logit_factor(static_cast<float>(softmax_scale), p.d);
-  p.q8 = q8.data_ptr<int8_t>();
-  p.q_scale = qs.data_ptr<float>();
-  p.k8 = k8.data_ptr<int8_t>();
-  p.k_scale = ks.data_ptr<float>();
-  p.v8t = v8t.data_ptr<uint8_t>();
-  p.v_scale = vs.data_ptr<float>();
-  p.v_mean = vm.data_ptr<float>();
+  set_quantized_pointers(p, t);
   p.workspace = ws.data_ptr<float>();
   const int err = launch_fp8_quantize(p, current_stream());
   TORCH_CHECK(err == 0, op, ": CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
-  return {q8, qs, k8, ks, v8t, vs, vm};
+  return t.as_tuple();
 }
 
 at::Tensor fp8_attention_quantized_cuda(const at::Tensor& q8, const at::Tensor& qs, const at::Tensor& k8,
@@ -73,13 +70,7 @@ at::Tensor fp8_attention_quantized_cuda(const at::Tensor& q8, const at::Tensor& 
               q8.get_device(), " is sm_", major, minor, ". Use the CPU emulation or backend='sdpa'");
   at::Tensor out = at::empty({s.B, s.H, s.Sq, s.D}, q8.options().dtype(out_dtype));
   Fp8AttentionParams p{};
-  p.q8 = q8.data_ptr<int8_t>();
-  p.q_scale = qs.data_ptr<float>();
-  p.k8 = k8.data_ptr<int8_t>();
-  p.k_scale = ks.data_ptr<float>();
-  p.v8t = v8t.data_ptr<uint8_t>();
-  p.v_scale = vs.data_ptr<float>();
-  p.v_mean = vm.data_ptr<float>();
+  set_quantized_pointers(p, Fp8Quantized{q8, qs, k8, ks, v8t, vs, vm});
   p.bh = s.B * s.H, p.sq = s.Sq, p.sk = s.Sk, p.sq_pad = s.Sq_pad, p.sk_pad = s.Sk_pad;
   p.d = static_cast<int>(s.D);
   p.out_dtype = to_ddrl_dtype(out_dtype);
