@@ -77,26 +77,56 @@ if WITH_CUDA:
 CUTLASS_INCLUDE, NO_FP8_SM90_REASON = want_fp8_sm90()
 
 
+BUILD_INFO = "_build_info.json"
+
+
+def build_info() -> dict:
+    """What the extension is built against: the one definition of ddrl_engine/_build_info.json."""
+    import torch
+
+    return {
+        "torch_version": torch.__version__,
+        "torch_cuda_version": torch.version.cuda,
+        "with_cuda": WITH_CUDA,
+        "no_cuda_reason": NO_CUDA_REASON,
+        "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST", "") if WITH_CUDA else "",
+        "nvcc": nvcc_version() if WITH_CUDA else "",
+        "cxx_flags": CONFIG["cxx_flags"],
+        "nvcc_flags": CONFIG["nvcc_flags"] if WITH_CUDA else [],
+        "fp8_attention_kernel": CUTLASS_INCLUDE is not None,
+        "fp8_attention_kernel_reason": NO_FP8_SM90_REASON,
+    }
+
+
 class BuildExtension(cpp_extension.BuildExtension):
-    """Writes ddrl_engine/_build_info.json next to the extension: what it was built against."""
+    """Also writes _build_info.json next to the built extension, wherever that goes: into build_lib
+    for a wheel (build_py has already copied the package there, so writing into the source tree
+    would miss the wheel), and into the source tree too for an in-place or editable build."""
+
+    def _build_info_paths(self) -> tuple[str, str]:
+        """(the file in build_lib, its in-place equivalent in the source package)."""
+        package_dir = self.get_finalized_command("build_py").get_package_dir("ddrl_engine")
+        return os.path.join(self.build_lib, "ddrl_engine", BUILD_INFO), os.path.join(package_dir, BUILD_INFO)
 
     def run(self):
-        import torch
+        super().run()  # after the build: a failed build leaves no info describing an extension it did not make
+        text = json.dumps(build_info(), indent=2) + "\n"
+        regular, inplace = self._build_info_paths()
+        for path in (regular, inplace) if self.inplace else (regular,):
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            Path(path).write_text(text)
 
-        info = {
-            "torch_version": torch.__version__,
-            "torch_cuda_version": torch.version.cuda,
-            "with_cuda": WITH_CUDA,
-            "no_cuda_reason": NO_CUDA_REASON,
-            "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST", "") if WITH_CUDA else "",
-            "nvcc": nvcc_version() if WITH_CUDA else "",
-            "cxx_flags": CONFIG["cxx_flags"],
-            "nvcc_flags": CONFIG["nvcc_flags"] if WITH_CUDA else [],
-            "fp8_attention_kernel": CUTLASS_INCLUDE is not None,
-            "fp8_attention_kernel_reason": NO_FP8_SM90_REASON,
-        }
-        (ROOT / "ddrl_engine" / "_build_info.json").write_text(json.dumps(info, indent=2) + "\n")
-        super().run()
+    def get_outputs(self):
+        if self.inplace:  # setuptools lists the keys of get_output_mapping()
+            return super().get_outputs()
+        return super().get_outputs() + [self._build_info_paths()[0]]
+
+    def get_output_mapping(self):
+        mapping = super().get_output_mapping()
+        if self.inplace:  # editable installs (strict mode) map build_lib files to the source tree
+            regular, inplace = self._build_info_paths()
+            mapping[regular] = inplace
+        return mapping
 
 
 def extension():
@@ -127,5 +157,6 @@ setup(
     packages=find_packages(include=["ddrl_engine", "ddrl_engine.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
-    package_data={"ddrl_engine": ["configs/*.toml"]},
+    # _build_info.json is written by BuildExtension (git-ignored); listed so it always ships.
+    package_data={"ddrl_engine": ["configs/*.toml", BUILD_INFO]},
 )

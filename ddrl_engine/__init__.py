@@ -1,7 +1,11 @@
 """ddrl-engine: data-regularized diffusion RL (DDRL) with fused kernels.
 
-Layers (each imports only those below it): ops -> attention -> models -> sampling ->
-algorithms; rewards, data, monitors are leaves; trainer brings them together; cli on top.
+Package imports (each imports only the packages in its parentheses, all named before it):
+  ops (the compiled extension only); profiling and data (nothing of the engine);
+  attention (ops); models (attention); sampling (ops, attention, profiling; a policy is any
+  callable, so not models); algorithms (ops, sampling); rewards (data: the digits classifier);
+  monitors (data: the held-out digits classifier); trainer (any of the above); cli (trainer);
+  info (attention and the extension loader).
 """
 from ddrl_engine._loader import load_extension as _load_extension
 

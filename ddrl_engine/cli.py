@@ -3,7 +3,7 @@
   ddrl-engine demo --out DIR            base vs GRPO vs GRPO+KL vs DDRL on the built-in default
   ddrl-engine pretrain --config X.toml  pretrain (and cache) the base model
   ddrl-engine train --config X.toml     train one method; resumes from DIR/checkpoints when present
-  ddrl-engine eval --config X.toml [--checkpoint DIR]
+  ddrl-engine eval [--config X.toml] [--checkpoint DIR]   (EMA weights when kept; any checkpoint kind)
   ddrl-engine config                    print the default configuration, every field documented
   ddrl-engine memory --preset wan2.1-14b --resolution 720p --world-size 64 --activation-checkpointing
                                         estimated memory per GPU (a formula, not a measurement)
@@ -38,7 +38,7 @@ def _setup(cfg):
 
     dataset = build_dataset(cfg)
     base = pretrain_base(cfg, dataset, device=cfg.run.device, progress=cfg.run.progress)
-    rewards = build_rewards(cfg, dataset)
+    rewards = build_rewards(cfg)
     sampler = build_sampler(cfg)
     evaluator = build_evaluator(cfg, dataset, rewards)
     return build_training_data(cfg, base, sampler, dataset), base, sampler, rewards, evaluator
@@ -69,7 +69,7 @@ def cmd_train(args):
     from ddrl_engine.trainer.builders import build_trainer_rewards
 
     with contextlib.ExitStack() as stack:
-        trainer_rewards = build_trainer_rewards(cfg, dataset, rewards)  # reward workers, when configured
+        trainer_rewards = build_trainer_rewards(cfg, rewards)  # reward workers, when configured
         if trainer_rewards is not rewards:
             stack.enter_context(trainer_rewards)
         trainer = Trainer(cfg, base, sampler, trainer_rewards, dataset, evaluator)
@@ -81,13 +81,18 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
-    from ddrl_engine.trainer.checkpoint import load_checkpoint
+    from ddrl_engine.trainer.checkpoint import load_weights
 
+    if args.checkpoint and not Path(args.checkpoint).is_dir():
+        raise FileNotFoundError(f"--checkpoint: no checkpoint folder at {args.checkpoint}")
+    if args.checkpoint and not args.config and (Path(args.checkpoint) / "config.json").is_file():
+        args.config = str(Path(args.checkpoint) / "config.json")  # the run's own configuration
     cfg = _load(args)
     dataset, base, sampler, rewards, evaluator = _setup(cfg)
     if args.checkpoint:
-        load_checkpoint(args.checkpoint, {"model": base}, map_location=cfg.run.device)
-    metrics, _ = evaluator(base, sampler, tuple(cfg.model.sample_shape), cfg.run.device)
+        which = load_weights(args.checkpoint, base, map_location=cfg.run.device)
+        print(f"evaluating the {which!r} weights of {args.checkpoint}", file=sys.stderr)
+    metrics, _ = evaluator(base, sampler, base.sample_shape, cfg.run.device)
     print(json.dumps(metrics, indent=2))
 
 
@@ -192,14 +197,16 @@ def main(argv=None):
                             ("train", cmd_train, "train one method from the config"),
                             ("eval", cmd_eval, "evaluate the base model or a checkpoint")):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--config", help="TOML config (default: built-in defaults)")
+        p.add_argument("--config", help="TOML config, or a run's config.json (default: built-in defaults)")
         p.add_argument("--device", help="override run.device")
         if name == "train":
             p.add_argument("--steps", type=int, help="override run.steps (total, also when resuming)")
             p.add_argument("--out", help="override run.out_dir")
             p.add_argument("--no-resume", action="store_true", help="start fresh even if checkpoints exist")
         if name == "eval":
-            p.add_argument("--checkpoint", help="checkpoint directory (default: the base model)")
+            p.add_argument("--checkpoint", help="checkpoint directory, of a one-process or distributed run: its EMA "
+                                                "weights when kept, else the model's; its config.json unless --config "
+                                                "(default: the base model)")
         p.set_defaults(fn=fn)
 
     p = sub.add_parser("config", help="print the default configuration with every field documented")

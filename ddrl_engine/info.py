@@ -32,10 +32,16 @@ def report() -> str:
         lines.append(f"  {name:24s} {', '.join(op_backends(name)) or 'no kernels'}")
     from ddrl_engine.attention import available_backends
 
+    # Per device the rollout could run on; on a machine without a GPU, fp8's CUDA line says why not.
+    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
     lines.append("attention backends:")
-    for name, (usable, reason) in available_backends().items():
-        note = f" ({reason})" if reason else ""
-        lines.append(f"  {name:24s} {'yes' if usable else 'no'}{note}")
+    for dev in devices:
+        for name, (usable, reason) in available_backends(dev).items():
+            note = f" ({reason})" if reason else ""
+            lines.append(f"  {name + ' on ' + dev:24s} {'yes' if usable else 'no'}{note}")
+    if "cuda" not in devices:
+        usable, reason = available_backends("cuda")["fp8"]
+        lines.append(f"  {'fp8 on cuda':24s} {'yes' if usable else 'no'} ({reason})")
     return "\n".join(lines)
 
 

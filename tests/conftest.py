@@ -17,12 +17,67 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
+SEED_ENV = "DDRL_TEST_SEED"
+_SEED_PROPERTY = "ddrl_test_seed"  # in each report's user_properties (also in --junitxml output)
+
+
+def _seed_from_env() -> int | None:
+    """The seed $DDRL_TEST_SEED asks for, None when unset or empty; a bad value is a UsageError."""
+    raw = os.environ.get(SEED_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise pytest.UsageError(f"{SEED_ENV}={raw!r} is not an integer seed (unset it for a fresh seed)") from None
+    if not 0 <= value < 2**63:
+        raise pytest.UsageError(f"{SEED_ENV}={value} is out of range: a seed must be in [0, 2**63)")
+    return value
+
+
+def pytest_configure(config):
+    _seed_from_env()  # a bad value stops the run before any test, with the variable named
+
+
 @pytest.fixture
-def seed():
-    """A fresh seed per test run (printed on failure through the test id's fixture value)."""
-    s = torch.seed() % (2**31)
+def seed(request):
+    """The test's torch seed (already applied with torch.manual_seed): $DDRL_TEST_SEED when set, else a
+    fresh one per test. A failing test that used it reports "seed: N (rerun with DDRL_TEST_SEED=N)" in
+    its failure output (a "seed" section) and in a "seeds of failed tests" section at the end of the run."""
+    s = _seed_from_env()
+    if s is None:
+        s = torch.seed() % (2**31)
     torch.manual_seed(s)
+    request.node.user_properties.append((_SEED_PROPERTY, s))
     return s
+
+
+def _seed_of(report) -> int | None:
+    # the last one: a rerun of the test (e.g. pytest-rerunfailures) appends its own
+    return next((v for k, v in reversed(getattr(report, "user_properties", ())) if k == _SEED_PROPERTY), None)
+
+
+def _rerun_hint(s: int) -> str:
+    return f"seed: {s} (rerun with {SEED_ENV}={s})"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    s = _seed_of(report)
+    if report.failed and s is not None:
+        report.sections.append(("seed", _rerun_hint(s)))
+
+
+def pytest_terminal_summary(terminalreporter):
+    lines = [f"{r.nodeid} ({r.when}): {_rerun_hint(s)}"
+             for key in ("failed", "error") for r in terminalreporter.stats.get(key, ())
+             if (s := _seed_of(r)) is not None]
+    if lines:
+        terminalreporter.section("seeds of failed tests")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session", autouse=True)

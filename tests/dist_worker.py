@@ -57,7 +57,7 @@ def main():
     if a.reward_workers:  # each rank its own reward worker processes
         from ddrl_engine.trainer.builders import build_dataset, build_trainer_rewards
 
-        rewards = build_trainer_rewards(cfg, build_dataset(cfg), in_process=None)
+        rewards = build_trainer_rewards(cfg, in_process=None)
     trainer = make_trainer(cfg, rewards=rewards)
     if a.resume:
         assert trainer.resume(a.resume)
@@ -65,7 +65,7 @@ def main():
     records = []
     while trainer.step < cfg.run.steps:
         batch = trainer.collect()
-        adv = trainer.dist.gather(batch.advantages)
+        adv = trainer.dist.gather(trainer.await_rewards(batch).advantages)
         metrics = trainer.update(batch)
         records.append({"step": trainer.step, "advantages": adv.tolist(), "metrics": metrics})
         if allreduces is not None:

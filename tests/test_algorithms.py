@@ -94,7 +94,7 @@ def test_presets_are_configurations_of_one_code():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(method="ppo"), "method"), (dict(group_size=1), "group_size"), (dict(clip_eps=0.0), "clip_eps"),
     (dict(beta_data=-1.0), "beta_data"), (dict(train_steps="odd"), "train_steps"), (dict(train_steps=[]), "train_steps"),
-    (dict(data_noise="x"), "data_noise"), (dict(ppo_epochs=0), "ppo_epochs"), (dict(method="sft"), "use_reward"),
+    (dict(data_noise="x"), "data_noise"), (dict(ppo_epochs=0), "ppo_epochs"), (dict(method="sft", use_reward=True), "use_reward"),
 ])
 def test_config_errors_name_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ddrl_engine.trainer.config import DistributedConfig, config_from_dict
-from ddrl_engine.trainer.distributed import is_dcp_checkpoint
+from ddrl_engine.trainer.checkpoint import is_dcp_checkpoint
 from tests.dist_worker import full_config
 from tests.trainer_helpers import make_trainer, tiny_config
 
@@ -51,7 +51,7 @@ def _plain_records(cfg, resume: Path | None = None) -> list[dict]:
     while trainer.step < cfg.run.steps:
         batch = trainer.collect()
         metrics = trainer.update(batch)
-        records.append({"step": trainer.step, "advantages": batch.advantages.tolist(), "metrics": metrics})
+        records.append({"step": trainer.step, "advantages": trainer.await_rewards(batch).advantages.tolist(), "metrics": metrics})
     return records
 
 

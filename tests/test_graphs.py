@@ -40,9 +40,24 @@ def test_eager_runner_equals_rollout_bitwise(case, reduction):
     assert runner.captures == 0
 
 
+def test_eager_rollouts_are_owned_by_the_caller_by_default():
+    sampler, policy = make_case("edm"), TinyPolicy()
+    runner = RolloutRunner(policy, sampler, sample_shape=SAMPLE_SHAPE)
+    gen = torch.Generator().manual_seed(0)
+    cond = conditions()
+    a = runner(cond, generator=gen)
+    first = (a.states.clone(), a.log_probs.clone(), a.samples.clone())
+    b = runner(conditions(), generator=gen)
+    cond.fill_(0)
+    assert not torch.equal(first[0], b.states)  # fresh noise ...
+    for kept, now in zip(first, (a.states, a.log_probs, a.samples)):  # ... and a is untouched by b
+        assert torch.equal(kept, now)
+    assert not torch.equal(a.cond, cond) and runner.keys == []
+
+
 def test_buffer_plan_is_reused_per_key_and_outputs_alias_it():
     sampler, policy = make_case("edm"), TinyPolicy()  # edm: initial_scale != 1, a separate noise buffer
-    runner = RolloutRunner(policy, sampler, sample_shape=SAMPLE_SHAPE)
+    runner = RolloutRunner(policy, sampler, sample_shape=SAMPLE_SHAPE, reuse_buffers=True)
     gen = torch.Generator().manual_seed(0)
     a = runner(conditions(), generator=gen)
     first = a.states.clone()
@@ -77,7 +92,7 @@ def test_train_eval_mode_is_part_of_the_plan_key():
     """A graph replays the kernels it captured: a policy switched between train() and eval() (dropout,
     norms) must not replay the other mode's plan."""
     sampler, policy = make_case("rf"), TinyPolicy()
-    runner = RolloutRunner(policy, sampler, sample_shape=SAMPLE_SHAPE)
+    runner = RolloutRunner(policy, sampler, sample_shape=SAMPLE_SHAPE, reuse_buffers=True)
     gen = torch.Generator().manual_seed(0)
     policy.eval()
     runner(conditions(), generator=gen)

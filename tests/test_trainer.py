@@ -48,7 +48,7 @@ def test_several_ppo_epochs_move_the_ratio(tmp_path):
 def test_gradient_sign_raises_likelihood_of_high_advantage_samples(tmp_path):
     tr = make_trainer(tiny_config(tmp_path, "grpo", train_steps="all"))
     batch = tr.collect()
-    ro, adv = batch.rollout, batch.advantages
+    ro, adv = batch.rollout, tr.await_rewards(batch).advantages
 
     def logprobs():
         with torch.no_grad():
@@ -231,15 +231,15 @@ def test_data_loss_at_one_step_per_update(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, "ddrl", steps=2, data_loss_steps="one")
     tr = make_trainer(cfg)
     calls, levels = [], []
-    data_loss_fn = tr._data_loss
+    step_of_level = {tr.sampler.network_level(k).item(): k for k in range(tr.sampler.num_steps)}
 
-    def spy(x0, y, eps, k):
-        levels.append(k)
-        out = data_loss_fn(x0, y, eps, k)
+    def spy(policy, x0, y, eps, level):
+        levels.append(step_of_level[level.network_level.item()])
+        out = losses.policy_data_loss(policy, x0, y, eps, level)
         calls.append(out.item())
         return out
 
-    monkeypatch.setattr(tr, "_data_loss", spy)
+    monkeypatch.setattr("ddrl_engine.trainer.loop.policy_data_loss", spy)
     combined = []
     real_combine = losses.combine
     monkeypatch.setattr("ddrl_engine.trainer.loop.combine",

@@ -78,7 +78,7 @@ def test_dropped_reward_batch_is_masked_and_counted(tmp_path):
     # No valid sample: no reward, no advantage, no policy gradient; the data loss still trains.
     assert math.isnan(m["reward"]) and m["adv_abs"] == 0 and m["policy_loss"] == 0
     assert m["invalid_rewards"] == trainer.rollout_batch and math.isfinite(m["data_loss"]) and m["grad_norm"] > 0
-    assert trainer.state()["dropped_reward_batches"] == 1
+    assert trainer.state_dict()["trainer"]["dropped_reward_batches"] == 1
 
 
 def test_async_reward_must_share_the_runs_invalid_policy(tmp_path):
@@ -100,9 +100,9 @@ def test_reward_workers_from_the_config(tmp_path):
     cfg = replace(tiny_config(tmp_path / "w", steps=2), rewards={"brightness": 1.0, "contrast": 0.5},
                   reward_workers=RewardWorkersConfig(workers=1, timeout_s=60))
     dataset = build_dataset(cfg)
-    in_process = build_rewards(cfg, dataset)
-    assert build_trainer_rewards(replace(cfg, reward_workers=RewardWorkersConfig()), dataset, in_process) is in_process
-    with build_trainer_rewards(cfg, dataset, in_process) as rewards:
+    in_process = build_rewards(cfg)
+    assert build_trainer_rewards(replace(cfg, reward_workers=RewardWorkersConfig()), in_process) is in_process
+    with build_trainer_rewards(cfg, in_process) as rewards:
         assert isinstance(rewards, AsyncReward)
         got = [make_trainer(cfg, rewards=rewards).train_step() for _ in range(1)]
     want = [make_trainer(replace(cfg, reward_workers=RewardWorkersConfig())).train_step()]

@@ -57,7 +57,7 @@ def tiny_config(out_dir, method="ddrl", steps=4, **algo) -> TrainConfig:
 
 def make_trainer(cfg, evaluator=False, policy=None, rewards=None):
     dataset = build_dataset(cfg)
-    rewards = rewards if rewards is not None else build_rewards(cfg, dataset)
+    rewards = rewards if rewards is not None else build_rewards(cfg)
     ev = None
     if evaluator:
         from ddrl_engine.trainer.builders import build_evaluator

@@ -35,7 +35,8 @@ from ddrl_engine.attention import available_backends
 from ddrl_engine.data import DataStream
 from ddrl_engine.models.dit import DiTConfig
 from ddrl_engine.ops.reference import diffusion_loss_eager, step_logprob_eager
-from ddrl_engine.trainer.builders import Dataset, build_dataset
+from ddrl_engine.data import Dataset
+from ddrl_engine.trainer.builders import build_dataset
 from ddrl_engine.trainer.config import OptimConfig, RolloutConfig, RunConfig, SamplerConfig, TrainConfig
 from ddrl_engine.trainer.evaluate import decode
 from ddrl_engine.trainer.profiling import build_trainer, machine
@@ -61,7 +62,7 @@ def synthetic_dataset(cfg: TrainConfig, n: int = 64) -> Dataset:
     g = torch.Generator().manual_seed(0)
     x = torch.rand((n, *cfg.model.sample_shape), generator=g) * 2 - 1
     y = torch.randint(0, cfg.model.num_classes, (n,), generator=g)
-    return Dataset(x, y, x[:8], y[:8], False)
+    return Dataset(x, y, x[:8], y[:8])
 
 
 def _sync(device: str) -> float:
@@ -136,13 +137,8 @@ class EagerBaseline:
 def variants(device: str) -> list[tuple[str, dict, str | None]]:
     """(name, rollout overrides, why it cannot run here or None)."""
     cuda = device.startswith("cuda")
-    fp8_ok, fp8_why = available_backends().get("fp8", (False, "no fp8 backend"))
-    if fp8_ok and cuda:  # "usable" may mean the CPU emulation only; the variant needs the CUDA kernel
-        try:
-            from ddrl_engine.ops.fp8_attention import fp8_cuda_status
-            fp8_ok, fp8_why = fp8_cuda_status()
-        except ImportError as e:
-            fp8_ok, fp8_why = False, str(e)
+    # On the bench device: on CUDA "usable" means the sm_90 kernel can run (not the CPU emulation).
+    fp8_ok, fp8_why = available_backends(device).get("fp8", (False, "no fp8 backend"))
     no_cuda = None if cuda else "needs CUDA (CUDA graphs)"
     return [
         ("baseline", {}, None),

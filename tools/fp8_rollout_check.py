@@ -38,7 +38,7 @@ def check(cfg, *, samples_per_class: int, train_steps: int, out: Path, log=print
     dataset = build_dataset(cfg)
     device = cfg.run.device
     base = pretrain_base(cfg, dataset, device=device, progress=False, log=log)
-    sampler, rewards = build_sampler(cfg), build_rewards(cfg, dataset)
+    sampler, rewards = build_sampler(cfg), build_rewards(cfg)
     cfg = replace(cfg, eval=replace(cfg.eval, samples_per_class=samples_per_class))
     evaluator = build_evaluator(cfg, dataset, rewards)
     policy = copy.deepcopy(base)

@@ -43,7 +43,7 @@ def main():
     cfg = replace(cfg, run=replace(cfg.run, progress=False, **({"steps": args.steps} if args.steps else {})))
     dataset = build_dataset(cfg)
     base = pretrain_base(cfg, dataset, device=cfg.run.device, progress=False)
-    sampler, rewards = build_sampler(cfg), build_rewards(cfg, dataset)
+    sampler, rewards = build_sampler(cfg), build_rewards(cfg)
     evaluator = build_evaluator(cfg, dataset, rewards)
     base_metrics, _ = evaluator(base, sampler, tuple(cfg.model.sample_shape), cfg.run.device)
     runs = [("ddrl", {"beta_data": float(b)}) for b in args.ddrl.split(",")] + \

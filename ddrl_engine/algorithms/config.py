@@ -4,17 +4,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 METHODS = ("ddrl", "grpo", "grpo_kl", "sft")
+# Each method's regulariser switches: the values of the fields left unset (None) for that method.
+PRESETS = {
+    "ddrl": dict(beta_data=0.01, beta_kl=0.0, use_reward=True),
+    "grpo": dict(beta_data=0.0, beta_kl=0.0, use_reward=True),
+    "grpo_kl": dict(beta_data=0.0, beta_kl=0.04, use_reward=True),
+    "sft": dict(beta_data=1.0, beta_kl=0.0, use_reward=False),
+}
 
 
 @dataclass
 class DDRLConfig:
     """Everything the loss needs to know. Field docs are the single reference (configs/*.toml).
 
-    method: preset name, one of "ddrl" (data regulariser), "grpo" (no regulariser), "grpo_kl"
-        (reverse KL to the reference, Flow-GRPO style), "sft" (data loss only, no reward).
+    method: one of "ddrl" (data regulariser), "grpo" (no regulariser), "grpo_kl" (reverse KL to the
+        reference, Flow-GRPO style), "sft" (data loss only, no reward). It sets beta_data, beta_kl and
+        use_reward where they are not given (ddrl: 0.01, 0, true; grpo: 0, 0, true; grpo_kl: 0, 0.04,
+        true; sft: 1, 0, false); given values win.
     group_size: rollouts per condition (G); advantages are normalised within each group.
-    beta_data: weight of the diffusion loss on off-policy data (the forward-KL regulariser).
-    beta_kl: weight of the closed-form reverse KL ||mu - mu_ref||^2 / (2 s^2) to the frozen base.
+    beta_data: weight of the diffusion loss on off-policy data (the forward-KL regulariser); default:
+        the method's.
+    beta_kl: weight of the closed-form reverse KL ||mu - mu_ref||^2 / (2 s^2) to the frozen base;
+        default: the method's.
     clip_eps: PPO clip range of the likelihood ratio.
     adv_eps: added to the group std when normalising rewards.
     adv_clip: advantages are clamped to [-adv_clip, adv_clip].
@@ -29,13 +40,13 @@ class DDRLConfig:
         unbiased estimate of the same term at 1/|trained steps| of the cost; the paper's ablation
         "data loss once per data item" found it works as well).
     logprob_reduction: "mean" or "sum" over the elements of a transition's log-density.
-    use_reward: False only for "sft".
+    use_reward: False only for "sft" (default: the method's).
     """
 
     method: str = "ddrl"
     group_size: int = 8
-    beta_data: float = 0.01
-    beta_kl: float = 0.0
+    beta_data: float | None = None
+    beta_kl: float | None = None
     clip_eps: float = 1e-4
     adv_eps: float = 1e-4
     adv_clip: float = 5.0
@@ -45,9 +56,12 @@ class DDRLConfig:
     data_noise: str = "rollout"
     data_loss_steps: str = "all"
     logprob_reduction: str = "mean"
-    use_reward: bool = True
+    use_reward: bool | None = None
 
     def __post_init__(self):
+        for name, value in PRESETS.get(self.method, {}).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         self.validate()
 
     def validate(self) -> None:
@@ -95,15 +109,9 @@ class DDRLConfig:
 
 def preset(method: str, **overrides) -> DDRLConfig:
     """The named method with its regulariser switched the paper's way; overrides apply on top."""
-    base = {
-        "ddrl": dict(beta_data=0.01, beta_kl=0.0),
-        "grpo": dict(beta_data=0.0, beta_kl=0.0),
-        "grpo_kl": dict(beta_data=0.0, beta_kl=0.04),
-        "sft": dict(beta_data=1.0, beta_kl=0.0, use_reward=False),
-    }
-    if method not in base:
+    if method not in PRESETS:
         raise ValueError(f"algorithm.method must be one of {METHODS}, got {method!r}")
-    return DDRLConfig(method=method, **{**base[method], **overrides})
+    return DDRLConfig(method=method, **overrides)
 
 
 def with_method(cfg: DDRLConfig, method: str) -> DDRLConfig:

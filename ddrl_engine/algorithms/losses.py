@@ -1,6 +1,7 @@
-"""The terms of the DDRL loss for one trained step (METHOD.md section 4, step 4).
+"""The terms of the DDRL loss for one trained step (docs/method.md).
 
-Pure functions of tensors: the trainer runs the model and passes the results in.
+Functions of tensors; `policy_data_loss` also calls the policy (any `policy(x, t, cond)` callable),
+since what "the policy's diffusion loss on data at a noise level" means is the algorithm's business.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ddrl_engine import ops
+from ddrl_engine.sampling.base import NoiseLevel
 
 
 @dataclass
@@ -52,6 +54,20 @@ def data_loss(pred: Tensor, x0: Tensor, noise: Tensor, noise_coef, data_coef) ->
     The target is noise_coef * noise + data_coef * x0 (the sampler's parametrisation).
     """
     return ops.diffusion_loss(pred, x0, noise, noise_coef=noise_coef, data_coef=data_coef, reduction="mean")
+
+
+def policy_data_loss(policy, x0: Tensor, cond, eps: Tensor, level: NoiseLevel) -> Tensor:
+    """The policy's diffusion loss on data x0 at one noise level of the forward process (fp32 scalar):
+    the forward-KL regulariser of DDRL, and the held-out data loss and pretraining loss.
+
+    x = level.noised(x0, eps); pred = policy(x, t, cond); loss = mean (pred - target)^2 with the
+    level's target. level: `sampler.level(k)` (k an int, or a long [B] of per-row levels) or any
+    NoiseLevel (e.g. `RectifiedFlowSDE.continuous_level(t)`). The one place the trainer, the evaluator
+    and pretraining compute it.
+    """
+    t = level.network_levels(x0.shape[0], x0.device)
+    pred = policy(level.noised(x0, eps), t, cond)
+    return data_loss(pred, x0, eps, level.target_noise, level.target_data)
 
 
 def combine(policy: Tensor | None, data: Tensor | None, kl: Tensor | None, *, beta_data: float, beta_kl: float,

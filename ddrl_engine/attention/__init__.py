@@ -12,6 +12,7 @@ import contextlib
 from contextvars import ContextVar
 from typing import Iterator, Optional
 
+import torch
 from torch import Tensor
 
 from .backends import BACKENDS
@@ -79,13 +80,38 @@ def attention(
     return BACKENDS[name](q, k, v, scale)
 
 
-def available_backends() -> dict[str, tuple[bool, str]]:
-    """{backend: (usable here, note)} for `python -m ddrl_engine.info`. "fp8" always runs on CPU (the
-    exact emulation); its note says whether the CUDA kernel can run here and why not."""
+def available_backends(device: str | torch.device | None = None) -> dict[str, tuple[bool, str]]:
+    """{backend: (usable on `device`, note)}: what the trainer checks rollout.attention_backend against,
+    and what `python -m ddrl_engine.info` prints.
+
+    device: the device the caller will run attention on; None means the default device ("cuda" when
+    torch.cuda.is_available(), else "cpu").
+    "sdpa" is always usable. "fp8" is usable on a CPU device (an exact emulation of the CUDA kernel,
+    not a fast path; the note says so) and on a CUDA device only when
+    `ddrl_engine.ops.fp8_attention.fp8_cuda_status()` says the kernel can run; otherwise it is
+    (False, the reason). Other device types: fp8 is refused.
+    """
     from ddrl_engine.ops.fp8_attention import fp8_cuda_status
 
-    cuda_ok, why = fp8_cuda_status()
-    return {
-        "sdpa": (True, ""),
-        "fp8": (True, "cpu emulation; cuda: " + ("sm_90 kernel usable" if cuda_ok else f"no ({why})")),
-    }
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = torch.device(device).type
+    if kind == "cpu":
+        fp8 = (True, "cpu: exact emulation of the CUDA kernel (for tests, not speed)")
+    elif kind == "cuda":
+        cuda_ok, why = _on_cuda_device(torch.device(device), fp8_cuda_status)
+        fp8 = (True, "cuda: sm_90 kernel") if cuda_ok else (False, f"cuda: {why}")
+    else:
+        fp8 = (False, f"no fp8 attention kernel for device type {kind!r} (only cpu emulation and cuda sm_90)")
+    return {"sdpa": (True, ""), "fp8": fp8}
+
+
+def _on_cuda_device(device: torch.device, status):
+    """status() evaluated with `device` current (fp8_cuda_status reads the current device's
+    capability), so "cuda:N" is judged by GPU N."""
+    if device.index is None or not torch.cuda.is_available():
+        return status()
+    if device.index >= torch.cuda.device_count():
+        return False, f"no CUDA device {device.index} (torch sees {torch.cuda.device_count()})"
+    with torch.cuda.device(device):
+        return status()

@@ -1,6 +1,7 @@
-"""Data: the default digits set, a generic folder loader, the resumable batch stream, and the
-engine's own digits classifier (shared by rewards and monitors)."""
+"""Data: the Dataset the trainer sees, the default digits set, a generic folder loader, the resumable
+batch stream, and the engine's own digits classifier (shared by rewards and monitors)."""
 
+from .dataset import Dataset
 from .digits import DIGITS_NUM_CLASSES, DIGITS_SAMPLE_SHAPE, DigitsSplit, digits_split, load_digits_tensors
 from .digits_classifier import (
     DigitsClassifier,
@@ -16,6 +17,7 @@ __all__ = [
     "DIGITS_NUM_CLASSES",
     "DIGITS_SAMPLE_SHAPE",
     "DataStream",
+    "Dataset",
     "DigitsClassifier",
     "DigitsClassifierConfig",
     "DigitsSplit",

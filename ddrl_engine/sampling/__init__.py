@@ -2,12 +2,14 @@
 captured in a CUDA graph by RolloutRunner: one implementation, `run_chain`).
 
 Works on any policy `policy(x, t, cond) -> Tensor` (ddrl_engine.models.Policy); knows nothing of
-training. See base.py for the sampler interface and each sampler for its level conventions.
+training. See base.py for the sampler interface and each sampler for its level conventions; factory.py
+for the registry (`register_sampler`) that makes a new sampler usable from configs by name. Importing
+this package registers the built-in samplers (their modules are imported here).
 """
 from ddrl_engine.sampling.base import Sampler, Schedule
 from ddrl_engine.sampling.ddim import DDIM
 from ddrl_engine.sampling.edm import EDMChurn
-from ddrl_engine.sampling.factory import SAMPLERS, make_sampler
+from ddrl_engine.sampling.factory import SAMPLERS, make_sampler, register_sampler
 from ddrl_engine.sampling.graphs import RolloutRunner, graph_unavailable_reason
 from ddrl_engine.sampling.mismatch import logprob_mismatch, recompute_log_probs, rollout_logprob_mismatch
 from ddrl_engine.sampling.rectified_flow import RectifiedFlowSDE
@@ -31,6 +33,7 @@ __all__ = [
     "logprob_mismatch",
     "make_sampler",
     "recompute_log_probs",
+    "register_sampler",
     "rollout",
     "rollout_logprob_mismatch",
     "run_chain",

@@ -87,7 +87,8 @@ class Sampler(ABC):
         coefs(k) -> StepCoefs of step k in [0, K).
         initial_noise / state_from_noise / initial_state: the chain's start.
         finish(policy, x_K, cond): the samples the chain ends in.
-        noised(x0, eps, k), target_coefs(k): the forward process for the data loss.
+        level(k) -> NoiseLevel; noised(x0, eps, k), target_coefs(k): the forward process for the
+            data loss.
         sample_steps(n, generator, device): fresh step indices in [0, K) for the data loss.
     """
 
@@ -176,17 +177,18 @@ class Sampler(ABC):
         return (t.finish_x * x.float() + t.finish_out * out.float()).to(x.dtype)
 
     # ---- forward process (data loss) --------------------------------------------------------
+    def level(self, k: StepIndex) -> "NoiseLevel":
+        """Level k of the forward process (the data loss's noise level): an int k gives 0-dim
+        entries shared by the batch, a long tensor [B] per-row ones."""
+        i = self._index(k, self.num_steps + 1, "level")
+        t = self._tables
+        return NoiseLevel(t.network_level[i], t.data_scale[i], t.noise_scale[i], t.target_noise[i], t.target_data[i])
+
     def noised(self, x0: Tensor, eps: Tensor, k: StepIndex) -> Tensor:
         """x at level k: data_scale_k x0 + noise_scale_k eps, computed in fp32, returned in x0's dtype.
         k: an int, or a long tensor [B] of per-sample levels (B = x0.shape[0])."""
-        if x0.shape != eps.shape:
-            raise ValueError(f"noised: x0 {list(x0.shape)} and eps {list(eps.shape)} must have the same shape")
         self.to(x0.device)
-        i = self._index(k, self.num_steps + 1, "noised")
-        a, b = self._tables.data_scale[i], self._tables.noise_scale[i]
-        if isinstance(i, Tensor):
-            a, b = row_view(a, x0), row_view(b, x0)
-        return (a * x0.float() + b * eps.float()).to(x0.dtype)
+        return self.level(k).noised(x0, eps)
 
     def target_coefs(self, k: StepIndex) -> tuple[Tensor, Tensor]:
         """(noise_coef, data_coef) of level k: the network's target is noise_coef eps + data_coef x0
@@ -198,6 +200,36 @@ class Sampler(ABC):
         """n step indices drawn uniformly from [0, K): fresh levels for the data loss (long [n])."""
         device = self.device if device is None else device
         return torch.randint(0, self.num_steps, (n,), generator=generator, device=device)
+
+
+@dataclass(frozen=True)
+class NoiseLevel:
+    """One noise level of a forward process, shared by the batch (0-dim entries) or per row ([B]).
+
+    The noised state is x = data_scale x0 + noise_scale eps; the policy sees `network_level`; its
+    training target is target_noise eps + target_data x0. `Sampler.level(k)` gives a sampler's level k;
+    a continuous-time process may build one directly (e.g. `RectifiedFlowSDE.continuous_level(t)`).
+    """
+
+    network_level: Tensor
+    data_scale: Tensor
+    noise_scale: Tensor
+    target_noise: Tensor
+    target_data: Tensor
+
+    def noised(self, x0: Tensor, eps: Tensor) -> Tensor:
+        """data_scale x0 + noise_scale eps in fp32, returned in x0's dtype."""
+        if x0.shape != eps.shape:
+            raise ValueError(f"noised: x0 {list(x0.shape)} and eps {list(eps.shape)} must have the same shape")
+        a, b = self.data_scale, self.noise_scale
+        if a.dim() == 1:
+            a, b = row_view(a, x0), row_view(b, x0)
+        return (a * x0.float() + b * eps.float()).to(x0.dtype)
+
+    def network_levels(self, batch: int, device) -> Tensor:
+        """The policy's t for `batch` rows on `device` ([B])."""
+        t = self.network_level.to(device)
+        return t.expand(batch) if t.dim() == 0 else t
 
 
 def row_view(v: Tensor, like: Tensor) -> Tensor:

@@ -7,10 +7,12 @@ import torch
 
 from ddrl_engine.ops import transitions
 from ddrl_engine.sampling.base import Sampler, Schedule, check_int, check_num_steps, check_positive
+from ddrl_engine.sampling.factory import register_sampler
 
 BETA_SCHEDULES = ("linear", "scaled_linear")
 
 
+@register_sampler
 @dataclass(frozen=True)
 class DDIM(Sampler):
     """K stochastic DDIM steps over a discrete-time DDPM schedule, then a deterministic x0 prediction.

@@ -7,8 +7,10 @@ import torch
 
 from ddrl_engine.ops import transitions
 from ddrl_engine.sampling.base import Sampler, Schedule, check_num_steps, check_positive
+from ddrl_engine.sampling.factory import register_sampler
 
 
+@register_sampler
 @dataclass(frozen=True)
 class EDMChurn(Sampler):
     """K stochastic Euler-with-churn steps over Karras sigmas; the state is the churned x_hat.

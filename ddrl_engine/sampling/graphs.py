@@ -19,8 +19,9 @@ once per key and replayed:
   replays the kernels it captured); under autocast the weights are cast inside the graph (no autocast
   weight cache), so optimiser steps are seen.
 
-The returned Rollout's tensors are views of the static buffers: valid until the next call with the
-same key (clone what must outlive it). A graph request that cannot be honoured raises (CPU device,
+In graph mode (and in eager mode with reuse_buffers=True) the returned Rollout's tensors are views of
+the static buffers: valid until the next call with the same key (clone what must outlive it). By
+default an eager runner allocates fresh buffers per call, so each Rollout is the caller's own. A graph request that cannot be honoured raises (CPU device,
 no CUDA, no explicit CUDA generator, a capture error such as a host sync in the policy); the runner
 never falls back to eager on its own.
 """
@@ -75,6 +76,9 @@ class RolloutRunner:
     cuda_graph: False runs `run_chain` eagerly (any device); True captures it into a CUDA graph per
         key and replays it (needs a CUDA device; raises with the reason otherwise).
     sample_shape, dtype, reduction: as in `rollout()`.
+    reuse_buffers: keep one set of static buffers per key and return views of it (overwritten by the
+        next call with that key). Default: True with cuda_graph (a graph writes into the memory it
+        captured), False in eager mode (each call's Rollout owns its tensors).
     warmup: eager runs on a side stream before a capture (lazy initialisation of cuBLAS/cuDNN and
         the allocator must not happen inside the capture); the generator state is restored after
         them, so the first replay uses the noise the caller's generator state implies.
@@ -83,7 +87,8 @@ class RolloutRunner:
     """
 
     def __init__(self, policy, sampler: Sampler, *, sample_shape: Sequence[int], dtype: torch.dtype = torch.float32,
-                 reduction: str = "mean", cuda_graph: bool = False, warmup: int = 2) -> None:
+                 reduction: str = "mean", cuda_graph: bool = False, warmup: int = 2,
+                 reuse_buffers: bool | None = None) -> None:
         if reduction not in _REDUCTIONS:
             raise ValueError(f"RolloutRunner: 'reduction' must be one of {_REDUCTIONS}, got {reduction!r}")
         if not isinstance(cuda_graph, bool):
@@ -93,6 +98,11 @@ class RolloutRunner:
         self.policy, self.sampler = policy, sampler
         self.sample_shape = tuple(int(s) for s in sample_shape)
         self.dtype, self.reduction, self.cuda_graph, self.warmup = dtype, reduction, cuda_graph, warmup
+        if reuse_buffers is None:
+            reuse_buffers = cuda_graph
+        if cuda_graph and not reuse_buffers:
+            raise ValueError("RolloutRunner: cuda_graph=True replays into its captured buffers; reuse_buffers must be True")
+        self.reuse_buffers = bool(reuse_buffers)
         self.captures = 0
         self._entries: dict[tuple, _Entry] = {}
         if cuda_graph:
@@ -167,6 +177,14 @@ class RolloutRunner:
             if not isinstance(generator, torch.Generator) or generator.device.type != "cuda":
                 raise RuntimeError("rollout.cuda_graph = true cannot be honoured: the graphed rollout needs an "
                                    f"explicit CUDA torch.Generator (registered with the graph), got {generator!r}")
+        if not self.reuse_buffers:  # eager, the caller owns the result
+            buffers = RolloutBuffers.allocate(cond.shape[0], self.sampler.num_steps, self.sample_shape, self.dtype,
+                                              cond.device)
+            cond = cond.clone()
+            with phase("rollout"):
+                run_chain(self.policy, self.sampler, cond, buffers, generator=generator, reduction=self.reduction,
+                          shard=shard)
+            return as_rollout(buffers, self.sampler, cond, self.reduction)
         entry = self._entry(cond, generator, shard)
         # Graph mode: warm-up, capture and replay on cond's device whatever the current device is
         # (the generator's graph-side seed/offset tensors are made on the current device).

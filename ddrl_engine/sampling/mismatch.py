@@ -39,18 +39,28 @@ def recompute_log_probs(
     backend: str = "sdpa", chunk: int | None = None,
 ) -> Tensor:
     """log p(states[:, k+1] | states[:, k]) of the stored transitions under `backend` (default the
-    trainable bf16 sdpa): fp32 [B, S] for the chosen steps (default all K). chunk bounds the rows per
-    forward (default: all at once)."""
-    rows = roll.step_rows(steps)
-    n = rows.x.shape[0]
-    chunk = n if chunk is None else max(1, int(chunk))
-    out = torch.empty(n, dtype=torch.float32, device=rows.x.device)
+    trainable bf16 sdpa): fp32 [B, S] for the chosen steps (default all K).
+
+    One forward per chosen step over the batch (at most `chunk` rows per forward; default all B), the
+    shape of the rollout's and the trainer's own forwards, so at unchanged weights and backend the
+    result equals theirs bitwise (each step function is deterministic per batch).
+    """
+    if steps is None:
+        steps = list(range(roll.num_steps))
+    steps = [int(k) for k in (steps.tolist() if isinstance(steps, Tensor) else steps)]
+    bad = [k for k in steps if not 0 <= k < roll.num_steps]
+    if bad:
+        raise IndexError(f"recompute_log_probs: steps {bad} out of range [0, {roll.num_steps})")
+    b = roll.batch_size
+    chunk = b if chunk is None else max(1, int(chunk))
+    out = torch.empty((b, len(steps)), dtype=torch.float32, device=roll.states.device)
     with attention_backend(backend):
-        for i in range(0, n, chunk):
-            j = min(n, i + chunk)
-            out[i:j] = transition(policy, sampler, rows.x[i:j], rows.k[i:j], rows.cond[i:j],
-                                  x_next=rows.x_next[i:j], reduction=roll.reduction).log_prob
-    return out.reshape(roll.batch_size, -1)
+        for j, k in enumerate(steps):
+            for i in range(0, b, chunk):
+                rows = slice(i, min(b, i + chunk))
+                out[rows, j] = transition(policy, sampler, roll.states[rows, k], k, roll.cond[rows],
+                                          x_next=roll.states[rows, k + 1], reduction=roll.reduction).log_prob
+    return out
 
 
 def rollout_logprob_mismatch(policy, sampler: Sampler, roll: Rollout, *, steps: Sequence[int] | Tensor | None = None,

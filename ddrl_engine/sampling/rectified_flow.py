@@ -7,9 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from ddrl_engine.ops import transitions
-from ddrl_engine.sampling.base import Sampler, Schedule, check_num_steps, check_positive
+from ddrl_engine.sampling.base import NoiseLevel, Sampler, Schedule, check_num_steps, check_positive
+from ddrl_engine.sampling.factory import register_sampler
 
 
+@register_sampler
 @dataclass(frozen=True)
 class RectifiedFlowSDE(Sampler):
     """K SDE steps from t = 1 (pure noise) to t = 0 (the sample itself; `finish` is the identity).
@@ -36,6 +38,13 @@ class RectifiedFlowSDE(Sampler):
         check_positive(owner, "noise_level", self.noise_level)
         check_positive(owner, "shift", self.shift)
         self._init_tables()
+
+    @staticmethod
+    def continuous_level(t: torch.Tensor) -> NoiseLevel:
+        """The forward process at continuous times t in [0, 1] ([B] or 0-dim): x = (1 - t) x0 + t eps,
+        the network sees t, the target is the velocity eps - x0 (flow-matching pretraining)."""
+        one = torch.ones((), dtype=t.dtype, device=t.device)
+        return NoiseLevel(t, 1 - t, t, one, -one)
 
     def _schedule(self) -> Schedule:
         t = torch.linspace(1.0, 0.0, self.num_steps + 1, dtype=torch.float64)

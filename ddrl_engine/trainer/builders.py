@@ -1,43 +1,29 @@
-"""Builds the pieces of a run from its TrainConfig: model, sampler, data, rewards, monitors."""
+"""The built-in default's pieces from a TrainConfig: the DiT, digits (or a folder), the named
+rewards, the digits evaluation. The Trainer itself needs none of this: it takes any policy, sampler,
+rewards and dataset (see docs/backend.md); these builders are what `ddrl-engine` runs by default.
+"""
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
-from ddrl_engine.data import DataStream, digits_split, load_folder
+from ddrl_engine.data import Dataset, digits_split, load_folder
 from ddrl_engine.models.dit import DiT
 from ddrl_engine.rewards import BrightnessReward, ClassConfidenceReward, ContrastReward, WeightedReward, reward_classifier
-from ddrl_engine.sampling import make_sampler
 from ddrl_engine.trainer.config import TrainConfig
 
 REWARD_NAMES = ("brightness", "contrast", "class_confidence")
 
 
-@dataclass
-class Dataset:
-    """Train and held-out tensors ([N, *sample_shape] in the model's range, long labels)."""
-
-    train_x: Tensor
-    train_y: Tensor
-    heldout_x: Tensor
-    heldout_y: Tensor
-    is_digits: bool
-
-
 def build_dataset(cfg: TrainConfig) -> Dataset:
     if cfg.data.dataset == "digits":
         split = digits_split(seed=0, heldout_fraction=cfg.data.heldout_fraction)
-        return Dataset(split.train_x, split.train_y, split.heldout_x, split.heldout_y, True)
+        return Dataset(split.train_x, split.train_y, split.heldout_x, split.heldout_y)
     if not cfg.data.path:
         raise ValueError("config: 'data.path' must name a folder when data.dataset = 'folder'")
     x, y = load_folder(cfg.data.path)
-    n_held = max(1, int(round(cfg.data.heldout_fraction * x.shape[0])))
-    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
-    held, train = perm[:n_held], perm[n_held:]
-    return Dataset(x[train], y[train], x[held], y[held], False)
+    return Dataset.split(x, y, cfg.data.heldout_fraction, seed=0)
 
 
 def build_model(cfg: TrainConfig) -> DiT:
@@ -45,15 +31,12 @@ def build_model(cfg: TrainConfig) -> DiT:
 
 
 def build_sampler(cfg: TrainConfig):
-    s = cfg.sampler
-    extra = {"rectified_flow_sde": dict(noise_level=s.noise_level, shift=s.shift),
-             "ddim": dict(eta=s.eta), "edm_churn": dict(churn=s.churn)}[s.name]
-    return make_sampler(s.name, num_steps=s.num_steps, **extra)
+    return cfg.sampler.build()
 
 
-def build_rewards(cfg: TrainConfig, dataset: Dataset) -> WeightedReward:
+def build_rewards(cfg: TrainConfig) -> WeightedReward:
     """The run's [rewards], computed in this process."""
-    return named_rewards(cfg.rewards, dataset.is_digits)
+    return named_rewards(cfg.rewards, cfg.data.dataset == "digits")
 
 
 def named_rewards(weights: dict[str, float], digits: bool) -> WeightedReward:
@@ -73,7 +56,7 @@ def named_rewards(weights: dict[str, float], digits: bool) -> WeightedReward:
     return WeightedReward(rewards, list(weights.values()))
 
 
-def build_trainer_rewards(cfg: TrainConfig, dataset: Dataset, in_process: WeightedReward):
+def build_trainer_rewards(cfg: TrainConfig, in_process: WeightedReward):
     """What the Trainer computes rewards with: `in_process` (reward_workers.workers = 0), or an
     AsyncReward whose workers build the same rewards (close it when done: it is a context manager)."""
     w = cfg.reward_workers
@@ -81,26 +64,18 @@ def build_trainer_rewards(cfg: TrainConfig, dataset: Dataset, in_process: Weight
         return in_process
     from ddrl_engine.rewards.async_rewards import AsyncReward
 
-    return AsyncReward(functools.partial(named_rewards, dict(cfg.rewards), dataset.is_digits), workers=w.workers,
-                       timeout_s=w.timeout_s, retries=w.retries, on_invalid=cfg.run.on_invalid_reward,
+    return AsyncReward(functools.partial(named_rewards, dict(cfg.rewards), cfg.data.dataset == "digits"),
+                       workers=w.workers, timeout_s=w.timeout_s, retries=w.retries, on_invalid=cfg.run.on_invalid_reward,
                        on_failure=w.on_failure, worker_threads=w.threads)
 
 
-def build_data_stream(cfg: TrainConfig, dataset: Dataset, rollout_batch: int) -> DataStream:
-    batch = cfg.data.batch_size or rollout_batch
-    if cfg.algorithm.data_noise == "rollout" and batch != rollout_batch:
-        raise ValueError(f"config: data.batch_size = {batch} must equal the rollout batch ({rollout_batch}) when "
-                         "algorithm.data_noise = 'rollout' (each data sample is paired with a rollout's noise)")
-    return DataStream(dataset.train_x, dataset.train_y, batch, seed=cfg.run.seed)
-
-
 def build_evaluator(cfg: TrainConfig, dataset: Dataset, rewards: WeightedReward):
-    """The default evaluation; realism and class entropy use the held-out digits classifier."""
+    """The default evaluation; on digits, realism and class entropy use the held-out digits classifier."""
     from ddrl_engine.monitors import FrechetDistance, realism_classifier_features
     from ddrl_engine.trainer.evaluate import Evaluator
 
     fd = logits_fn = None
-    if dataset.is_digits:
+    if cfg.data.dataset == "digits":
         split = digits_split(seed=0, heldout_fraction=cfg.data.heldout_fraction)
         features = realism_classifier_features(split)
         fd = FrechetDistance(features, dataset.heldout_x)
@@ -116,10 +91,10 @@ def build_evaluator(cfg: TrainConfig, dataset: Dataset, rewards: WeightedReward)
 
 @torch.no_grad()
 def synthetic_dataset(cfg: TrainConfig, base, sampler, dataset: Dataset) -> Dataset:
-    """Regularisation data drawn once from the base model (METHOD.md: real data or base samples).
+    """Regularisation data drawn once from the base model (the method allows real data or base samples).
 
-    data.synthetic_count samples with uniformly drawn classes, from a fixed seed; the held-out split
-    (used for evaluation) stays real data.
+    data.synthetic_count samples with uniformly drawn conditions of the base policy, from a fixed seed;
+    the held-out split (used for evaluation) stays real data.
     """
     from ddrl_engine.sampling import rollout
     from ddrl_engine.trainer.evaluate import decode
@@ -128,14 +103,14 @@ def synthetic_dataset(cfg: TrainConfig, base, sampler, dataset: Dataset) -> Data
     n = cfg.data.synthetic_count
     if n < 1:
         raise ValueError(f"config: 'data.synthetic_count' must be >= 1, got {n}")
-    labels = torch.randint(0, cfg.model.num_classes, (n,), generator=torch.Generator().manual_seed(cfg.run.seed + 7))
+    labels = torch.randint(0, base.num_classes, (n,), generator=torch.Generator().manual_seed(cfg.run.seed + 7))
     gen = torch.Generator(device).manual_seed(cfg.run.seed + 7)
     was_training = base.training
     base.eval()
-    chunks = [decode(rollout(base, sampler, y.to(device), generator=gen, sample_shape=tuple(cfg.model.sample_shape)).samples).cpu()
+    chunks = [decode(rollout(base, sampler, y.to(device), generator=gen, sample_shape=base.sample_shape).samples).cpu()
               for y in labels.split(256)]
     base.train(was_training)
-    return Dataset(torch.cat(chunks), labels, dataset.heldout_x, dataset.heldout_y, dataset.is_digits)
+    return Dataset(torch.cat(chunks), labels, dataset.heldout_x, dataset.heldout_y)
 
 
 def build_training_data(cfg: TrainConfig, base, sampler, dataset: Dataset) -> Dataset:

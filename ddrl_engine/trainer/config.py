@@ -6,7 +6,10 @@ the field (e.g. "config: unknown field 'optim.lrr'").
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
+import math
 import tomllib
 import types
 import typing
@@ -15,6 +18,7 @@ from pathlib import Path
 
 from ddrl_engine.algorithms import DDRLConfig
 from ddrl_engine.models.dit import DiTConfig
+from ddrl_engine.sampling.factory import SAMPLERS, make_sampler, sampler_fields
 
 
 @dataclass
@@ -47,34 +51,106 @@ class RunConfig:
     progress: bool = True
 
 
-@dataclass
+@dataclass(init=False)
 class SamplerConfig:
     """The stochastic sampler whose transitions are the policy's actions.
 
-    name: "rectified_flow_sde" (flow-matching SDE), "ddim" (eta > 0) or "edm_churn" (EDM with churn).
+    name: a registered sampler: "rectified_flow_sde" (flow-matching SDE), "ddim" (eta > 0), "edm_churn"
+        (EDM with churn), or one added with ddrl_engine.sampling.register_sampler.
     num_steps: sampling steps K.
-    noise_level: rectified_flow_sde's SDE noise level a (std_t = a sqrt(t / (1 - t))).
-    shift: rectified_flow_sde's time shift (1 = none).
-    eta: ddim's eta.
-    churn: edm_churn's churn (sigma_hat = (1 + churn) sigma).
+
+    The other fields of [sampler] are exactly the chosen sampler's dataclass fields, with its defaults
+    (documented in its docstring, under "Fields:"; `ddrl-engine config` prints those of the default).
+
+    In Python: SamplerConfig(name="ddim", num_steps=10, eta=0.5) (or options={"eta": 0.5}); the
+    sampler's fields live in `options` (filled with the sampler's defaults) and read and write as
+    attributes too (cfg.sampler.eta). Construction validates like loading a TOML file; build() makes
+    the Sampler. to_dict() is flat: {"name": ..., "num_steps": ..., **options}.
     """
 
     name: str = "rectified_flow_sde"
     num_steps: int = 10
-    noise_level: float = 0.7
-    shift: float = 1.0
-    eta: float = 1.0
-    churn: float = 0.2
+    options: dict = field(default_factory=dict)
+
+    def __init__(self, name: str = "rectified_flow_sde", num_steps: int = 10, options: dict | None = None,
+                 **fields) -> None:
+        given = dict(options or {})
+        both = sorted(set(given) & set(fields))
+        if both:
+            raise TypeError(f"SamplerConfig: {both} given both in options and as keyword arguments")
+        given.update(fields)
+        name = _check_value("sampler.name", name, str)
+        if name not in SAMPLERS:
+            raise ValueError(f"config: 'sampler.name' must be one of the registered samplers "
+                             f"({', '.join(sorted(SAMPLERS))}), got {name!r}")
+        num_steps = _check_value("sampler.num_steps", num_steps, int)
+        own = sampler_fields(name)
+        hints = typing.get_type_hints(SAMPLERS[name])
+        known = {f.name for f in own}
+        for key in given:
+            if key not in known:
+                raise ValueError(f"config: unknown field 'sampler.{key}' for sampler {name!r} "
+                                 f"(its fields: {', '.join(f.name for f in own) or 'none'})")
+        values = {}
+        for f in own:
+            if f.name in given:
+                values[f.name] = _check_value(f"sampler.{f.name}", given[f.name], hints[f.name])
+            else:
+                values[f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "num_steps", num_steps)
+        object.__setattr__(self, "options", values)
+        if num_steps <= 0:
+            raise ValueError(f"config: 'sampler.num_steps' must be > 0, got {num_steps}")
+        try:
+            self.build()  # the sampler's own value checks (its __post_init__)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"config: [sampler] {e}") from e
+
+    def __getattr__(self, key: str):
+        # Only reached when normal lookup fails: the sampler's own fields read as attributes.
+        options = self.__dict__.get("options")
+        if options is not None and key in options:
+            return options[key]
+        raise AttributeError(f"SamplerConfig: sampler {self.__dict__.get('name')!r} has no field {key!r}"
+                             + (f" (its fields: {', '.join(options)})" if options is not None else ""))
+
+    def __setattr__(self, key: str, value) -> None:
+        options = self.__dict__.get("options")
+        if key in ("name", "num_steps", "options") or options is None:
+            object.__setattr__(self, key, value)
+        elif key in options:
+            options[key] = value
+        else:
+            raise AttributeError(f"SamplerConfig: sampler {self.name!r} has no field {key!r} "
+                                 f"(its fields: {', '.join(options) or 'none'})")
+
+    def build(self):
+        """The Sampler this configures (a fresh instance, tables on the CPU)."""
+        return make_sampler(self.name, num_steps=self.num_steps, **self.options)
+
+    def to_dict(self) -> dict:
+        """Flat: {"name": ..., "num_steps": ..., **the sampler's fields} (what config_from_dict reads)."""
+        return {"name": self.name, "num_steps": self.num_steps, **copy.deepcopy(self.options)}
 
 
 @dataclass
 class OptimConfig:
-    """Optimiser and weight averaging.
+    """Optimiser, learning-rate schedule and weight averaging (built by trainer.optim.build_optimizer).
 
-    lr: AdamW learning rate.
-    weight_decay: AdamW weight decay.
-    beta1: AdamW beta1.
-    beta2: AdamW beta2.
+    name: "adamw" (decoupled weight decay; fused on CUDA), "adam" (weight decay added to the gradient,
+        L2; fused on CUDA) or "sgd" (momentum = beta1, no dampening or Nesterov, L2 weight decay;
+        beta2 is unused).
+    lr: peak learning rate (the whole run's with schedule = "constant").
+    weight_decay: weight decay (decoupled for adamw, L2 for adam and sgd).
+    beta1: Adam(W) beta1; sgd's momentum.
+    beta2: Adam(W) beta2.
+    schedule: learning rate per training step s = 0..run.steps - 1 (the scheduler steps once per
+        training step): "constant" (lr), "linear_warmup" (lr (s + 1) / (warmup_steps + 1) for the first
+        warmup_steps steps, then lr) or "cosine" (the same warm-up, then a cosine decay from lr at step
+        warmup_steps to min_lr at the last step, run.steps - 1).
+    warmup_steps: warm-up steps of "linear_warmup" and "cosine" (0 = none); must be < run.steps.
+    min_lr: the learning rate "cosine" decays to (0 <= min_lr <= lr).
     grad_clip: clip the global gradient norm to this (0 = off).
     ema_decay: decay of the EMA weights (0 = no EMA).
     micro_batch: rows per forward/backward in the update (0 = all of the rank's rows at once); the
@@ -82,10 +158,14 @@ class OptimConfig:
         is the same up to rounding while activation memory follows the micro-batch.
     """
 
+    name: str = "adamw"
     lr: float = 1e-4
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.0
     micro_batch: int = 0
@@ -102,7 +182,7 @@ class RolloutConfig:
         (fresh noise each replay, weights updated in place); needs run.device = "cuda". A request that
         cannot be honoured is an error, never a silent eager fallback.
     attention_backend: attention backend of the rollout's forwards, "sdpa" or "fp8" (checked against
-        ddrl_engine.attention.available_backends() when the trainer starts); training uses "sdpa".
+        ddrl_engine.attention.available_backends(run.device) when the trainer starts); training uses "sdpa".
     """
 
     conditions_per_step: int = 4
@@ -228,24 +308,29 @@ class TrainConfig:
     rewards: dict[str, float] = field(default_factory=lambda: {"brightness": 1.0})
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain nested dicts, one per section (what config_from_dict reads back; config.json)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: value.to_dict() if isinstance(value, SamplerConfig)
+                else dataclasses.asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+                for name, value in data.items()}
 
 
 _CHOICES = {
     "run.on_invalid_reward": ("error", "drop"),
-    "sampler.name": ("rectified_flow_sde", "ddim", "edm_churn"),
+    "optim.name": ("adamw", "adam", "sgd"),
+    "optim.schedule": ("constant", "linear_warmup", "cosine"),
     "data.dataset": ("digits", "folder"),
     "rollout.attention_backend": ("sdpa", "fp8"),
     "distributed.parallel": ("none", "ddp", "fsdp"),
     "distributed.grad_sync": ("auto", "update", "backward"),
     "reward_workers.on_failure": ("drop", "raise"),
 }
-_POSITIVE = {"run.steps", "run.eval_every", "sampler.num_steps", "rollout.conditions_per_step", "optim.lr",
+_POSITIVE = {"run.steps", "run.eval_every", "rollout.conditions_per_step", "optim.lr",
              "eval.samples_per_class", "eval.heldout_loss_levels", "pretrain.batch_size", "pretrain.lr",
              "run.keep_checkpoints", "reward_workers.timeout_s", "reward_workers.threads"}
 _NON_NEGATIVE = {"run.ckpt_every", "optim.weight_decay", "optim.grad_clip", "data.batch_size", "pretrain.steps",
                  "reward_workers.workers", "reward_workers.retries", "optim.micro_batch",
-                 "distributed.shard_size"}
+                 "distributed.shard_size", "optim.warmup_steps", "optim.min_lr"}
 
 
 def _check_value(where: str, value, hint):
@@ -310,6 +395,16 @@ def _build_section(name: str, cls, values: dict):
         raise ValueError(f"config: [{name}] {e}") from e
 
 
+def _build_sampler_section(values: dict) -> SamplerConfig:
+    # name and num_steps are SamplerConfig's; every other key must be a field of the named sampler
+    # (passed as options, so even a key called "options" is checked against the sampler's fields).
+    if not isinstance(values, dict):
+        raise ValueError(f"config: [sampler] must be a table, got {values!r}")
+    rest = dict(values)
+    head = {k: rest.pop(k) for k in ("name", "num_steps") if k in rest}
+    return SamplerConfig(**head, options=rest)
+
+
 def config_from_dict(data: dict) -> TrainConfig:
     sections = {f.name: f for f in dataclasses.fields(TrainConfig)}
     hints = typing.get_type_hints(TrainConfig)
@@ -321,6 +416,8 @@ def config_from_dict(data: dict) -> TrainConfig:
             if not isinstance(values, dict) or not values:
                 raise ValueError("config: [rewards] must map at least one reward name to a weight")
             kwargs[name] = {k: _check_value(f"rewards.{k}", v, float) for k, v in values.items()}
+        elif name == "sampler":
+            kwargs[name] = _build_sampler_section(values)
         else:
             kwargs[name] = _build_section(name, hints[name], values)
     cfg = TrainConfig(**kwargs)
@@ -329,7 +426,8 @@ def config_from_dict(data: dict) -> TrainConfig:
 
 
 def check_config(cfg: TrainConfig) -> None:
-    """Checks that span sections (also run by the Trainer on configs built in code)."""
+    """Checks that span fields or sections (also run by the Trainer on configs built in code)."""
+    check_optim(cfg.optim, cfg.run.steps)
     if cfg.rollout.cuda_graph and not cfg.run.device.startswith("cuda"):
         raise ValueError(f"config: 'rollout.cuda_graph' = true needs a CUDA device, but run.device = "
                          f"{cfg.run.device!r}; set run.device = 'cuda' or rollout.cuda_graph = false")
@@ -343,14 +441,50 @@ def check_config(cfg: TrainConfig) -> None:
                          "(untested: the capture would contain FSDP2's all-gathers); use 'ddp' or cuda_graph = false")
 
 
+def check_optim(o: OptimConfig, total_steps: int) -> None:
+    """[optim] as build_optimizer needs it, for a run of total_steps training steps."""
+    for key in ("name", "schedule"):
+        value = getattr(o, key)
+        if value not in _CHOICES[f"optim.{key}"]:
+            raise ValueError(f"config: 'optim.{key}' must be one of {_CHOICES[f'optim.{key}']}, got {value!r}")
+    if isinstance(o.warmup_steps, bool) or not isinstance(o.warmup_steps, int) or o.warmup_steps < 0:
+        raise ValueError(f"config: 'optim.warmup_steps' must be an integer >= 0, got {o.warmup_steps!r}")
+    for key, low in (("lr", "> 0"), ("min_lr", ">= 0")):
+        value = getattr(o, key)
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        if not ok or not (value > 0 if key == "lr" else value >= 0):
+            raise ValueError(f"config: 'optim.{key}' must be a finite number {low}, got {value!r}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(o, key) < 1:
+            raise ValueError(f"config: 'optim.{key}' must be in [0, 1), got {getattr(o, key)}")
+    if o.warmup_steps and o.schedule == "constant":
+        raise ValueError(f"config: optim.warmup_steps needs optim.schedule = 'linear_warmup' or 'cosine' "
+                         f"(got warmup_steps = {o.warmup_steps} with schedule = 'constant')")
+    if o.warmup_steps >= total_steps > 0:
+        raise ValueError(f"config: optim.warmup_steps = {o.warmup_steps} must be < run.steps = {total_steps} "
+                         "(the warm-up must end within the run)")
+    if o.min_lr and o.schedule != "cosine":
+        raise ValueError(f"config: optim.min_lr needs optim.schedule = 'cosine' (got min_lr = {o.min_lr} with "
+                         f"schedule = {o.schedule!r})")
+    if o.min_lr > o.lr:
+        raise ValueError(f"config: optim.min_lr = {o.min_lr} must be <= optim.lr = {o.lr}")
+
+
 def load_config(path: str | Path) -> TrainConfig:
+    """A TOML file, or the config.json a run writes (run folder and checkpoints)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"config: {path} is not valid TOML: {e}") from e
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config: {path} is not valid JSON: {e}") from e
+    else:
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config: {path} is not valid TOML: {e}") from e
     return config_from_dict(data)
 
 
@@ -364,8 +498,11 @@ def defaults_as_toml() -> str:
             lines += ["[rewards]", "# reward name = weight; names: brightness, contrast, class_confidence"]
             lines += [f"{k} = {v}" for k, v in cfg.rewards.items()] + [""]
             continue
+        if f.name == "sampler":
+            lines += _sampler_toml(cfg.sampler) + [""]
+            continue
         cls = hints[f.name]
-        docs = _field_docs(cls)
+        docs = _field_docs(cls.__doc__, [sf.name for sf in dataclasses.fields(cls)])
         lines.append(f"[{f.name}]")
         section = getattr(cfg, f.name)
         for sf in dataclasses.fields(cls):
@@ -376,19 +513,40 @@ def defaults_as_toml() -> str:
     return "\n".join(lines)
 
 
-def _field_docs(cls) -> dict[str, str]:
-    docs, current = {}, None
-    names = {f.name for f in dataclasses.fields(cls)}
-    for line in (cls.__doc__ or "").splitlines():
+def _sampler_toml(s: SamplerConfig) -> list[str]:
+    """[sampler]: name and num_steps documented by SamplerConfig, the sampler's own fields by the
+    "Fields:" block of its docstring."""
+    docs = _field_docs(SamplerConfig.__doc__, ["name", "num_steps"])
+    fields_doc = (SAMPLERS[s.name].__doc__ or "").partition("Fields:")[2]
+    own = _field_docs(fields_doc, list(s.options))
+    lines = ["[sampler]", f"# {docs['name']}",
+             f"# registered samplers: {', '.join(sorted(SAMPLERS))}; the fields after num_steps are "
+             f"those of {s.name!r} (each sampler takes its own)",
+             f"name = {_toml_value(s.name)}", f"# {docs['num_steps']}", f"num_steps = {s.num_steps}"]
+    for key, value in s.options.items():
+        if key in own:
+            lines.append(f"# {own[key]}")
+        lines.append(f"{key} = {_toml_value(value)}")
+    return lines
+
+
+def _field_docs(doc: str | None, names) -> dict[str, str]:
+    """"name: text" entries of a docstring (continued on the following indented lines, ended by a
+    blank line or the next entry); "a, b: text" documents a and b together."""
+    docs, current = {}, []
+    names = set(names)
+    for line in (doc or "").splitlines():
         stripped = line.strip()
-        head = stripped.split(":", 1)[0]
-        if ":" in stripped and head in names:
-            current = head
-            docs[current] = stripped.split(":", 1)[1].strip()
+        heads = [h.strip() for h in stripped.split(":", 1)[0].split(",")]
+        if ":" in stripped and all(h in names for h in heads):
+            current = heads
+            for h in heads:
+                docs[h] = stripped.split(":", 1)[1].strip()
         elif current and stripped:
-            docs[current] += " " + stripped
+            for h in current:
+                docs[h] += " " + stripped
         else:
-            current = None
+            current = []
     return docs
 
 

@@ -50,11 +50,11 @@ def run_demo(out: str | Path, *, config: str | Path | None = None, steps: int | 
     dataset = build_dataset(cfg)
     base = pretrain_base(cfg, dataset, device=device, progress=progress, log=log)
     sampler = build_sampler(cfg)
-    rewards = build_rewards(cfg, dataset)
+    rewards = build_rewards(cfg)
     evaluator = build_evaluator(cfg, dataset, rewards)
     train_data = build_training_data(cfg, base, sampler, dataset)
 
-    base_metrics, base_samples = evaluator(base, sampler, tuple(cfg.model.sample_shape), device)
+    base_metrics, base_samples = evaluator(base, sampler, base.sample_shape, device)
     log(f"base: " + ", ".join(f"{k}={v:.4f}" for k, v in base_metrics.items()))
     results, curves, samples = {"base": base_metrics}, {}, {"base": base_samples}
     for method in methods:
@@ -70,6 +70,6 @@ def run_demo(out: str | Path, *, config: str | Path | None = None, steps: int | 
              for m in methods]
     write_report(out, results, wall, machine_description(device), notes)
     plot_curves(out, curves, base_metrics)
-    plot_samples(out, samples, cfg.model.num_classes)
+    plot_samples(out, samples, base.num_classes)
     log(f"demo done in {wall:.0f} s: {out / 'report.md'}")
     return summary

@@ -9,35 +9,21 @@ How a step is split (DistributedConfig.parallel = "ddp" or "fsdp", world size W)
 - every loss is a mean over the rank's rows and gradients are averaged over ranks (DDP all-reduce or
   FSDP2 reduce-scatter), which is the one-process gradient when the shards have equal sizes.
 Since generator states are rank-invariant, a checkpoint's non-tensor state is saved once (rank 0)
-and the weights and optimizer go through DCP, which reshards: a checkpoint resumes at any world size.
+and the weights and optimizer go through DCP (trainer.checkpoint), which reshards: a checkpoint resumes
+at any world size.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
-import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
-
-DCP_METADATA = ".metadata"
-
-
-def is_dcp_checkpoint(path: str | Path) -> bool:
-    """Whether `path` is a checkpoint written by a distributed run (DCP files, not safetensors)."""
-    return (Path(path) / DCP_METADATA).is_file()
-
 
 @dataclass
 class Distributed:
@@ -230,54 +216,3 @@ def checkpoint_blocks(model: nn.Module) -> None:
             return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 
         block.forward = forward
-
-
-# ---- checkpoints ------------------------------------------------------------------------------
-
-def _model_states(modules: dict[str, nn.Module]) -> dict:
-    return {name: get_model_state_dict(m) for name, m in modules.items()}
-
-
-def save_dcp_checkpoint(ctx: Distributed, root: str | Path, step: int, *, modules: dict[str, nn.Module],
-                        optimizer: torch.optim.Optimizer, state: dict, config: dict | None, keep: int) -> Path:
-    """Writes root/step_XXXXXXX (DCP shards of modules + optimizer, state.pt and config.json from rank 0)
-    under a temporary name and renames it into place (all ranks call this)."""
-    from ddrl_engine.trainer.checkpoint import publish
-
-    root = Path(root)
-    final = root / f"step_{step:07d}"
-    tmp = root / f".{final.name}.tmp-dcp"
-    if ctx.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    ctx.barrier()
-    sd = _model_states(modules)
-    sd["optimizer"] = get_optimizer_state_dict(modules["model"], optimizer)
-    dcp.save(sd, checkpoint_id=str(tmp))
-    if ctx.rank == 0:
-        torch.save(state, tmp / "state.pt")
-        meta = {"world_size": ctx.world_size, "parallel": ctx.mode}
-        (tmp / "distributed.json").write_text(json.dumps(meta))
-        publish(tmp, final, config=config, keep=keep)
-    ctx.barrier()
-    return final
-
-
-def load_dcp_checkpoint(path: str | Path, *, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
-                        map_location="cpu") -> dict:
-    """Loads a DCP checkpoint (any saving world size) into `modules` and `optimizer` (sharded or not;
-    also without a process group) and returns its state.pt."""
-    path = Path(path)
-    if not is_dcp_checkpoint(path):
-        raise FileNotFoundError(f"{path} is not a torch.distributed.checkpoint checkpoint (no {DCP_METADATA})")
-    sd = _model_states(modules)
-    sd["optimizer"] = get_optimizer_state_dict(modules["model"], optimizer)
-    with warnings.catch_warnings():  # without a process group DCP warns that it loads in one process: intended
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(sd, checkpoint_id=str(path))
-    for name, m in modules.items():
-        set_model_state_dict(m, sd[name])
-    set_optimizer_state_dict(modules["model"], optimizer, sd["optimizer"])
-    return torch.load(path / "state.pt", map_location=map_location, weights_only=False)

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ddrl_engine.algorithms import data_loss
+from ddrl_engine.algorithms import policy_data_loss
 from ddrl_engine.monitors import FrechetDistance, class_entropy, mean_pairwise_distance
 from ddrl_engine.rewards import WeightedReward
 from ddrl_engine.sampling import rollout
@@ -52,12 +52,10 @@ class Evaluator:
         x0, y = self.heldout_x.to(device), self.heldout_y.to(device)
         ks = torch.linspace(0, sampler.num_steps - 1, self.heldout_levels).round().long().unique().tolist()
         total = 0.0
+        sampler.to(device)
         for k in ks:
             eps = torch.randn(x0.shape, generator=gen, device=device)
-            level = sampler.network_level(k).to(device).expand(x0.shape[0])
-            pred = policy(sampler.noised(x0, eps, k), level, y)
-            nc, dc = sampler.target_coefs(k)
-            total += data_loss(pred, x0, eps, nc, dc).item()
+            total += policy_data_loss(policy, x0, y, eps, sampler.level(k)).item()
         return total / len(ks)
 
     @torch.no_grad()

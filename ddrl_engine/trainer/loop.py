@@ -1,36 +1,41 @@
 """The DDRL training loop: rollout -> rewards -> advantages -> clipped policy loss + data loss (+ KL)
--> backward, clip, AdamW, EMA; with evaluation, metrics.jsonl, atomic checkpoints and exact resume.
+-> backward, clip, optimizer, EMA; with evaluation, metrics.jsonl, atomic checkpoints and exact resume.
+
+The Trainer works on any policy (`policy(x, t, cond)` with `sample_shape`; see models.Policy), any
+sampler, any rewards and any dataset of (x, condition id) pairs: nothing here knows the DiT or digits.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import json
 import math
 import random
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddrl_engine.algorithms import clipped_policy_loss, combine, data_loss, gaussian_kl, group_advantages
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
+from ddrl_engine.algorithms import clipped_policy_loss, combine, gaussian_kl, group_advantages, policy_data_loss
 from ddrl_engine.attention import attention_backend, available_backends
+from ddrl_engine.data import DataStream
 from ddrl_engine.monitors import HeldoutLossMonitor
 from ddrl_engine.profiling import phase
-from ddrl_engine.sampling.mismatch import logprob_mismatch
-from ddrl_engine.sampling import Rollout, RolloutRunner, group_conditions, transition
+from ddrl_engine.sampling import Rollout, RolloutRunner, group_conditions, logprob_mismatch, recompute_log_probs, transition
 from ddrl_engine.sampling.step import draw_noise
-from ddrl_engine.trainer.builders import build_data_stream
-from ddrl_engine.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ddrl_engine.trainer.checkpoint import OPTIMIZER_KEY, TRAINER_KEY, CheckpointManager
 from ddrl_engine.trainer.config import TrainConfig, check_config
-from ddrl_engine.trainer.distributed import Distributed, is_dcp_checkpoint, load_dcp_checkpoint, save_dcp_checkpoint
+from ddrl_engine.trainer.distributed import Distributed
 from ddrl_engine.trainer.evaluate import Evaluator, decode
+from ddrl_engine.trainer.optim import build_optimizer
 from ddrl_engine.trainer.reward_requests import RewardRequests
 
 
@@ -55,71 +60,145 @@ def micro_batches(rows: int, micro: int) -> list[tuple[slice, float]]:
     return [(slice(a, min(a + size, rows)), (min(a + size, rows) - a) / rows) for a in range(0, rows, size)]
 
 
+@dataclass
+class _UpdatePlan:
+    """How one update splits into backwards: the micro-batches of the rollout and data rows, how many
+    data steps and trained steps, and the scales `combine` applies to each pass."""
+
+    n_trained: int
+    n_data: int
+    policy_pass: bool
+    roll_parts: list
+    data_parts: list
+    backwards: int
+    scale: dict
+    data_scale: dict
+
+    @classmethod
+    def make(cls, trainer: "Trainer", batch: "RolloutBatch", data) -> "_UpdatePlan":
+        algo, micro = trainer.algo, trainer.cfg.optim.micro_batch
+        n_trained = len(trainer.trained_steps)
+        policy_pass = algo.use_reward or trainer.reference is not None
+        roll_parts = micro_batches(batch.rollout.states.shape[0], micro)
+        data_parts = micro_batches(data[0].shape[0], micro) if data is not None else []
+        n_data = (n_trained if algo.data_loss_steps == "all" else 1) if data is not None else 0
+        backwards = n_data * len(data_parts) + policy_pass * n_trained * len(roll_parts)
+        scale = dict(beta_data=algo.beta_data, beta_kl=algo.beta_kl, num_trained_steps=n_trained)
+        data_scale = dict(scale, num_trained_steps=max(n_data, 1))  # the data term: a mean over its steps
+        return cls(n_trained, n_data, policy_pass, roll_parts, data_parts, backwards, scale, data_scale)
+
+
+@dataclass
+class _Accumulators:
+    """Per-update loss terms (device scalars, summed with one host sync at the end)."""
+
+    sums: dict = field(default_factory=lambda: {"policy_loss": [], "data_loss": [], "kl": [], "clip_frac": []})
+    ratio_devs: list = field(default_factory=list)
+    first: dict = field(default_factory=dict)
+
+
 class RolloutBatch:
-    """What one step trains on: the rollout, its old log-probs [B, K] and metrics, and its advantages
-    [B] (None for sft). With reward workers the rewards may still be computing: `advantages` waits
-    for them on first access (and adds the reward metrics), so the trainer reads it as late as it can.
+    """What one step trains on: the rollout, its old log-probs [B, K], the rollout's metrics, and the
+    submitted rewards (`pending`, None for sft). With reward workers the rewards may still be
+    computing: `Trainer.await_rewards(batch)` waits for them, and the trainer calls it as late as it can.
     """
 
-    def __init__(self, rollout: Rollout, old_log_probs: torch.Tensor, metrics: dict, resolve=None):
-        self.rollout, self.old_log_probs, self.metrics = rollout, old_log_probs, metrics
-        self._resolve, self._advantages = resolve, None
+    def __init__(self, rollout: Rollout, old_log_probs: torch.Tensor, metrics: dict, pending=None):
+        self.rollout, self.old_log_probs, self.metrics, self.pending = rollout, old_log_probs, metrics, pending
+        self.rewards: RewardOutcome | None = None  # set by Trainer.await_rewards
 
-    @property
-    def advantages(self) -> torch.Tensor | None:
-        if self._resolve is not None:
-            resolve, self._resolve = self._resolve, None
-            self._advantages = resolve()
-        return self._advantages
+
+@dataclass
+class RewardOutcome:
+    """The rewards of a RolloutBatch, resolved: this rank's rows of the group-normalised advantages [B]
+    and the reward metrics (reward, invalid_rewards, reward_batches_dropped, adv_abs, time_reward,
+    time_reward_wait)."""
+
+    advantages: torch.Tensor
+    metrics: dict
+
+
+def _condition_ids(policy, conditions) -> torch.Tensor:
+    """The condition ids rollouts draw from: `conditions` (1-D long), or 0..policy.num_classes - 1."""
+    if conditions is None:
+        n = getattr(policy, "num_classes", None)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"Trainer: the policy ({type(policy).__name__}) has no `num_classes` >= 1 to draw "
+                             "rollout conditions from; pass conditions= (a 1-D long tensor of condition ids)")
+        return torch.arange(n)
+    if not isinstance(conditions, torch.Tensor) or conditions.dtype != torch.long or conditions.dim() != 1 \
+            or conditions.numel() == 0:
+        raise TypeError(f"Trainer: 'conditions' must be a non-empty 1-D long tensor of condition ids, got "
+                        f"{getattr(conditions, 'dtype', type(conditions).__name__)} "
+                        f"{tuple(getattr(conditions, 'shape', ()))}")
+    return conditions.cpu()
+
+
+def _sample_shape(policy) -> tuple[int, ...]:
+    shape = getattr(policy, "sample_shape", None)
+    if not isinstance(shape, (tuple, list)) or not shape or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise ValueError(f"Trainer: the policy ({type(policy).__name__}) must have a `sample_shape` attribute: the "
+                         f"per-sample state shape, e.g. (C, H, W) or (C, T, H, W); got {shape!r}")
+    return tuple(shape)
 
 
 class Trainer:
     """Trains `policy` with DDRL (or a baseline: the method lives in cfg.algorithm).
 
-    policy: the model to train (its current weights are the base). sampler, rewards, dataset and
-    evaluator come from trainer.builders for the built-in default, or from the user.
-    rewards: a WeightedReward (computed in this process) or an AsyncReward (reward workers, which
-        overlap the data-loss pass; see ddrl_engine.trainer.reward_requests).
+    policy: the model to train (its current weights are the base): `policy(x, t, cond) -> like x`,
+        with `sample_shape` (the per-sample state shape) and, unless `conditions` is given,
+        `num_classes` (rollout conditions are drawn uniformly from 0..num_classes - 1).
+    sampler: a `ddrl_engine.sampling.Sampler` (its transitions are the policy's actions).
+    rewards: any object with `name` and `__call__(samples, cond) -> [B]` floats, a list of them (equal
+        weights), a `WeightedReward`, or an `AsyncReward` (reward workers, which overlap the data-loss
+        pass; see ddrl_engine.trainer.reward_requests).
+    dataset: the off-policy data, anything with `train_x` [N, *sample_shape] and `train_y` long [N]
+        (a `ddrl_engine.data.Dataset`); needed when algorithm.beta_data > 0, else may be None.
+    evaluator: called as evaluator(policy, sampler, sample_shape, device) -> (metrics, samples) every
+        run.eval_every steps (e.g. `trainer.evaluate.Evaluator`), or None.
+    conditions: the condition ids rollouts draw from (1-D long), e.g. the training prompts' ids.
     decode: what the rewards see of a rollout's samples (default: clamped to the [-1, 1] image range;
         for a latent model pass e.g. the identity, or a VAE decode).
     sync_timing: synchronise the device at each timed boundary, so the time_* metrics are device
         time, not launch time (benchmarks; costs a sync per phase).
     Every phase runs inside a named `ddrl_engine.profiling.phase` range (NVTX + torch.profiler).
-    The rollout goes through a `RolloutRunner` (eager, or a CUDA graph with rollout.cuda_graph);
-    its Rollout views the runner's buffers, valid until the next collect().
+    The rollout goes through a `RolloutRunner` (eager, or a CUDA graph with rollout.cuda_graph; a
+    graphed Rollout views the runner's buffers, valid until the next collect()).
     With cfg.distributed.parallel = "ddp" or "fsdp" (under torchrun) each rank rolls out and trains on
     its rows of the global batch (see ddrl_engine.trainer.distributed); `dist` is then set, else None.
+    The trainer's whole state is `state_dict()` / `load_state_dict()`; `save()` / `resume()` write and
+    read it through one CheckpointManager (one process or distributed).
     """
 
-    def __init__(self, cfg: TrainConfig, policy, sampler, rewards, dataset, evaluator: Evaluator | None = None,
-                 *, log=print, sync_timing: bool = False, decode=decode):
+    def __init__(self, cfg: TrainConfig, policy, sampler, rewards, dataset=None, evaluator: Evaluator | None = None,
+                 *, conditions: torch.Tensor | None = None, log=print, sync_timing: bool = False, decode=decode):
         check_config(cfg)
+        self.sample_shape = _sample_shape(policy)
+        self.condition_ids = _condition_ids(policy, conditions)
         if cfg.rollout.cuda_graph:
             RolloutRunner.check_device(cfg.run.device)
-        usable, why = available_backends().get(cfg.rollout.attention_backend, (False, "unknown backend"))
-        if not usable:
-            raise ValueError(f"config: 'rollout.attention_backend' = {cfg.rollout.attention_backend!r} is not "
-                             f"usable here: {why}")
         self.cfg, self.log = cfg, log
         self.sync_timing = sync_timing
         par = cfg.distributed.parallel
         self.dist = (Distributed.from_env(par, cfg.run.device, shard_size=cfg.distributed.shard_size)
                      if par != "none" else None)
         self.device = cfg.run.device if self.dist is None else self.dist.device
+        usable, why = available_backends(self.device).get(cfg.rollout.attention_backend, (False, "unknown backend"))
+        if not usable:
+            raise ValueError(f"config: 'rollout.attention_backend' = {cfg.rollout.attention_backend!r} is not "
+                             f"usable on {self.device}: {why}")
         self.algo = cfg.algorithm
+        self.reward_requests = RewardRequests(rewards, cfg.run.on_invalid_reward) if self.algo.use_reward else None
+        self.rewards = self.reward_requests.rewards if self.reward_requests is not None else rewards
+        self.rollout_batch = cfg.rollout.conditions_per_step * self.algo.group_size
+        self.data = self._data_stream(dataset) if self.algo.beta_data > 0 else None
         self.policy = policy.to(self.device)
         self.sampler = sampler
-        self.rewards = rewards
         self.decode = decode
-        self.reward_requests = RewardRequests(rewards, cfg.run.on_invalid_reward) if self.algo.use_reward else None
         self.dataset = dataset
         self.evaluator = evaluator
-        self.sample_shape = tuple(cfg.model.sample_shape)
         self.out = Path(cfg.run.out_dir)
-        self.rollout_batch = cfg.rollout.conditions_per_step * self.algo.group_size
         self.trained_steps = self.algo.trained_steps(sampler.num_steps)
-        needs_data = self.algo.beta_data > 0
-        self.data = build_data_stream(cfg, dataset, self.rollout_batch) if needs_data else None
         self.reference = copy.deepcopy(policy).requires_grad_(False).eval() if self.algo.beta_kl > 0 else None
         self.ema = copy.deepcopy(policy).requires_grad_(False) if cfg.optim.ema_decay > 0 else None
         self._rollout_shard = self._data_shard = None
@@ -133,9 +212,9 @@ class Trainer:
                 self.policy, self.reference, self.ema, activation_checkpointing=cfg.distributed.activation_checkpointing)
         self.runner = RolloutRunner(self._module(), sampler, sample_shape=self.sample_shape,
                                     reduction=self.algo.logprob_reduction, cuda_graph=cfg.rollout.cuda_graph)
-        fused = self.device.startswith("cuda")
-        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                     betas=(cfg.optim.beta1, cfg.optim.beta2), fused=fused)
+        self.opt, self.scheduler = build_optimizer(self.policy.parameters(), cfg.optim, device=self.device,
+                                                   total_steps=cfg.run.steps)
+        self.checkpoints = CheckpointManager(self.out / "checkpoints", dist=self.dist, keep=cfg.run.keep_checkpoints)
         self.rollout_gen = torch.Generator(self.device).manual_seed(cfg.run.seed)
         self.cond_gen = torch.Generator().manual_seed(cfg.run.seed + 1)
         self.data_gen = torch.Generator(self.device).manual_seed(cfg.run.seed + 2)
@@ -149,26 +228,39 @@ class Trainer:
         self._defer_grad_sync = grad_sync == "update"
         self._stop_signal = False
 
+    def _data_stream(self, dataset) -> DataStream:
+        if dataset is None or not all(hasattr(dataset, a) for a in ("train_x", "train_y")):
+            raise ValueError(f"Trainer: algorithm.beta_data = {self.algo.beta_data} needs a dataset with train_x "
+                             f"[N, *sample_shape] and train_y [N] (the off-policy data), got {type(dataset).__name__}")
+        x, y = dataset.train_x, dataset.train_y
+        if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != self.sample_shape:
+            raise ValueError(f"Trainer: dataset.train_x must be [N, *{self.sample_shape}] (the policy's sample_shape), "
+                             f"got {tuple(getattr(x, 'shape', ()))}")
+        batch = self.cfg.data.batch_size or self.rollout_batch
+        if self.algo.data_noise == "rollout" and batch != self.rollout_batch:
+            raise ValueError(f"config: data.batch_size = {batch} must equal the rollout batch ({self.rollout_batch}) "
+                             "when algorithm.data_noise = 'rollout' (each data sample is paired with a rollout's noise)")
+        return DataStream(x, y, batch, seed=self.cfg.run.seed)
+
     def _module(self):
         """The policy without a DDP wrapper (FSDP2 shards in place: the module itself)."""
         return self.policy if self.dist is None else self.dist.unwrap(self.policy)
 
-    # ---- one training step ------------------------------------------------------------------
+    # ---- one training step: collect, then update ---------------------------------------------
 
     def _now(self) -> float:
         if self.sync_timing and self.device.startswith("cuda"):
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def _data_loss(self, x0, y, eps, k):
-        """The policy's diffusion loss on data at step k's level (with the given noise)."""
-        level = self.sampler.network_level(k).to(self.device).expand(x0.shape[0])
-        pred = self.policy(self.sampler.noised(x0, eps, k), level, y)
-        nc, dc = self.sampler.target_coefs(k)
-        return data_loss(pred, x0, eps, nc, dc)
+    def draw_conditions(self) -> torch.Tensor:
+        """conditions_per_step ids drawn uniformly from the condition set (cond_gen), on the CPU."""
+        idx = torch.randint(0, self.condition_ids.numel(), (self.cfg.rollout.conditions_per_step,),
+                            generator=self.cond_gen)
+        return self.condition_ids[idx]
 
     def collect(self) -> RolloutBatch:
-        """Rollout of conditions_per_step x group_size samples, rewards and advantages (no grad)."""
+        """Rollout of conditions_per_step x group_size samples; submits their rewards (no grad)."""
         with phase("collect"):
             return self._collect()
 
@@ -176,32 +268,36 @@ class Trainer:
         cfg, algo, dev = self.cfg, self.algo, self.device
         t0 = self._now()
         self.policy.eval()
-        classes = torch.randint(0, cfg.model.num_classes, (cfg.rollout.conditions_per_step,), generator=self.cond_gen)
-        cond = group_conditions(classes.to(dev), algo.group_size)
+        cond = group_conditions(self.draw_conditions().to(dev), algo.group_size)
         if self.dist is not None:  # this rank's rows; the noise of the global batch, these rows kept
             cond = self.dist.rows(cond)
         with attention_backend(cfg.rollout.attention_backend):
             ro = self.runner(cond, generator=self.rollout_gen, shard=self._rollout_shard)
         t_rollout = self._now()
         metrics = {"time_rollout": t_rollout - t0}
-        resolve = None
+        pending = None
         if algo.use_reward:
             with phase("reward"):  # in-process: the reward itself; with workers: handing the batch over
                 pending = self.reward_requests.submit(self.decode(ro.samples), cond)
-            resolve = functools.partial(self._advantages, pending, metrics)
         metrics["time_reward_submit"] = self._now() - t_rollout
         old_lp = ro.log_probs
         if cfg.rollout.recompute_old_logprobs:
-            with torch.no_grad(), phase("old_logprob"):
+            with phase("old_logprob"):
                 old_lp = old_lp.clone()
-                for k in self.trained_steps:
-                    old_lp[:, k] = transition(self.policy, self.sampler, ro.states[:, k], k, cond,
-                                              x_next=ro.states[:, k + 1], reduction=algo.logprob_reduction).log_prob
-        return RolloutBatch(ro, old_lp, metrics, resolve)
+                old_lp[:, self.trained_steps] = recompute_log_probs(self.policy, self.sampler, ro,
+                                                                    steps=self.trained_steps)
+        return RolloutBatch(ro, old_lp, metrics, pending)
 
-    def _advantages(self, pending, metrics: dict) -> torch.Tensor:
-        """Waits for the rewards of `pending`, gathers them over ranks, and returns this rank's rows of
-        the group-normalised advantages; adds the reward metrics to `metrics`."""
+    def await_rewards(self, batch: RolloutBatch) -> RewardOutcome:
+        """Waits for the rewards of `batch`, gathers them over ranks, and returns this rank's rows of the
+        group-normalised advantages with the reward metrics (computed once per batch; every rank calls it)."""
+        if batch.rewards is None:
+            if batch.pending is None:
+                raise ValueError("await_rewards: this batch has no rewards (the method does not use them)")
+            batch.rewards = self._resolve_rewards(batch.pending)
+        return batch.rewards
+
+    def _resolve_rewards(self, pending) -> RewardOutcome:
         algo = self.algo
         with phase("reward/wait"):
             res = pending.result()
@@ -220,10 +316,10 @@ class Trainer:
             adv = group_advantages(comps, algo.group_size, eps=algo.adv_eps, clip=algo.adv_clip,
                                    lambda_transform=algo.adv_lambda, valid=batch.valid, weights=weights).to(self.device)
         reward = batch.total[batch.valid].mean().item() if bool(batch.valid.any()) else float("nan")
-        metrics.update(reward=reward, invalid_rewards=n_bad, reward_batches_dropped=dropped,
+        metrics = dict(reward=reward, invalid_rewards=n_bad, reward_batches_dropped=dropped,
                        adv_abs=adv.abs().mean().item(), time_reward=res.compute_s, time_reward_wait=wait)
         # computed per group on the global batch; keep this rank's rows
-        return adv if self.dist is None else self.dist.rows(adv)
+        return RewardOutcome(adv if self.dist is None else self.dist.rows(adv), metrics)
 
     def _gathered(self, local):
         """This rank's RewardBatch, all-gathered into the global batch's (in rank order)."""
@@ -240,92 +336,112 @@ class Trainer:
             return self._update(batch)
 
     def _update(self, batch: RolloutBatch) -> dict:
-        """Per epoch: the data-loss pass over the trained steps (it needs no rewards, so reward workers
-        still computing overlap it), then the policy pass (waits for the advantages; policy loss and
-        KL), one backward per trained step and micro-batch (optim.micro_batch rows) in each pass; then
-        clip, AdamW and EMA. Each micro-batch's loss is weighted by its share of the rank's rows, so
-        the accumulated gradient is the whole batch's (up to rounding)."""
-        algo, dev, ro = self.algo, self.device, batch.rollout
+        """Per epoch: the data pass (it needs no rewards, so reward workers still computing overlap it),
+        then the rewards awaited, then the policy pass (policy loss and KL), then the optimizer step;
+        after the epochs the LR schedule steps. Each pass runs one backward per trained step and
+        micro-batch (optim.micro_batch rows), each micro-batch's loss weighted by its share of the
+        rank's rows, so the accumulated gradient is the whole batch's (up to rounding)."""
+        algo = self.algo
         t0 = self._now()
-        cond, old_lp = ro.cond, batch.old_log_probs
-        if self.data is not None:
-            x0, y = self.data.next_batch()
-            x0, y = x0.to(dev), y.to(dev)
-            if self.dist is not None:  # this rank's rows of the global data batch
-                x0, y = self.dist.rows(x0), self.dist.rows(y)
+        data = self._next_data()
         self.policy.train()
-        n_trained = len(self.trained_steps)
-        policy_pass = algo.use_reward or self.reference is not None
-        roll_parts = micro_batches(ro.states.shape[0], self.cfg.optim.micro_batch)
-        data_parts = micro_batches(x0.shape[0], self.cfg.optim.micro_batch) if self.data is not None else []
-        n_data = (n_trained if algo.data_loss_steps == "all" else 1) if self.data is not None else 0
-        backwards = n_data * len(data_parts) + policy_pass * n_trained * len(roll_parts)
-        scale = dict(beta_data=algo.beta_data, beta_kl=algo.beta_kl, num_trained_steps=n_trained)
-        data_scale = dict(scale, num_trained_steps=max(n_data, 1))  # the data term: a mean over its steps
-        sums: dict[str, list[torch.Tensor]] = {"policy_loss": [], "data_loss": [], "kl": [], "clip_frac": []}
-        ratio_devs, first = [], {}
+        plan = _UpdatePlan.make(self, batch, data)
+        acc = _Accumulators()
+        lr = self.opt.param_groups[0]["lr"]
         for epoch in range(algo.ppo_epochs):
             self.opt.zero_grad(set_to_none=True)
-            synced = self._grad_syncs(backwards)
-            for k in self._data_steps(n_data):
-                if algo.data_noise == "rollout":
-                    eps, kd = ro.initial_noise, k
-                else:
-                    eps = draw_noise(x0.shape, generator=self.data_gen, device=dev, shard=self._data_shard)
-                    kd = int(torch.randint(0, self.sampler.num_steps, (1,), generator=self.data_gen,
-                                           device=self.data_gen.device).item())
-                for part, share in data_parts:
-                    with phase("train/step", k), next(synced):
-                        with phase("train/data_loss"):
-                            dat = self._data_loss(x0[part], y[part], eps[part], kd) * share
-                        sums["data_loss"].append(dat.detach())
-                        self._backward(combine(None, dat, None, **data_scale))
-            adv = batch.advantages if algo.use_reward else None  # waits for the rewards
-            for i, k in enumerate(self.trained_steps if policy_pass else ()):
-                step_devs = []
-                for part, share in roll_parts:
-                    with phase("train/step", k), next(synced):
-                        x_k, x_next = ro.states[part, k], ro.states[part, k + 1]
-                        pol = kl = None
-                        with phase("train/forward"):
-                            res = transition(self.policy, self.sampler, x_k, k, cond[part], x_next=x_next,
-                                             reduction=algo.logprob_reduction)
-                        if algo.use_reward:
-                            pol, stats = clipped_policy_loss(res.log_prob, old_lp[part, k], adv[part], algo.clip_eps)
-                            pol = pol * share
-                            sums["policy_loss"].append(pol.detach())
-                            sums["clip_frac"].append(stats.clip_frac * share)
-                            step_devs.append(stats.ratio_max_dev)
-                            if epoch == 0 and i == 0:
-                                # What the rollout's attention backend (e.g. fp8) shifts the log-probs by.
-                                lm = logprob_mismatch(ro.log_probs[part, k], res.log_prob).detach() * share
-                                first["logprob_mismatch"] = first.get("logprob_mismatch", 0) + lm
-                        if self.reference is not None:
-                            with torch.no_grad(), phase("train/reference"):
-                                ref = transition(self.reference, self.sampler, x_k, k, cond[part], x_next=x_next,
-                                                 reduction=algo.logprob_reduction)
-                            std = self.sampler.coefs(k).std.to(dev).expand(x_k.shape[0])
-                            kl = gaussian_kl(res.mean, ref.mean, std, algo.logprob_reduction).mean() * share
-                            sums["kl"].append(kl.detach())
-                        self._backward(combine(pol, None, kl, **scale))
-                if step_devs:
-                    ratio_devs.append(torch.stack(step_devs).max())
-            with phase("optimizer"):
-                max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
-                if self.dist is not None:
-                    grad_norm = self.dist.full(grad_norm)
-                if not torch.isfinite(grad_norm):
-                    raise FloatingPointError(f"step {self.step}: non-finite gradient norm {grad_norm.item()}; "
-                                             "lower optim.lr or check the reward scale")
-                self.opt.step()
-                self._update_ema()
+            synced = self._grad_syncs(plan.backwards)
+            if data is not None:
+                self._data_pass(data, batch.rollout, plan, synced, acc)
+            adv = self.await_rewards(batch).advantages if algo.use_reward else None
+            if plan.policy_pass:
+                self._policy_pass(batch, adv, plan, synced, acc, first_epoch=epoch == 0)
+            grad_norm = self._optimizer_step()
+        self.scheduler.step()
         self.step += 1
         metrics = dict(batch.metrics)
-        metrics.update(self._loss_metrics(sums, ratio_devs, first, n_trained * algo.ppo_epochs,
-                                          {"data_loss": max(n_data, 1) * algo.ppo_epochs}))
-        metrics.update(grad_norm=grad_norm.item(), time_train=self._now() - t0)
+        if batch.rewards is not None:
+            metrics.update(batch.rewards.metrics)
+        metrics.update(self._loss_metrics(acc, plan.n_trained * algo.ppo_epochs,
+                                          {"data_loss": max(plan.n_data, 1) * algo.ppo_epochs}))
+        metrics.update(grad_norm=grad_norm.item(), time_train=self._now() - t0, lr=lr)
         return metrics
+
+    def _next_data(self):
+        """(x0, y) of this update: this rank's rows of the global data batch (None without data loss)."""
+        if self.data is None:
+            return None
+        x0, y = self.data.next_batch()
+        x0, y = x0.to(self.device), y.to(self.device)
+        if self.dist is not None:
+            x0, y = self.dist.rows(x0), self.dist.rows(y)
+        return x0, y
+
+    def _data_pass(self, data, ro: Rollout, plan: "_UpdatePlan", synced, acc: "_Accumulators") -> None:
+        """The data loss (the forward-KL regulariser) at the update's data steps, with backward."""
+        x0, y = data
+        for k in self._data_steps(plan.n_data):
+            if self.algo.data_noise == "rollout":
+                eps, kd = ro.initial_noise, k
+            else:
+                eps = draw_noise(x0.shape, generator=self.data_gen, device=self.device, shard=self._data_shard)
+                kd = int(self.sampler.sample_steps(1, generator=self.data_gen, device=self.data_gen.device).item())
+            level = self.sampler.to(self.device).level(kd)
+            for part, share in plan.data_parts:
+                with phase("train/step", k), next(synced):
+                    with phase("train/data_loss"):
+                        dat = policy_data_loss(self.policy, x0[part], y[part], eps[part], level) * share
+                    acc.sums["data_loss"].append(dat.detach())
+                    self._backward(combine(None, dat, None, **plan.data_scale))
+
+    def _policy_pass(self, batch: RolloutBatch, adv, plan: "_UpdatePlan", synced, acc: "_Accumulators", *,
+                     first_epoch: bool) -> None:
+        """The clipped policy loss (with the rewards) and the KL to the reference, per trained step."""
+        algo, ro, old_lp = self.algo, batch.rollout, batch.old_log_probs
+        cond = ro.cond
+        for i, k in enumerate(self.trained_steps):
+            step_devs = []
+            for part, share in plan.roll_parts:
+                with phase("train/step", k), next(synced):
+                    x_k, x_next = ro.states[part, k], ro.states[part, k + 1]
+                    pol = kl = None
+                    with phase("train/forward"):
+                        res = transition(self.policy, self.sampler, x_k, k, cond[part], x_next=x_next,
+                                         reduction=algo.logprob_reduction)
+                    if algo.use_reward:
+                        pol, stats = clipped_policy_loss(res.log_prob, old_lp[part, k], adv[part], algo.clip_eps)
+                        pol = pol * share
+                        acc.sums["policy_loss"].append(pol.detach())
+                        acc.sums["clip_frac"].append(stats.clip_frac * share)
+                        step_devs.append(stats.ratio_max_dev)
+                        if first_epoch and i == 0:
+                            # What the rollout's attention backend (e.g. fp8) shifts the log-probs by.
+                            lm = logprob_mismatch(ro.log_probs[part, k], res.log_prob).detach() * share
+                            acc.first["logprob_mismatch"] = acc.first.get("logprob_mismatch", 0) + lm
+                    if self.reference is not None:
+                        with torch.no_grad(), phase("train/reference"):
+                            ref = transition(self.reference, self.sampler, x_k, k, cond[part], x_next=x_next,
+                                             reduction=algo.logprob_reduction)
+                        std = self.sampler.coefs(k).std.to(self.device).expand(x_k.shape[0])
+                        kl = gaussian_kl(res.mean, ref.mean, std, algo.logprob_reduction).mean() * share
+                        acc.sums["kl"].append(kl.detach())
+                    self._backward(combine(pol, None, kl, **plan.scale))
+            if step_devs:
+                acc.ratio_devs.append(torch.stack(step_devs).max())
+
+    def _optimizer_step(self) -> torch.Tensor:
+        """Clip, optimizer step, EMA; returns the (global) gradient norm before clipping."""
+        with phase("optimizer"):
+            max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
+            if self.dist is not None:
+                grad_norm = self.dist.full(grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"step {self.step}: non-finite gradient norm {grad_norm.item()}; "
+                                         "lower optim.lr or check the reward scale")
+            self.opt.step()
+            self._update_ema()
+        return grad_norm
 
     def _data_steps(self, n_data: int) -> list[int]:
         """The trained steps the data loss is computed at: all of them, or one drawn uniformly
@@ -349,14 +465,14 @@ class Trainer:
             else:
                 yield self.dist.grad_sync(self.policy, enabled=not self._defer_grad_sync or i == backwards - 1)
 
-    def _loss_metrics(self, sums: dict, ratio_devs: list, first: dict, denom: int, denoms: dict) -> dict:
+    def _loss_metrics(self, acc: "_Accumulators", denom: int, denoms: dict) -> dict:
         """Means of the losses over trained steps and epochs (and ranks), with one host sync, and the
         largest |ratio - 1| (over ranks): summed over trained steps, and at the first trained step
         (on-policy it must be 0: exactly on CPU). denoms: per-metric denominators where they differ
         from `denom` (the data loss may run at one step per update)."""
-        out = {k: (torch.stack(v).sum().item() / denoms.get(k, denom) if v else 0.0) for k, v in sums.items()}
-        devs = torch.stack(ratio_devs).tolist() if ratio_devs else []
-        first = {k: v.item() for k, v in first.items()}
+        out = {k: (torch.stack(v).sum().item() / denoms.get(k, denom) if v else 0.0) for k, v in acc.sums.items()}
+        devs = torch.stack(acc.ratio_devs).tolist() if acc.ratio_devs else []
+        first = {k: v.item() for k, v in acc.first.items()}
         if self.dist is not None:  # means over equal shards: the global batch's means; maxima per trained step
             out = self.dist.reduce(out, "mean")
             first = self.dist.reduce(first, "mean")
@@ -389,8 +505,9 @@ class Trainer:
 
     def _evaluate(self) -> dict:
         metrics, self.last_eval_samples = self.evaluator(self.eval_policy(), self.sampler, self.sample_shape, self.device)
-        self.heldout.update(self.step, metrics["heldout_data_loss"])  # warns past the threshold
-        metrics["heldout_rise"] = self.heldout.rise
+        if "heldout_data_loss" in metrics:  # the hacking monitor, when the evaluator measures it
+            self.heldout.update(self.step, metrics["heldout_data_loss"])  # warns past the threshold
+            metrics["heldout_rise"] = self.heldout.rise
         metrics["early_stop"] = bool(self.heldout.should_stop)
         return metrics
 
@@ -404,14 +521,8 @@ class Trainer:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"kind": kind, "step": self.step, **metrics}) + "\n")
 
-    def state(self) -> dict:
-        return {"step": self.step, "optimizer": self.opt.state_dict(), "rng": _rng_state(self.device),
-                "rollout_gen": self.rollout_gen.get_state(), "cond_gen": self.cond_gen.get_state(),
-                "data_gen": self.data_gen.get_state(), "data": None if self.data is None else self.data.state_dict(),
-                "heldout": self.heldout.state_dict(), "invalid_rewards": self.invalid_rewards,
-                "dropped_reward_batches": self.dropped_reward_batches}
-
     def modules(self) -> dict:
+        """The trainer's networks by checkpoint name: model (unwrapped), and ema / reference when kept."""
         mods = {"model": self._module()}
         if self.ema is not None:
             mods["ema"] = self.ema
@@ -419,31 +530,35 @@ class Trainer:
             mods["reference"] = self.reference
         return mods
 
-    def save(self) -> Path:
-        with phase("checkpoint"):
-            if self.dist is not None:
-                state = self.state()
-                del state["optimizer"]  # in the DCP shards
-                return save_dcp_checkpoint(self.dist, self.out / "checkpoints", self.step, modules=self.modules(),
-                                           optimizer=self.opt, state=state, config=self.cfg.to_dict(),
-                                           keep=self.cfg.run.keep_checkpoints)
-            return save_checkpoint(self.out / "checkpoints", self.step, modules=self.modules(), state=self.state(),
-                                   config=self.cfg.to_dict(), keep=self.cfg.run.keep_checkpoints)
+    def state_dict(self) -> dict:
+        """Everything a checkpoint holds: each module's weights (sharded under FSDP2), the optimizer
+        (keyed by parameter names) and, under "trainer", the LR schedule, the step, RNG and generator
+        states, the data order, the held-out monitor and the reward counters."""
+        sd = {name: get_model_state_dict(m) for name, m in self.modules().items()}
+        sd[OPTIMIZER_KEY] = get_optimizer_state_dict(self._module(), self.opt)
+        sd[TRAINER_KEY] = {
+            "step": self.step, "scheduler": self.scheduler.state_dict(), "rng": _rng_state(self.device),
+            "rollout_gen": self.rollout_gen.get_state(), "cond_gen": self.cond_gen.get_state(),
+            "data_gen": self.data_gen.get_state(), "data": None if self.data is None else self.data.state_dict(),
+            "heldout": self.heldout.state_dict(), "invalid_rewards": self.invalid_rewards,
+            "dropped_reward_batches": self.dropped_reward_batches}
+        return sd
 
-    def resume(self, path: str | Path | None = None) -> bool:
-        """Loads the given (or latest) checkpoint; returns False when there is none."""
-        path = Path(path) if path else latest_checkpoint(self.out / "checkpoints")
-        if path is None:
-            return False
-        if is_dcp_checkpoint(path):  # written by a distributed run, at any world size
-            st = load_dcp_checkpoint(path, modules=self.modules(), optimizer=self.opt, map_location=self.device)
+    def load_state_dict(self, sd: dict) -> None:
+        """Restores a `state_dict()` (modules strictly: every weight of every module kept)."""
+        for name, module in self.modules().items():
+            if name not in sd:
+                raise KeyError(f"load_state_dict: the state has no {name!r} weights (this run keeps {sorted(self.modules())})")
+            set_model_state_dict(module, sd[name])
+        opt_sd = sd[OPTIMIZER_KEY]
+        if all(isinstance(i, int) for g in opt_sd.get("param_groups", []) for i in g["params"]):
+            self.opt.load_state_dict(opt_sd)  # optimizer.state_dict() (one-process checkpoints before 0.2)
         else:
-            if self.dist is not None:
-                raise ValueError(f"{path} is a one-process checkpoint; a distributed run resumes from checkpoints "
-                                 "of distributed runs (any world size, including a 1-process torchrun)")
-            st = load_checkpoint(path, self.modules(), map_location=self.device)
-            self.opt.load_state_dict(st["optimizer"])
+            set_optimizer_state_dict(self._module(), self.opt, opt_sd)
+        st = sd[TRAINER_KEY]
         self.step = st["step"]
+        if st.get("scheduler") is not None:  # absent in checkpoints from before the LR schedules
+            self.scheduler.load_state_dict(st["scheduler"])
         _set_rng_state(st["rng"], self.device)
         self.rollout_gen.set_state(st["rollout_gen"])
         self.cond_gen.set_state(st["cond_gen"])
@@ -453,6 +568,18 @@ class Trainer:
         self.heldout.load_state_dict(st["heldout"])
         self.invalid_rewards = st["invalid_rewards"]
         self.dropped_reward_batches = st.get("dropped_reward_batches", 0)  # absent before this counter existed
+
+    def save(self) -> Path:
+        """A checkpoint of `state_dict()` at this step (every rank calls it in a distributed run)."""
+        with phase("checkpoint"):
+            return self.checkpoints.save(self.step, self.state_dict(), config=self.cfg.to_dict())
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Loads the given (or latest) checkpoint, of either kind; returns False when there is none."""
+        path = Path(path) if path else self.checkpoints.latest()
+        if path is None:
+            return False
+        self.load_state_dict(self.checkpoints.load(path, self.state_dict(), map_location=self.device))
         self._truncate_metrics()
         self.log(f"resumed from {path} at step {self.step}")
         return True

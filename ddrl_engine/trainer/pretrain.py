@@ -15,9 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ddrl_engine import ops
+from ddrl_engine.algorithms import policy_data_loss
 from ddrl_engine.data import default_cache_dir
-from ddrl_engine.trainer.builders import Dataset, build_model
+from ddrl_engine.data import Dataset
+from ddrl_engine.sampling import RectifiedFlowSDE
+from ddrl_engine.trainer.builders import build_model
 from ddrl_engine.trainer.config import TrainConfig
 
 
@@ -30,12 +32,11 @@ def base_cache_path(cfg: TrainConfig, dataset: Dataset) -> Path:
 
 
 def flow_matching_loss(model, x0, y, generator) -> torch.Tensor:
-    """Velocity loss at t ~ U(0, 1): x_t = (1 - t) x0 + t eps, target eps - x0 (fused op)."""
+    """Velocity loss at t ~ U(0, 1): x_t = (1 - t) x0 + t eps, target eps - x0 (the DDRL data loss
+    at a continuous level)."""
     t = torch.rand(x0.shape[0], generator=generator, device=x0.device)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device)
-    tb = t.view(-1, *[1] * (x0.dim() - 1))
-    pred = model((1 - tb) * x0 + tb * eps, t, y)
-    return ops.diffusion_loss(pred, x0, eps, noise_coef=1.0, data_coef=-1.0)
+    return policy_data_loss(model, x0, y, eps, RectifiedFlowSDE.continuous_level(t))
 
 
 def pretrain_base(cfg: TrainConfig, dataset: Dataset, *, device="cpu", progress=True, log=print) -> torch.nn.Module:

@@ -29,7 +29,7 @@ def build_trainer(cfg: TrainConfig, *, dataset=None, sync_timing: bool = False, 
 
     dataset = build_dataset(cfg) if dataset is None else dataset
     torch.manual_seed(cfg.run.seed)
-    return Trainer(cfg, build_model(cfg), build_sampler(cfg), build_rewards(cfg, dataset), dataset, None, log=log,
+    return Trainer(cfg, build_model(cfg), build_sampler(cfg), build_rewards(cfg), dataset, None, log=log,
                    sync_timing=sync_timing)
 
 

@@ -60,8 +60,22 @@ def dropped_batch(names: list[str], batch_size: int) -> RewardBatch:
                        {n: batch_size for n in names}, zeros.clone())
 
 
+def as_weighted_reward(rewards) -> WeightedReward:
+    """A WeightedReward from one reward (any object with a string `name` and `__call__(samples, cond)
+    -> [B]`), a list of them (weight 1 each), or a WeightedReward (as it is)."""
+    if isinstance(rewards, WeightedReward):
+        return rewards
+    items = list(rewards) if isinstance(rewards, (list, tuple)) else [rewards]
+    for r in items:
+        if not isinstance(getattr(r, "name", None), str) or not callable(r):
+            raise TypeError(f"rewards: {type(r).__name__} is not a reward: a reward has a string `name` and "
+                            "`__call__(samples [B, ...], cond [B]) -> [B] floats` (or pass a WeightedReward / AsyncReward)")
+    return WeightedReward(items)
+
+
 class RewardRequests:
-    """Submits rollout batches to `rewards` (WeightedReward or AsyncReward).
+    """Submits rollout batches to `rewards` (a reward, a list of rewards, a WeightedReward or an
+    AsyncReward; `self.rewards` is the WeightedReward or AsyncReward used).
 
     on_invalid: the run's policy for non-finite rewards ("error" or "drop"); an AsyncReward must have
     been built with the same one (its workers apply it). `submit` reads it each time. names / weights: the reward components, in
@@ -75,10 +89,9 @@ class RewardRequests:
                 raise ValueError(f"the AsyncReward was built with on_invalid={rewards.on_invalid!r} but the run has "
                                  f"run.on_invalid_reward = {on_invalid!r}; build it with the run's setting")
             self.names, self.weights = rewards.reward_spec()
-        elif isinstance(rewards, WeightedReward):
-            self.names, self.weights = [r.name for r in rewards.rewards], list(rewards.weights)
         else:
-            raise TypeError(f"rewards must be a WeightedReward or an AsyncReward, got {type(rewards).__name__}")
+            rewards = self.rewards = as_weighted_reward(rewards)
+            self.names, self.weights = [r.name for r in rewards.rewards], list(rewards.weights)
 
     @property
     def is_async(self) -> bool:
