@@ -31,13 +31,18 @@ def _load(args):
     return cfg
 
 
+def _log(message: str) -> None:
+    """Progress messages go to stderr: stdout carries the command's JSON result."""
+    print(message, file=sys.stderr)
+
+
 def _setup(cfg):
     from ddrl_engine.trainer.builders import (build_dataset, build_evaluator, build_rewards, build_sampler,
                                               build_training_data)
     from ddrl_engine.trainer.pretrain import pretrain_base
 
     dataset = build_dataset(cfg)
-    base = pretrain_base(cfg, dataset, device=cfg.run.device, progress=cfg.run.progress)
+    base = pretrain_base(cfg, dataset, device=cfg.run.device, progress=cfg.run.progress, log=_log)
     rewards = build_rewards(cfg)
     sampler = build_sampler(cfg)
     evaluator = build_evaluator(cfg, dataset, rewards)

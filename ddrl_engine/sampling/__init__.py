@@ -6,28 +6,29 @@ training. See base.py for the sampler interface and each sampler for its level c
 for the registry (`register_sampler`) that makes a new sampler usable from configs by name. Importing
 this package registers the built-in samplers (their modules are imported here).
 """
-from ddrl_engine.sampling.base import Sampler, Schedule
+from ddrl_engine.sampling.base import NoiseLevel, Sampler, Schedule
 from ddrl_engine.sampling.ddim import DDIM
 from ddrl_engine.sampling.edm import EDMChurn
 from ddrl_engine.sampling.factory import SAMPLERS, make_sampler, register_sampler
 from ddrl_engine.sampling.graphs import RolloutRunner, graph_unavailable_reason
 from ddrl_engine.sampling.mismatch import logprob_mismatch, recompute_log_probs, rollout_logprob_mismatch
 from ddrl_engine.sampling.rectified_flow import RectifiedFlowSDE
-from ddrl_engine.sampling.rollout import Rollout, RolloutBuffers, StepRows, group_conditions, rollout, run_chain
+from ddrl_engine.sampling.rollout import Rollout, group_conditions, rollout
 from ddrl_engine.sampling.step import StepResult, transition
 
+# The stable names (docs/backend.md). Internals (RolloutBuffers, StepRows, run_chain, draw_noise)
+# stay importable from their modules but may change.
 __all__ = [
     "DDIM",
     "EDMChurn",
+    "NoiseLevel",
     "RectifiedFlowSDE",
     "Rollout",
-    "RolloutBuffers",
     "RolloutRunner",
     "SAMPLERS",
     "Sampler",
     "Schedule",
     "StepResult",
-    "StepRows",
     "graph_unavailable_reason",
     "group_conditions",
     "logprob_mismatch",
@@ -36,6 +37,5 @@ __all__ = [
     "register_sampler",
     "rollout",
     "rollout_logprob_mismatch",
-    "run_chain",
     "transition",
 ]
