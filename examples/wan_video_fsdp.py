@@ -98,12 +98,10 @@ def make_tiny(root: Path) -> dict:
     return paths
 
 
-def build_config(raw: dict, wan: dict, dataset_shape, num_prompts: int):
-    """The TrainConfig; [model] only tells the trainer the sample shape and the number of classes
-    (= prompts): with a user policy it reads nothing else of it."""
-    c, *size = dataset_shape
-    raw = dict(raw, model={"in_channels": c, "sample_size": list(size), "patch_size": [1, 2, 2],
-                           "num_classes": num_prompts})
+def build_config(raw: dict, wan: dict):
+    """The TrainConfig: the engine's sections of the TOML, the latents folder as the data (the Trainer
+    takes the sample shape and the prompts from the policy: no [model] section)."""
+    raw = dict(raw)
     raw["data"] = dict(raw.get("data", {}), dataset="folder", path=wan["latents"])
     return config_from_dict(raw)
 
@@ -142,8 +140,8 @@ def main(argv=None) -> int:
 
     prompts = load_prompts(wan["prompts"])
     num_prompts = len(prompts) - 1
-    # The latents: loaded once with a provisional config, then [model] is filled from their shape.
-    dataset = build_dataset(build_config(raw, wan, (1, 1, 2, 2), num_prompts))
+    cfg = build_config(raw, wan)
+    dataset = build_dataset(cfg)
     shape = tuple(dataset.train_x.shape[1:])
     if len(shape) != 4:
         raise ValueError(f"[wan].latents: samples must be [C, T, H, W] video latents, got {shape}")
@@ -151,7 +149,6 @@ def main(argv=None) -> int:
     if int(labels.max()) >= num_prompts:
         raise ValueError(f"[wan].latents: prompt id {int(labels.max())} (a subfolder name) has no embedding: "
                          f"{wan['prompts']} holds {num_prompts} prompts")
-    cfg = build_config(raw, wan, shape, num_prompts)
 
     policy = WanPolicy.from_pretrained(wan["model_dir"], shape, prompts, torch_dtype=torch.float32)
     if policy.model.config.in_channels != shape[0]:

@@ -1,8 +1,6 @@
 """examples/flow_grpo_loop.py: the engine's pieces inside a user's own Flow-GRPO-style loop around a tiny
 random-weight diffusers SD3 transformer (CPU)."""
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +9,8 @@ pytest.importorskip("diffusers", reason="diffusers is an optional dependency (pi
 
 from ddrl_engine import ops  # noqa: E402
 from ddrl_engine.algorithms import clipped_policy_loss, combine, group_advantages  # noqa: E402
+from tests.example_loader import load_example  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flow_grpo_loop.py"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,10 +24,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def ex():
-    spec = importlib.util.spec_from_file_location("flow_grpo_loop", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("flow_grpo_loop")
 
 
 def tiny(ex, seed=0):

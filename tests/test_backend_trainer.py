@@ -2,28 +2,23 @@
 set and data, configured in Python), the Trainer's state_dict round trip, checkpoints of both kinds
 loaded through one manager (and by `ddrl-engine eval`), and bad inputs refused before any work."""
 import copy
-import importlib.util
 import json
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
 from ddrl_engine.trainer import CheckpointManager, Trainer, load_weights
 from tests.trainer_helpers import TINY_TOML, make_trainer, tiny_config
+from tests.example_loader import load_example  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "custom_policy_trainer.py"
 TIMINGS = ("time_rollout", "time_reward_submit", "time_reward", "time_reward_wait", "time_train")
 
 
 @pytest.fixture(scope="module")
 def ex():
-    spec = importlib.util.spec_from_file_location("custom_policy_trainer", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("custom_policy_trainer")
 
 
 def without_timings(lines):

@@ -1,6 +1,5 @@
 """examples/wan_video_fsdp.py end to end on a tiny random Wan model (one process; 2 ranks with FSDP2
 under torchrun, slow) and tools/launch_slurm.sh (help and dry run; SLURM is not installed here)."""
-import importlib.util
 import json
 import math
 import os
@@ -9,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.example_loader import load_example  # noqa: E402
 
 pytest.importorskip("diffusers", reason="diffusers is an optional dependency (pip install ddrl-engine[diffusers])")
 
@@ -19,10 +19,7 @@ SLURM = ROOT / "tools" / "launch_slurm.sh"
 
 
 def example():
-    spec = importlib.util.spec_from_file_location("wan_video_fsdp", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("wan_video_fsdp")
 
 
 def train_lines(run: Path) -> list[dict]:
