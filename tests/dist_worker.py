@@ -55,7 +55,7 @@ def main():
                   reward_workers=RewardWorkersConfig(workers=a.reward_workers, timeout_s=60))
     rewards = None
     if a.reward_workers:  # each rank its own reward worker processes
-        from ddrl_engine.trainer.builders import build_dataset, build_trainer_rewards
+        from ddrl_engine.trainer.builders import build_trainer_rewards
 
         rewards = build_trainer_rewards(cfg, in_process=None)
     trainer = make_trainer(cfg, rewards=rewards)

@@ -94,12 +94,11 @@ def test_reward_workers_from_the_config(tmp_path):
     """[reward_workers] workers = 1: the built-in rewards in a worker, same run as in process."""
     from dataclasses import replace
 
-    from ddrl_engine.trainer.builders import build_dataset, build_rewards, build_trainer_rewards
+    from ddrl_engine.trainer.builders import build_rewards, build_trainer_rewards
     from ddrl_engine.trainer.config import RewardWorkersConfig
 
     cfg = replace(tiny_config(tmp_path / "w", steps=2), rewards={"brightness": 1.0, "contrast": 0.5},
                   reward_workers=RewardWorkersConfig(workers=1, timeout_s=60))
-    dataset = build_dataset(cfg)
     in_process = build_rewards(cfg)
     assert build_trainer_rewards(replace(cfg, reward_workers=RewardWorkersConfig()), in_process) is in_process
     with build_trainer_rewards(cfg, in_process) as rewards:
