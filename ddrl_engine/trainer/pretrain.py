@@ -16,8 +16,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ddrl_engine.algorithms import policy_data_loss
-from ddrl_engine.data import default_cache_dir
-from ddrl_engine.data import Dataset
+from ddrl_engine.data import Dataset, default_cache_dir
 from ddrl_engine.sampling import RectifiedFlowSDE
 from ddrl_engine.trainer.builders import build_model
 from ddrl_engine.trainer.config import TrainConfig
