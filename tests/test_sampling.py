@@ -1,5 +1,5 @@
-"""Samplers and rollout against float64 references written here from METHOD.md section 3 (not via
-ops.transitions): per-step log-probabilities, whole chains, determinism, bitwise recomputation of
+"""Samplers and rollout against float64 references written here from the method (docs/method.md
+section 2; not via ops.transitions): per-step log-probabilities, whole chains, determinism, bitwise recomputation of
 old log-probs (the on-policy ratio == 1), gradients, the forward process, and errors."""
 import math
 
@@ -55,7 +55,7 @@ class TinyPolicy(nn.Module):
         return (mixed + offset.view(x.shape[0], CHANNELS, *spatial)).to(x.dtype)
 
 
-# ---- float64 references, from METHOD.md section 3 -----------------------------------------------
+# ---- float64 references, from the method spec (docs/method.md section 2) -----------------------------------------------
 
 class RefChain:
     """The chain of one sampler in float64: levels, per-step mean(x, f) and std, start and finish."""

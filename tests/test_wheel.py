@@ -81,10 +81,12 @@ def test_cpu_wheel_builds_installs_and_runs_outside_the_source_tree(tmp_path):
 
     base_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSAFEPATH")}
     base_env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-    # CPU-only, and without debug info: Python's own CFLAGS (setuptools puts $CFLAGS in their place) plus
-    # -g0, the same code a third faster to compile (the build is most of this test's time).
+    # CPU-only, and without debug info: the CFLAGS the build would use ($CFLAGS, else Python's; setuptools
+    # puts $CFLAGS in their place) plus -g0, the same code compiled a third faster (the build is most of
+    # this test's time).
+    cflags = os.environ.get("CFLAGS", sysconfig.get_config_var("CFLAGS") or "")
     build_env = dict(base_env, DDRL_ENGINE_CUDA="0", MAX_JOBS=os.environ.get("MAX_JOBS", "2"),
-                     CFLAGS=f"{sysconfig.get_config_var('CFLAGS') or ''} -g0".strip())
+                     CFLAGS=f"{cflags} -g0".strip())
     pip = [sys.executable, "-m", "pip"]
     _run(pip + ["wheel", "--no-build-isolation", "--no-deps", "--no-index", "-w", str(wheels), str(src)],
          timings, "pip wheel", cwd=work, env=build_env, timeout=1200)

@@ -1,4 +1,4 @@
-"""Group-normalised advantages (METHOD.md section 4, step 3)."""
+"""Group-normalised advantages (docs/method.md section 5)."""
 from __future__ import annotations
 
 import torch

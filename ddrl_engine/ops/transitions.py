@@ -1,4 +1,4 @@
-"""Per-row coefficients of the stochastic samplers' Gaussian transitions (METHOD.md section 3).
+"""Per-row coefficients of the stochastic samplers' Gaussian transitions (docs/method.md section 2).
 
 Every sampler we support has x_next ~ N(mu, std^2 I) with mu = x_coef * x + out_coef * f(x), f the
 network output, so one call here per step gives everything `step_logprob` needs. Arguments are

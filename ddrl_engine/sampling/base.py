@@ -1,4 +1,4 @@
-"""The sampler interface: a K-step stochastic denoising chain seen as a policy (METHOD.md section 3).
+"""The sampler interface: a K-step stochastic denoising chain seen as a policy (docs/method.md section 2).
 
 A sampler owns the schedule of one chain x_0 -> x_1 -> ... -> x_K: for each stochastic step k the
 Gaussian transition x_{k+1} ~ N(x_coef_k x_k + out_coef_k f(x_k), std_k^2 I) (coefficients from

@@ -199,7 +199,7 @@ class DataConfig:
     path: the folder for dataset = "folder" (tensors or images; see ddrl_engine.data.folder).
     heldout_fraction: share of the data kept out of training, for evaluation.
     batch_size: data samples per trained step (0 = the rollout batch size).
-    synthetic: regularise with samples of the base model instead of real data (METHOD.md allows
+    synthetic: regularise with samples of the base model instead of real data (the method allows
         either); `synthetic_count` samples are drawn once at the start.
     synthetic_count: how many base-model samples to draw when synthetic = true.
     """
