@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 _BUILD_INFO_PATH = Path(__file__).with_name("_build_info.json")
-_REBUILD = "rebuild with: pip install --no-build-isolation -e ."
+_REBUILD = "rebuild it against the installed torch: pip install --no-build-isolation . (-e . in a checkout)"
 
 
 def build_info() -> dict:
