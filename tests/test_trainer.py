@@ -254,3 +254,28 @@ def test_data_loss_at_one_step_per_update(tmp_path, monkeypatch):
     for _ in range(7):
         tr.train_step()
     assert len(set(levels)) > 1
+
+
+def test_synthetic_data_is_the_base_models_samples_unclamped(tmp_path):
+    """data.synthetic = true regularises towards the base model's own samples, in its state space: a
+    latent model's latents (std and range well beyond [-1, 1]) must not be clamped."""
+    from dataclasses import replace
+
+    from ddrl_engine.sampling import rollout
+    from ddrl_engine.trainer.builders import build_dataset, build_sampler, synthetic_dataset
+
+    class Wide(torch.nn.Module):  # a velocity field whose samples spread far beyond [-1, 1]
+        sample_shape, num_classes = (1, 8, 8), 10
+
+        def forward(self, x, t, cond):
+            return -3.0 * x
+
+    cfg = tiny_config(tmp_path, "ddrl")
+    cfg = replace(cfg, data=replace(cfg.data, synthetic=True, synthetic_count=64))
+    sampler = build_sampler(cfg)
+    data = synthetic_dataset(cfg, Wide(), sampler, build_dataset(cfg))
+    assert data.train_x.shape == (64, 1, 8, 8) and data.train_x.abs().max() > 2 and data.train_x.std() > 1.5
+    labels = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(cfg.run.seed + 7))
+    want = rollout(Wide(), sampler, labels, generator=torch.Generator().manual_seed(cfg.run.seed + 7),
+                   sample_shape=(1, 8, 8)).samples
+    assert torch.equal(data.train_x, want) and torch.equal(data.train_y, labels)

@@ -93,11 +93,11 @@ def build_evaluator(cfg: TrainConfig, dataset: Dataset, rewards: WeightedReward)
 def synthetic_dataset(cfg: TrainConfig, base, sampler, dataset: Dataset) -> Dataset:
     """Regularisation data drawn once from the base model (the method allows real data or base samples).
 
-    data.synthetic_count samples with uniformly drawn conditions of the base policy, from a fixed seed;
-    the held-out split (used for evaluation) stays real data.
+    data.synthetic_count samples with uniformly drawn conditions of the base policy, from a fixed seed,
+    in the policy's own state space as sampled (never clamped: for a latent model, latents); the
+    held-out split (used for evaluation) stays real data.
     """
     from ddrl_engine.sampling import rollout
-    from ddrl_engine.trainer.evaluate import decode
 
     device = cfg.run.device
     n = cfg.data.synthetic_count
@@ -107,7 +107,7 @@ def synthetic_dataset(cfg: TrainConfig, base, sampler, dataset: Dataset) -> Data
     gen = torch.Generator(device).manual_seed(cfg.run.seed + 7)
     was_training = base.training
     base.eval()
-    chunks = [decode(rollout(base, sampler, y.to(device), generator=gen, sample_shape=base.sample_shape).samples).cpu()
+    chunks = [rollout(base, sampler, y.to(device), generator=gen, sample_shape=base.sample_shape).samples.cpu()
               for y in labels.split(256)]
     base.train(was_training)
     return Dataset(torch.cat(chunks), labels, dataset.heldout_x, dataset.heldout_y)

@@ -24,6 +24,12 @@ def decode(samples: Tensor) -> Tensor:
 
 @dataclass
 class Evaluator:
+    """The default evaluation: samples of every condition 0..num_classes - 1 (samples_per_class each,
+    fixed seed) scored by `rewards`, their diversity (per condition), realism (`fd`) and class
+    statistics (`logits_fn`) when given, and the held-out data loss at `heldout_levels` levels.
+    decode: what rewards and monitors see of the samples (default: clamped to the [-1, 1] image range;
+    a latent model passes its VAE decode: latents are never clamped)."""
+
     rewards: WeightedReward
     heldout_x: Tensor
     heldout_y: Tensor
@@ -34,6 +40,7 @@ class Evaluator:
     fd: Optional[FrechetDistance] = None
     logits_fn: Optional[Callable[[Tensor], Tensor]] = None
     reduction: str = "mean"
+    decode: Callable[[Tensor], Tensor] = decode
 
     def eval_conditions(self, device) -> Tensor:
         return torch.arange(self.num_classes, device=device).repeat_interleave(self.samples_per_class)
@@ -43,7 +50,7 @@ class Evaluator:
         gen = torch.Generator(device).manual_seed(self.seed)
         ro = rollout(policy, sampler, self.eval_conditions(device), generator=gen, sample_shape=sample_shape,
                      reduction=self.reduction)
-        return decode(ro.samples)
+        return self.decode(ro.samples)
 
     @torch.no_grad()
     def heldout_data_loss(self, policy, sampler, device) -> float:
