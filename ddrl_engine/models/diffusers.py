@@ -31,8 +31,10 @@ Distribution. `policy.blocks` lists the transformer blocks (SD3: transformer_blo
 double- then single-stream blocks; Wan: blocks), the units FSDP2 shards one by one and activation
 checkpointing recomputes (ddrl_engine.trainer.distributed).
 
-LoRA. `enable_lora(rank=..., alpha=..., target_modules=...)` adds peft LoRA adapters and freezes
-every other parameter.
+LoRA. `enable_lora(rank=..., alpha=..., target_modules=..., seed=...)` adds peft LoRA adapters and
+freezes every other parameter (with a seed, the adapter does not depend on the global RNG).
+`trainable_state_dict()` / `load_trainable_state_dict(sd)` are the adapter tensors alone (the whole
+state dict without LoRA); `ddrl_engine.models.lora_export` writes them for `pipe.load_lora_weights`.
 
 Loading. `SD3Policy.from_pretrained(path, ...)` (and the others) read a local directory only
 (`local_files_only=True`, never the hub); a missing path or a missing diffusers package raise with
@@ -269,7 +271,8 @@ class DiffusersPolicy(Policy):
 
     def save_pretrained(self, path: Union[str, os.PathLike], **kwargs) -> None:
         """Writes the transformer (config.json + safetensors) so `from_pretrained(path)` reloads it.
-        (Saving and reloading LoRA adapters on their own is not wrapped here yet.)"""
+        With LoRA enabled use `ddrl_engine.models.lora_export.export_lora` instead (this would write the
+        base and the adapters under peft's names, which from_pretrained does not read back as such)."""
         self.model.save_pretrained(os.fspath(path), safe_serialization=True, **kwargs)
 
     @property
@@ -330,20 +333,97 @@ class DiffusersPolicy(Policy):
 
     def enable_lora(self, rank: int = 16, alpha: Optional[float] = None,
                     target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
-                    adapter_name: str = "default") -> int:
+                    adapter_name: str = "default", seed: Optional[int] = None) -> int:
         """Adds peft LoRA adapters (rank, alpha = rank by default) to `target_modules` and freezes all
-        other parameters; returns the number of trainable parameters."""
+        other parameters; returns the number of trainable parameters.
+
+        seed: None keeps peft's initialisation, which draws lora_A from the global RNG in whatever state
+        it is. With a seed, the adapter is a function of (model structure, seed) only:
+          - peft's own initialisation runs inside `torch.random.fork_rng`, so the global CPU/CUDA RNG
+            state is the same after the call as before (the call consumes none of it), and
+          - every lora_A of this adapter is then redrawn, in `named_modules()` order, from a CPU
+            `torch.Generator().manual_seed(seed)` with peft's default law (kaiming-uniform with
+            a=sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))), in fp32, then cast to the parameter's
+            dtype and device; lora_B stays zero (so the policy is unchanged at initialisation). LoRA on
+            embeddings (peft: A = 0, B ~ N(0, 1)) redraws B the same way.
+        The result does not depend on the device or on the global RNG state, so every rank of a
+        distributed run and every resume builds the same initial adapter (and the same reference).
+        """
         try:
             from peft import LoraConfig
         except ImportError as e:  # pragma: no cover - exercised only without peft
             raise ImportError(f"enable_lora needs the `peft` package: {_INSTALL_HINT}") from e
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"enable_lora: rank must be an int >= 1, got {rank!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError(f"enable_lora: seed must be an int or None, got {seed!r}")
         config = LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha),
                             target_modules=list(target_modules), init_lora_weights=True)
         self.model.requires_grad_(False)
-        self.model.add_adapter(config, adapter_name=adapter_name)
+        if seed is None:
+            self.model.add_adapter(config, adapter_name=adapter_name)
+        else:
+            cuda = sorted({p.device.index or 0 for p in self.model.parameters() if p.device.type == "cuda"})
+            with torch.random.fork_rng(devices=cuda):
+                self.model.add_adapter(config, adapter_name=adapter_name)
+            self._seed_lora(adapter_name, seed)
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    @torch.no_grad()
+    def _seed_lora(self, adapter_name: str, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        drawn = 0
+        for _, module in self.model.named_modules():
+            lora_a = getattr(module, "lora_A", None)
+            if isinstance(lora_a, nn.ModuleDict) and adapter_name in lora_a:
+                w = lora_a[adapter_name].weight
+                bound = 1.0 / float(w[0].numel()) ** 0.5
+                w.copy_(torch.empty(w.shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen))
+                drawn += 1
+            emb_b = getattr(module, "lora_embedding_B", None)
+            if isinstance(emb_b, nn.ParameterDict) and adapter_name in emb_b:
+                b = emb_b[adapter_name]
+                b.copy_(torch.empty(b.shape, dtype=torch.float32).normal_(generator=gen))
+                drawn += 1
+        if drawn == 0:
+            raise RuntimeError(f"enable_lora: no LoRA layer of adapter {adapter_name!r} found to initialise")
+
+    def lora_keys(self) -> list[str]:
+        """The state-dict keys (of this policy, "model." + the transformer's) of the LoRA adapter tensors,
+        every adapter included: the keys with a component starting with "lora_" (peft's own criterion)."""
+        return [k for k in self.state_dict() if any(part.startswith("lora_") for part in k.split("."))]
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """What a checkpoint of this policy must hold: the LoRA adapter tensors only when LoRA is
+        enabled (the frozen base is rebuilt from the model folder), else the whole state dict. Keys are
+        this policy's state-dict keys; tensors are detached and share storage with the parameters."""
+        sd = self.state_dict()
+        if not self.lora_enabled:
+            return sd
+        keys = set(self.lora_keys())
+        return {k: v for k, v in sd.items() if k in keys}
+
+    def load_trainable_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        """Loads a `trainable_state_dict()`: strict on exactly its keys and shapes (a LoRA policy needs its
+        adapters enabled first, with the same rank and targets, on the rebuilt base)."""
+        want = self.trainable_state_dict()
+        missing, unexpected = sorted(set(want) - set(state_dict)), sorted(set(state_dict) - set(want))
+        wrong = [f"{k!r} is {list(state_dict[k].shape)} in the state dict but {list(want[k].shape)} in the policy"
+                 for k in sorted(set(want) & set(state_dict)) if tuple(state_dict[k].shape) != tuple(want[k].shape)]
+        if missing or unexpected or wrong:
+            what = "the LoRA adapters" if self.lora_enabled else "the full state dict (no LoRA enabled)"
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} key(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:5])}"
+                             f"{' ...' if len(unexpected) > 5 else ''}")
+            parts += wrong[:5]
+            hint = ("" if self.lora_enabled or not any("lora_" in k for k in state_dict) else
+                    " (the state holds LoRA adapters: call enable_lora with the run's rank and targets first)")
+            raise ValueError(f"load_trainable_state_dict: the state does not fit {what}: {'; '.join(parts)}{hint}")
+        result = self.load_state_dict(state_dict, strict=False)
+        assert not result.unexpected_keys, result.unexpected_keys
 
     # -- forward -------------------------------------------------------------------------------------------
 

@@ -21,7 +21,9 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+from ddrl_engine.models.trainable import select_trainable, trainable_keys
 
 LATEST = "latest"
 DCP_METADATA = ".metadata"
@@ -201,15 +203,17 @@ class CheckpointManager:
 
 def load_weights(path: str | Path, module: nn.Module, *, names=("ema", "model"), map_location="cpu") -> str:
     """Loads the first of `names` that checkpoint `path` holds into `module` (the EMA weights when the
-    run kept them); either checkpoint kind. Returns the name loaded."""
+    run kept them); either checkpoint kind. A LoRA policy (frozen base + adapters, built as the run
+    built it) loads the adapters. Returns the name loaded."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     dcp_kind = is_dcp_checkpoint(path)
     for name in names:
         if (dcp_kind and _dcp_shapes(path, name)) or (path / f"{name}.safetensors").exists():
-            template = {name: get_model_state_dict(module)}
+            partial = trainable_keys(module) is not None  # a LoRA policy: the checkpoint holds its adapters
+            template = {name: select_trainable(module, get_model_state_dict(module))}
             sd = CheckpointManager(path.parent).load(path, template, map_location=map_location)
-            set_model_state_dict(module, sd[name])
+            set_model_state_dict(module, sd[name], options=StateDictOptions(strict=not partial))
             return name
     raise FileNotFoundError(f"checkpoint {path} holds none of the weights {list(names)}")

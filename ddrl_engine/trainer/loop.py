@@ -21,12 +21,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from ddrl_engine.algorithms import clipped_policy_loss, combine, gaussian_kl, group_advantages, policy_data_loss
 from ddrl_engine.attention import attention_backend, available_backends
 from ddrl_engine.data import DataStream
+from ddrl_engine.models.trainable import select_trainable, trainable_keys
 from ddrl_engine.monitors import HeldoutLossMonitor
 from ddrl_engine.profiling import phase
 from ddrl_engine.sampling import Rollout, RolloutRunner, group_conditions, logprob_mismatch, recompute_log_probs, transition
@@ -212,8 +213,10 @@ class Trainer:
                 self.policy, self.reference, self.ema, activation_checkpointing=cfg.distributed.activation_checkpointing)
         self.runner = RolloutRunner(self._module(), sampler, sample_shape=self.sample_shape,
                                     reduction=self.algo.logprob_reduction, cuda_graph=cfg.rollout.cuda_graph)
-        self.opt, self.scheduler = build_optimizer(self.policy.parameters(), cfg.optim, device=self.device,
-                                                   total_steps=cfg.run.steps)
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError(f"Trainer: the policy ({type(policy).__name__}) has no parameter that requires grad")
+        self.opt, self.scheduler = build_optimizer(trainable, cfg.optim, device=self.device, total_steps=cfg.run.steps)
         self.checkpoints = CheckpointManager(self.out / "checkpoints", dist=self.dist, keep=cfg.run.keep_checkpoints)
         self.rollout_gen = torch.Generator(self.device).manual_seed(cfg.run.seed)
         self.cond_gen = torch.Generator().manual_seed(cfg.run.seed + 1)
@@ -490,7 +493,8 @@ class Trainer:
     def _update_ema(self):
         if self.ema is not None:
             for pe, pm in zip(self.ema.parameters(), self.policy.parameters()):
-                pe.lerp_(pm, 1 - self.cfg.optim.ema_decay)
+                if pm.requires_grad:  # a frozen base (LoRA) stays the base
+                    pe.lerp_(pm, 1 - self.cfg.optim.ema_decay)
 
     # ---- evaluation, logging, checkpoints -----------------------------------------------------
 
@@ -531,10 +535,12 @@ class Trainer:
         return mods
 
     def state_dict(self) -> dict:
-        """Everything a checkpoint holds: each module's weights (sharded under FSDP2), the optimizer
+        """Everything a checkpoint holds: each module's trained weights (sharded under FSDP2; a LoRA
+        run's adapters only, for the EMA and reference too), the optimizer
         (keyed by parameter names) and, under "trainer", the LR schedule, the step, RNG and generator
         states, the data order, the held-out monitor and the reward counters."""
-        sd = {name: get_model_state_dict(m) for name, m in self.modules().items()}
+        policy = self._module()  # a LoRA run writes its adapters only (the frozen base is the model folder's)
+        sd = {name: select_trainable(m, get_model_state_dict(m), like=policy) for name, m in self.modules().items()}
         sd[OPTIMIZER_KEY] = get_optimizer_state_dict(self._module(), self.opt)
         sd[TRAINER_KEY] = {
             "step": self.step, "scheduler": self.scheduler.state_dict(), "rng": _rng_state(self.device),
@@ -546,10 +552,16 @@ class Trainer:
 
     def load_state_dict(self, sd: dict) -> None:
         """Restores a `state_dict()` (modules strictly: every weight of every module kept)."""
+        policy = self._module()
         for name, module in self.modules().items():
             if name not in sd:
                 raise KeyError(f"load_state_dict: the state has no {name!r} weights (this run keeps {sorted(self.modules())})")
-            set_model_state_dict(module, sd[name])
+            keys = trainable_keys(module, like=policy)
+            if keys is not None and set(sd[name]) != keys:  # adapters only: exactly the trained tensors
+                diff = sorted(set(sd[name]) ^ keys)
+                raise ValueError(f"load_state_dict: the {name!r} state does not hold exactly the trained tensors "
+                                 f"({len(diff)} differ, e.g. {', '.join(diff[:3])})")
+            set_model_state_dict(module, sd[name], options=StateDictOptions(strict=keys is None))
         opt_sd = sd[OPTIMIZER_KEY]
         if all(isinstance(i, int) for g in opt_sd.get("param_groups", []) for i in g["params"]):
             self.opt.load_state_dict(opt_sd)  # optimizer.state_dict() (one-process checkpoints before 0.2)

@@ -1,0 +1,177 @@
+"""What each model kind needs of a local diffusers folder, checked before any weight is read.
+
+`preflight(kind, path, resolution)` reads only JSON (model_index.json, transformer/config.json,
+vae/config.json) and returns a `Preflight` with the latent shape the resolution gives; every problem
+raises with the config field it concerns (`model.kind`, `model.path`, `model.resolution`).
+
+Resolution rules (the pipelines' own `check_inputs`):
+  sd3:  [H, W], each divisible by vae_scale_factor * patch_size (8 * 2 = 16 for the real models), and
+        H / vae_scale_factor / patch_size <= pos_embed_max_size.
+  flux: [H, W], each divisible by vae_scale_factor * 2 (FLUX packs 2x2 latent patches; 16 real).
+  wan:  [frames, H, W], frames = 4n + 1 (the VAE's temporal factor), H and W divisible by
+        scale_factor_spatial * patch_size (8 * 2 = 16 real).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+__all__ = ["KINDS", "KindSpec", "Preflight", "preflight"]
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """Static facts of one model kind.
+
+    pipeline_class: the diffusers pipeline model_index.json must name (`_class_name`).
+    components: the subfolders the bundle loads, each with what it is (for error messages).
+    video: resolution is [frames, H, W] (else [H, W]).
+    """
+
+    name: str
+    pipeline_class: str
+    components: tuple[tuple[str, str], ...]
+    video: bool = False
+
+
+KINDS: dict[str, KindSpec] = {
+    "sd3": KindSpec("sd3", "StableDiffusion3Pipeline", (
+        ("transformer", "the SD3Transformer2DModel"), ("vae", "the AutoencoderKL"),
+        ("text_encoder", "the first CLIP text encoder"), ("tokenizer", "the first CLIP tokenizer"),
+        ("text_encoder_2", "the second CLIP text encoder"), ("tokenizer_2", "the second CLIP tokenizer"),
+        ("text_encoder_3", "the T5 text encoder"), ("tokenizer_3", "the T5 tokenizer"),
+        ("scheduler", "the scheduler config"))),
+    "flux": KindSpec("flux", "FluxPipeline", (
+        ("transformer", "the FluxTransformer2DModel"), ("vae", "the AutoencoderKL"),
+        ("text_encoder", "the CLIP text encoder"), ("tokenizer", "the CLIP tokenizer"),
+        ("text_encoder_2", "the T5 text encoder"), ("tokenizer_2", "the T5 tokenizer"),
+        ("scheduler", "the scheduler config"))),
+    "wan": KindSpec("wan", "WanPipeline", (
+        ("transformer", "the WanTransformer3DModel"), ("vae", "the AutoencoderKLWan"),
+        ("text_encoder", "the umT5 text encoder"), ("tokenizer", "the umT5 tokenizer"),
+        ("scheduler", "the scheduler config")), video=True),
+}
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """The result of the checks: what loading will build.
+
+    resolution: pixels, (H, W) or (frames, H, W) for video.
+    latent_shape: the policy's sample_shape, (C, h, w) or (C, t, h, w).
+    model_index: the parsed model_index.json.
+    """
+
+    spec: KindSpec
+    path: Path
+    resolution: tuple[int, ...]
+    latent_shape: tuple[int, ...]
+    model_index: dict
+    transformer_config: dict
+    vae_config: dict
+
+
+def _read_json(path: Path, field: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{field}: {path} is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{field}: {path} must hold a JSON object")
+    return data
+
+
+def _resolution(spec: KindSpec, resolution: Any) -> tuple[int, ...]:
+    want = "[frames, height, width]" if spec.video else "[height, width]"
+    if isinstance(resolution, int) and not isinstance(resolution, bool) and not spec.video:
+        resolution = (resolution, resolution)
+    try:
+        res = tuple(resolution)
+    except TypeError:
+        res = ()
+    if len(res) != (3 if spec.video else 2) or not all(isinstance(r, int) and not isinstance(r, bool) and r > 0
+                                                       for r in res):
+        raise ValueError(f"model.resolution: {spec.name} takes {want} in pixels (positive ints), got {resolution!r}")
+    return res
+
+
+def preflight(kind: str, path: Union[str, os.PathLike], resolution: Sequence[int]) -> Preflight:
+    """Checks a diffusers folder for `kind` without loading weights (see the module docstring)."""
+    if kind not in KINDS:
+        raise ValueError(f"model.kind: unknown model kind {kind!r}; choose one of {sorted(KINDS)}")
+    spec = KINDS[kind]
+    root = Path(os.fspath(path))
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"model.path: no model folder at {str(root)!r}. Models are read from a local diffusers folder only "
+            "(the whole pipeline repository, holding model_index.json); download it beforehand, e.g. "
+            "`huggingface-cli download <repo> --local-dir DIR`")
+    index_path = root / "model_index.json"
+    if not index_path.is_file():
+        raise FileNotFoundError(f"model.path: {str(root)!r} has no model_index.json; pass the pipeline folder itself "
+                                "(the one holding model_index.json, transformer/, vae/, ...), not a subfolder")
+    index = _read_json(index_path, "model.path")
+    found = index.get("_class_name")
+    if found != spec.pipeline_class:
+        raise ValueError(f"model.kind: model.kind = {kind!r} expects a {spec.pipeline_class} folder, but "
+                         f"{index_path} names {found!r}; set model.kind to match the folder")
+    for name, what in spec.components:
+        entry = index.get(name)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[1] is not None):
+            raise FileNotFoundError(f"model.path: {index_path} has no {name!r} entry ({what}, which {kind} needs)")
+        sub = root / name
+        if not sub.is_dir() or not any(sub.iterdir()):
+            raise FileNotFoundError(f"model.path: {str(root)!r} has no {name}/ subfolder ({what}, which {kind} needs)")
+    if kind == "wan":
+        if isinstance(index.get("transformer_2"), list) and index["transformer_2"][1] is not None:
+            raise NotImplementedError(f"model.path: {str(root)!r} is a two-expert Wan2.2 pipeline (transformer_2, "
+                                      "boundary_ratio); only single-transformer Wan pipelines are supported yet")
+        if index.get("expand_timesteps"):
+            raise NotImplementedError(f"model.path: {str(root)!r} uses per-token timesteps (expand_timesteps, Wan2.2 "
+                                      "TI2V); only Wan pipelines with one timestep per sample are supported yet")
+    for name in ("transformer", "vae"):
+        if not (root / name / "config.json").is_file():
+            raise FileNotFoundError(f"model.path: {str(root / name)!r} has no config.json")
+    tcfg = _read_json(root / "transformer" / "config.json", "model.path")
+    vcfg = _read_json(root / "vae" / "config.json", "model.path")
+    res = _resolution(spec, resolution)
+    return Preflight(spec, root, res, _latent_shape(spec, res, tcfg, vcfg), index, tcfg, vcfg)
+
+
+def _divisible(res: tuple[int, ...], multiple: int, why: str) -> None:
+    bad = [r for r in res if r % multiple]
+    if bad:
+        raise ValueError(f"model.resolution: height and width must be divisible by {multiple} ({why}), got "
+                         f"{list(res)}; e.g. {[r - r % multiple or multiple for r in res]}")
+
+
+def _latent_shape(spec: KindSpec, res: tuple[int, ...], tcfg: dict, vcfg: dict) -> tuple[int, ...]:
+    if spec.name in ("sd3", "flux"):
+        scale = 2 ** (len(vcfg.get("block_out_channels", (0,) * 4)) - 1)
+        if spec.name == "sd3":
+            patch = int(tcfg.get("patch_size", 2))
+            _divisible(res, scale * patch, f"VAE scale factor {scale} x patch size {patch}")
+            limit = tcfg.get("pos_embed_max_size")
+            if limit is not None and max(res) // (scale * patch) > limit:
+                raise ValueError(f"model.resolution: {list(res)} is {max(res) // (scale * patch)} patches across, more "
+                                 f"than the transformer's pos_embed_max_size {limit}")
+            channels = int(tcfg["in_channels"])
+        else:
+            _divisible(res, scale * 2, f"VAE scale factor {scale} x FLUX's 2x2 latent packing")
+            channels = int(tcfg["in_channels"]) // 4
+        return (channels, res[0] // scale, res[1] // scale)
+    frames, h, w = res
+    temporal = int(vcfg.get("scale_factor_temporal") or 4)
+    spatial = int(vcfg.get("scale_factor_spatial") or 8)
+    if (frames - 1) % temporal:
+        n = (frames - 1) // temporal
+        raise ValueError(f"model.resolution: frames must be {temporal}n + 1 (the VAE compresses time {temporal}x), got "
+                         f"{frames}; e.g. {temporal * n + 1} or {temporal * (n + 1) + 1}")
+    patch = tcfg.get("patch_size", (1, 2, 2))
+    _divisible((h,), spatial * int(patch[1]), f"VAE spatial factor {spatial} x patch size {patch[1]}")
+    _divisible((w,), spatial * int(patch[2]), f"VAE spatial factor {spatial} x patch size {patch[2]}")
+    return (int(tcfg["in_channels"]), (frames - 1) // temporal + 1, h // spatial, w // spatial)

@@ -1,0 +1,260 @@
+"""The LoRA lifecycle of the diffusers policies: seeded init, adapter-only state, diffusers exports."""
+
+import copy
+import inspect
+
+import pytest
+import torch
+from torch import nn
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (pip install ddrl-engine[diffusers])")
+pytest.importorskip("peft", reason="peft is an optional dependency (pip install ddrl-engine[diffusers])")
+
+from ddrl_engine.models import DiT, DiTConfig  # noqa: E402
+from ddrl_engine.models.lora_export import LORA_WEIGHT_NAME, export_lora, export_transformer, pipeline_class  # noqa: E402
+from ddrl_engine.models.trainable import select_trainable, trainable_keys, trainable_state_dict  # noqa: E402
+from tests.test_diffusers_adapters import CASES, inputs, prompts  # noqa: E402
+
+
+def build(name, *, base_seed=0):
+    """A tiny policy whose base weights depend on base_seed only."""
+    cls, make_model, shape = CASES[name]
+    torch.manual_seed(base_seed)
+    return cls(make_model().eval(), shape, prompts()), shape
+
+
+def lora_tensors(policy):
+    return {k: v.clone() for k, v in policy.state_dict().items() if "lora_" in k}
+
+
+def perturb_lora_b(policy, seed=7):
+    """Non-zero lora_B (as a trained adapter would have), drawn from a fixed generator."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+# ----------------------------------------------------------------------------------------------- seeded init
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_seeded_lora_ignores_the_global_rng(name):
+    a, shape = build(name)
+    b, _ = build(name)
+    torch.manual_seed(123)
+    torch.rand(17)  # a different global RNG state for each build
+    state = torch.get_rng_state()
+    a.enable_lora(rank=4, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)  # the seeded call consumes nothing of the global RNG
+    torch.manual_seed(999)
+    b.enable_lora(rank=4, seed=5)
+    ta, tb = lora_tensors(a), lora_tensors(b)
+    assert ta and ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    # peft's law: lora_A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), lora_B = 0 (the policy is unchanged).
+    for k, v in ta.items():
+        if "lora_A" in k:
+            assert v.abs().max() <= v[0].numel() ** -0.5 and v.abs().max() > 0.5 * v[0].numel() ** -0.5, k
+        else:
+            assert "lora_B" in k and not v.any(), k
+    # The symptom that was reported: identical runs, different gradient norms. Now identical.
+    x, t, cond = inputs(shape)
+    norms = []
+    for p in (a, b):
+        p(x, t, cond).square().mean().backward()
+        norms.append(torch.stack([q.grad.norm() for q in p.parameters() if q.requires_grad]).norm())
+    assert torch.equal(norms[0], norms[1])
+
+    c, _ = build(name)
+    torch.manual_seed(123)
+    torch.rand(17)
+    c.enable_lora(rank=4, seed=6)
+    tc = lora_tensors(c)
+    assert any(not torch.equal(ta[k], tc[k]) for k in ta if "lora_A" in k)
+
+
+def test_unseeded_lora_follows_the_global_rng():
+    """Without a seed peft's initialisation is kept: it depends on the global RNG (why seed= exists)."""
+    a, _ = build("sd3")
+    b, _ = build("sd3")
+    torch.manual_seed(1)
+    a.enable_lora(rank=4)
+    torch.manual_seed(2)
+    b.enable_lora(rank=4)
+    ta, tb = lora_tensors(a), lora_tensors(b)
+    assert any(not torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_seed_is_validated():
+    policy, _ = build("sd3")
+    with pytest.raises(ValueError, match="seed"):
+        policy.enable_lora(rank=4, seed=1.5)
+
+
+# ----------------------------------------------------------------------------------------------- adapter-only state
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_trainable_state_dict_is_the_adapters(name):
+    policy, shape = build(name)
+    full = policy.trainable_state_dict()
+    assert full.keys() == policy.state_dict().keys()  # no LoRA: everything
+    policy.enable_lora(rank=4, seed=0)
+    perturb_lora_b(policy)
+    sd = policy.trainable_state_dict()
+    assert sd and all("lora_" in k for k in sd)
+    assert set(sd) == {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert set(sd) == set(policy.lora_keys()) and set(sd) <= set(policy.state_dict())
+    # The generic rule agrees with the adapter's own.
+    assert trainable_keys(policy) == frozenset(sd)
+    n_all = sum(v.numel() for v in policy.state_dict().values())
+    assert sum(v.numel() for v in sd.values()) < 0.2 * n_all
+
+    # Resume: rebuild the frozen base from its source, enable the same LoRA, load the adapters.
+    saved = {k: v.clone() for k, v in sd.items()}
+    fresh, _ = build(name)
+    fresh.enable_lora(rank=4, seed=0)
+    fresh.load_trainable_state_dict(saved)
+    x, t, cond = inputs(shape)
+    with torch.no_grad():
+        assert torch.equal(fresh(x, t, cond), policy(x, t, cond))
+
+
+def test_load_trainable_state_dict_is_strict():
+    policy, _ = build("sd3")
+    policy.enable_lora(rank=4, seed=0)
+    sd = policy.trainable_state_dict()
+    first = next(iter(sd))
+    with pytest.raises(ValueError, match=rf"missing 1 key\(s\): {first}"):
+        policy.load_trainable_state_dict({k: v for k, v in sd.items() if k != first})
+    with pytest.raises(ValueError, match="1 unexpected key.*model.pos_embed"):
+        policy.load_trainable_state_dict({**sd, "model.pos_embed.pos_embed": policy.model.pos_embed.pos_embed})
+    other, _ = build("sd3")
+    other.enable_lora(rank=2, seed=0)
+    with pytest.raises(ValueError, match=r"is \[4, .*\] in the state dict but \[2, "):
+        other.load_trainable_state_dict(sd)
+    plain, _ = build("sd3")
+    with pytest.raises(ValueError, match="call enable_lora"):
+        plain.load_trainable_state_dict(sd)
+
+
+# ----------------------------------------------------------------------------------------------- generic rule
+
+
+class WithBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.other = nn.Linear(3, 3)
+        self.register_buffer("scale", torch.ones(3))
+        self.register_buffer("scratch", torch.zeros(3), persistent=False)
+
+
+def test_trainable_rule_full_fine_tune_writes_everything():
+    dit = DiT(DiTConfig(depth=1))
+    assert trainable_keys(dit) is None
+    assert trainable_state_dict(dit).keys() == dit.state_dict().keys()
+    m = WithBuffer()
+    assert trainable_state_dict(m).keys() == {"lin.weight", "lin.bias", "other.weight", "other.bias", "scale"}
+    # A wholly frozen module (the reference or EMA copy of a full fine-tune) also writes everything.
+    frozen = copy.deepcopy(dit).requires_grad_(False)
+    assert trainable_keys(frozen) is None
+
+
+def test_trainable_rule_partial_fine_tune_writes_the_trained_tensors():
+    m = WithBuffer()
+    m.other.requires_grad_(False)
+    assert trainable_keys(m) == {"lin.weight", "lin.bias"}  # frozen layer and buffers: the base
+    tied = WithBuffer()
+    tied.other.weight = tied.lin.weight  # one parameter under two keys: both are written
+    tied.other.bias.requires_grad_(False)
+    assert trainable_keys(tied) == {"lin.weight", "lin.bias", "other.weight"}
+
+    policy, _ = build("sd3")
+    policy.enable_lora(rank=4, seed=0)
+    keys = trainable_keys(policy)
+    assert keys and all("lora_" in k for k in keys)
+    # The EMA / reference of a LoRA run: a frozen deep copy; `like=` gives the adapters' keys.
+    ema = copy.deepcopy(policy).requires_grad_(False)
+    assert trainable_keys(ema) is None
+    assert trainable_keys(ema, like=policy) == keys
+    assert trainable_state_dict(ema, like=policy).keys() == keys
+    # select_trainable filters a given state dict (e.g. get_model_state_dict under FSDP2).
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    assert select_trainable(policy, get_model_state_dict(policy)).keys() == keys
+    with pytest.raises(ValueError, match="lacks"):
+        select_trainable(policy, {})
+    with pytest.raises(ValueError, match="not a copy"):
+        trainable_keys(DiT(DiTConfig(depth=1)), like=policy)
+
+
+# ----------------------------------------------------------------------------------------------- exports
+
+
+def base_pipeline(policy, transformer):
+    """The policy's diffusers pipeline holding only `transformer` and a scheduler (no VAE, no text encoders)."""
+    cls = pipeline_class(policy)
+    sig = inspect.signature(cls.__init__).parameters
+    kwargs = {n: None for n, p in sig.items() if n != "self" and p.default is inspect.Parameter.empty}
+    kwargs.update(transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+    return cls(**kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_export_lora_loads_into_the_diffusers_pipeline(name, tmp_path):
+    policy, shape = build(name)
+    base = copy.deepcopy(policy.model)  # the untouched base transformer (what the model folder holds)
+    policy.enable_lora(rank=4, alpha=8, seed=0)  # alpha != rank: the scaling must travel too
+    perturb_lora_b(policy)
+    # A little training, so lora_A moves too.
+    opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.1)
+    x, t, cond = inputs(shape)
+    policy(x, t, cond).square().mean().backward()
+    opt.step()
+
+    with torch.no_grad():
+        plain = type(policy)(copy.deepcopy(base), shape, prompts())(x, t, cond)
+    path = export_lora(policy, tmp_path / "lora")
+    assert path.name == LORA_WEIGHT_NAME and path.is_file()
+    pipe = base_pipeline(policy, base)
+    pipe.load_lora_weights(tmp_path / "lora")
+    assert pipe.transformer.peft_config  # the adapters are in
+    config = next(iter(pipe.transformer.peft_config.values()))
+    assert config.r == 4 and config.lora_alpha == 8
+    loaded = type(policy)(pipe.transformer, shape, prompts())
+    with torch.no_grad():
+        ours = policy(x, t, cond)
+        theirs = loaded(x, t, cond)
+    # Bit-exact: the same fp32 tensors, the same peft layers and scaling, the same ops in the same order.
+    assert torch.equal(theirs, ours)
+    assert not torch.equal(plain, ours)  # and the adapter does change the output
+
+
+def test_export_errors(tmp_path):
+    policy, _ = build("sd3")
+    with pytest.raises(ValueError, match="the run has no LoRA.*export_transformer"):
+        export_lora(policy, tmp_path / "lora")
+    policy.enable_lora(rank=4, seed=0)
+    with pytest.raises(ValueError, match="no LoRA adapter 'other'"):
+        export_lora(policy, tmp_path / "lora", adapter_name="other")
+    with pytest.raises(ValueError, match="export_lora"):
+        export_transformer(policy, tmp_path / "transformer")
+    with pytest.raises(TypeError, match="diffusers policy"):
+        export_lora(DiT(DiTConfig(depth=1)), tmp_path / "x")
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_export_transformer_of_a_full_fine_tune(name, tmp_path):
+    policy, shape = build(name)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01)
+    export_transformer(policy, tmp_path / "transformer")
+    model_cls = getattr(diffusers, policy.model_class_name)
+    reloaded = type(policy)(model_cls.from_pretrained(tmp_path / "transformer").eval(), shape, prompts())
+    x, t, cond = inputs(shape)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x, t, cond), policy(x, t, cond))
