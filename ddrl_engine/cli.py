@@ -3,7 +3,8 @@
   ddrl-engine demo --out DIR            base vs GRPO vs GRPO+KL vs DDRL on the built-in default
   ddrl-engine pretrain --config X.toml  pretrain (and cache) the base model
   ddrl-engine train --config X.toml     train one method; resumes from DIR/checkpoints when present
-  ddrl-engine eval [--config X.toml] [--checkpoint DIR]   (EMA weights when kept; any checkpoint kind)
+  ddrl-engine eval --run RUN_DIR | [--config X.toml] [--checkpoint DIR]   (EMA weights when kept; any checkpoint kind)
+  ddrl-engine export --run RUN_DIR --out DIR   a pipeline run as a diffusers LoRA file (or transformer folder)
   ddrl-engine config                    print the default configuration, every field documented
   ddrl-engine memory --preset wan2.1-14b --resolution 720p --world-size 64 --activation-checkpointing
                                         estimated memory per GPU (a formula, not a measurement)
@@ -66,18 +67,43 @@ def cmd_pretrain(args):
     print(base_cache_path(cfg, dataset))
 
 
-def cmd_train(args):
+def _is_pipeline(cfg) -> bool:
+    from ddrl_engine.trainer.config import PipelineModelConfig
+
+    return isinstance(cfg.model, PipelineModelConfig)
+
+
+def _trainer(cfg, stack, *, progress=True):
+    """The Trainer of `cfg`: the built-in DiT default, or a pipeline folder's model (PipelineRun)."""
     from ddrl_engine.trainer.loop import Trainer
 
-    cfg = _load(args)
-    dataset, base, sampler, rewards, evaluator = _setup(cfg)
-    from ddrl_engine.trainer.builders import build_trainer_rewards
+    if not _is_pipeline(cfg):
+        from ddrl_engine.trainer.builders import build_trainer_rewards
 
-    with contextlib.ExitStack() as stack:
+        dataset, base, sampler, rewards, evaluator = _setup(cfg)
         trainer_rewards = build_trainer_rewards(cfg, rewards)  # reward workers, when configured
         if trainer_rewards is not rewards:
             stack.enter_context(trainer_rewards)
-        trainer = Trainer(cfg, base, sampler, trainer_rewards, dataset, evaluator)
+        return Trainer(cfg, base, sampler, trainer_rewards, dataset, evaluator)
+    from ddrl_engine.trainer.pipeline_run import build_pipeline_run, reward_factory
+
+    run = build_pipeline_run(cfg, log=_log, progress=progress)
+    rewards = run.rewards
+    w = cfg.reward_workers
+    if w.workers:
+        from ddrl_engine.rewards import AsyncReward
+
+        rewards = stack.enter_context(AsyncReward(
+            reward_factory(cfg, run.texts), workers=w.workers, timeout_s=w.timeout_s, retries=w.retries,
+            on_invalid=cfg.run.on_invalid_reward, on_failure=w.on_failure, worker_threads=w.threads))
+    return Trainer(cfg, run.policy, run.sampler, rewards, run.dataset, run.evaluator, conditions=run.conditions,
+                   decode=run.decode, log=_log)
+
+
+def cmd_train(args):
+    cfg = _load(args)
+    with contextlib.ExitStack() as stack:
+        trainer = _trainer(cfg, stack, progress=cfg.run.progress)
         if not args.no_resume:
             trainer.resume()
         evals = trainer.train()
@@ -85,20 +111,65 @@ def cmd_train(args):
         print(json.dumps(evals[-1], indent=2))
 
 
+def _run_checkpoint(args):
+    """(config path, checkpoint dir) of --run RUN_DIR (its config.json, its latest checkpoint) or of
+    --checkpoint DIR (the checkpoint's config.json unless --config)."""
+    from ddrl_engine.trainer.checkpoint import latest_checkpoint
+
+    ckpt, config = getattr(args, "checkpoint", None), args.config
+    if getattr(args, "run", None):
+        run = Path(args.run)
+        if not (run / "config.json").is_file():
+            raise FileNotFoundError(f"--run: {run} is not a run folder (no config.json)")
+        ckpt = ckpt or latest_checkpoint(run / "checkpoints")
+        if ckpt is None:
+            raise FileNotFoundError(f"--run: {run} has no checkpoint yet (no {run / 'checkpoints' / 'latest'})")
+        config = config or str(run / "config.json")
+    if ckpt and not Path(ckpt).is_dir():
+        raise FileNotFoundError(f"--checkpoint: no checkpoint folder at {ckpt}")
+    if ckpt and not config and (Path(ckpt) / "config.json").is_file():
+        config = str(Path(ckpt) / "config.json")  # the run's own configuration
+    return config, ckpt
+
+
 def cmd_eval(args):
     from ddrl_engine.trainer.checkpoint import load_weights
 
-    if args.checkpoint and not Path(args.checkpoint).is_dir():
-        raise FileNotFoundError(f"--checkpoint: no checkpoint folder at {args.checkpoint}")
-    if args.checkpoint and not args.config and (Path(args.checkpoint) / "config.json").is_file():
-        args.config = str(Path(args.checkpoint) / "config.json")  # the run's own configuration
+    args.config, ckpt = _run_checkpoint(args)
     cfg = _load(args)
-    dataset, base, sampler, rewards, evaluator = _setup(cfg)
-    if args.checkpoint:
-        which = load_weights(args.checkpoint, base, map_location=cfg.run.device)
-        print(f"evaluating the {which!r} weights of {args.checkpoint}", file=sys.stderr)
-    metrics, _ = evaluator(base, sampler, base.sample_shape, cfg.run.device)
+    if _is_pipeline(cfg):
+        from ddrl_engine.trainer.pipeline_run import build_pipeline_run
+
+        run = build_pipeline_run(cfg, log=_log, progress=cfg.run.progress)
+        model, sampler, evaluator = run.policy, run.sampler, run.evaluator
+    else:
+        _, model, sampler, _, evaluator = _setup(cfg)
+    if ckpt:
+        which = load_weights(ckpt, model, map_location=cfg.run.device)
+        _log(f"evaluating the {which!r} weights of {ckpt}")
+    metrics, samples = evaluator(model, sampler, model.sample_shape, cfg.run.device)
+    if args.out and hasattr(evaluator, "save_samples"):
+        _log(f"samples: {evaluator.save_samples(samples, Path(args.out) / 'samples')}")
     print(json.dumps(metrics, indent=2))
+
+
+def cmd_export(args):
+    from ddrl_engine.trainer.checkpoint import load_weights
+
+    args.config, ckpt = _run_checkpoint(args)
+    cfg = _load(args)
+    if not _is_pipeline(cfg):
+        raise ValueError("export writes a diffusers LoRA file or transformer folder: the run's [model] must be a "
+                         "pipeline (kind = 'sd3', 'flux' or 'wan'); a DiT run's weights are its checkpoint's "
+                         "model.safetensors")
+    from ddrl_engine.models.lora_export import export_lora, export_transformer
+    from ddrl_engine.trainer.pipeline_run import load_policy
+
+    policy = load_policy(cfg, log=_log).policy
+    which = load_weights(ckpt, policy, map_location=cfg.run.device)
+    out = export_lora(policy, args.out) if cfg.model.lora_rank else export_transformer(policy, args.out)
+    _log(f"exported the {which!r} weights of {ckpt} to {out}")
+    print(out)
 
 
 def cmd_config(args):
@@ -209,10 +280,21 @@ def main(argv=None):
             p.add_argument("--out", help="override run.out_dir")
             p.add_argument("--no-resume", action="store_true", help="start fresh even if checkpoints exist")
         if name == "eval":
+            p.add_argument("--run", help="a run folder: its config.json and latest checkpoint")
             p.add_argument("--checkpoint", help="checkpoint directory, of a one-process or distributed run: its EMA "
                                                 "weights when kept, else the model's; its config.json unless --config "
                                                 "(default: the base model)")
+            p.add_argument("--out", help="also write the evaluation's samples (PNG grid, GIF for video) here")
         p.set_defaults(fn=fn)
+
+    p = sub.add_parser("export", help="a pipeline run's weights for diffusers: LoRA (pipe.load_lora_weights) or a "
+                                      "transformer folder (from_pretrained)")
+    p.add_argument("--run", required=True, help="the run folder (its config.json and latest checkpoint)")
+    p.add_argument("--checkpoint", help="a checkpoint of the run other than its latest")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    p.add_argument("--device", help="override run.device")
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("config", help="print the default configuration with every field documented")
     p.set_defaults(fn=cmd_config)
@@ -221,7 +303,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"ddrl-engine {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

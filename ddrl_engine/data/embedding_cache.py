@@ -330,6 +330,10 @@ class PromptBank:
     `max_open_shards` kept open) and moves them to `device`.
     """
 
+    def __deepcopy__(self, memo) -> "PromptBank":
+        # Read-only: the copies of a policy (EMA, reference) share one bank and its open shards.
+        return self
+
     def __init__(self, cache: PromptCache, texts: Iterable[str], *, max_open_shards: int = 64) -> None:
         self.cache = cache
         self.texts: list[str] = _check_texts(texts) + [""]

@@ -289,11 +289,34 @@ class DiffusersPolicy(Policy):
             raise TypeError(f"prompts must be a TextCondition, got {type(prompts).__name__}")
         if len(prompts) - 1 != self.num_classes:
             raise ValueError(f"prompts must keep {self.num_classes + 1} rows (num_classes + the empty prompt), got {len(prompts)}")
-        self._prompts = prompts
+        self._prompts, self._bank = prompts, None
+
+    def set_prompt_bank(self, bank) -> None:
+        """Prompt ids resolved from an on-disk bank instead of a bank held on the device: `bank` has
+        `gather(ids, device) -> {"embeds": [B, L, D], "pooled"?: [B, P], "guidance"?: [B]}` and
+        `len(bank)` = N + 1 rows (N prompts, then the empty prompt), e.g. `ddrl_engine.data.PromptBank`.
+        Device memory then follows the batch, not the number of prompts. The rows of the last batch are
+        kept, so the K forwards of one rollout read them once (a host read per new batch: not for
+        CUDA-graph capture)."""
+        if not callable(getattr(bank, "gather", None)):
+            raise TypeError(f"set_prompt_bank: the bank must have gather(ids, device), got {type(bank).__name__}")
+        self.num_classes = len(bank) - 1
+        self._prompts, self._bank, self._bank_last = None, bank, None
+
+    def _from_bank(self, cond: Tensor, device) -> TextCondition:
+        key = (tuple(cond.tolist()), str(device))
+        if self._bank_last is None or self._bank_last[0] != key:
+            rows = self._bank.gather(cond.cpu(), device=device)
+            self._bank_last = (key, TextCondition(rows["embeds"], rows.get("pooled"), rows.get("guidance")))
+        return self._bank_last[1]
 
     def resolve_cond(self, cond: Union[Tensor, TextCondition], batch: int, device: torch.device) -> TextCondition:
         """cond as a TextCondition of `batch` rows on `device` (see the module docstring)."""
-        if isinstance(cond, Tensor) and cond.dtype == torch.long:
+        if isinstance(cond, Tensor) and cond.dtype == torch.long and getattr(self, "_bank", None) is not None:
+            if cond.shape != (batch,):
+                raise ValueError(f"cond must have shape [B]=[{batch}], got {tuple(cond.shape)}")
+            cond = self._from_bank(cond, device)
+        elif isinstance(cond, Tensor) and cond.dtype == torch.long:
             if self._prompts is None:
                 raise ValueError(f"{type(self).__name__}: cond holds prompt ids but no prompt bank was set "
                                  "(pass prompts= or call set_prompts, or pass a TextCondition)")

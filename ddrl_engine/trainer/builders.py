@@ -90,12 +90,14 @@ def build_evaluator(cfg: TrainConfig, dataset: Dataset, rewards: WeightedReward)
 
 
 @torch.no_grad()
-def synthetic_dataset(cfg: TrainConfig, base, sampler, dataset: Dataset) -> Dataset:
+def synthetic_dataset(cfg: TrainConfig, base, sampler, dataset: Dataset | None, *, conditions: torch.Tensor | None = None,
+                      chunk: int = 256) -> Dataset:
     """Regularisation data drawn once from the base model (the method allows real data or base samples).
 
-    data.synthetic_count samples with uniformly drawn conditions of the base policy, from a fixed seed,
-    in the policy's own state space as sampled (never clamped: for a latent model, latents); the
-    held-out split (used for evaluation) stays real data.
+    data.synthetic_count samples with conditions drawn uniformly from `conditions` (default: the base
+    policy's 0..num_classes - 1), from a fixed seed, `chunk` per rollout, in the policy's own state space
+    as sampled (never clamped: for a latent model, latents). The held-out split is `dataset`'s (real
+    data), or without one a `data.heldout_fraction` share of the samples.
     """
     from ddrl_engine.sampling import rollout
 
@@ -103,14 +105,18 @@ def synthetic_dataset(cfg: TrainConfig, base, sampler, dataset: Dataset) -> Data
     n = cfg.data.synthetic_count
     if n < 1:
         raise ValueError(f"config: 'data.synthetic_count' must be >= 1, got {n}")
-    labels = torch.randint(0, base.num_classes, (n,), generator=torch.Generator().manual_seed(cfg.run.seed + 7))
+    ids = torch.arange(base.num_classes) if conditions is None else conditions.cpu()
+    labels = ids[torch.randint(0, ids.numel(), (n,), generator=torch.Generator().manual_seed(cfg.run.seed + 7))]
     gen = torch.Generator(device).manual_seed(cfg.run.seed + 7)
     was_training = base.training
     base.eval()
     chunks = [rollout(base, sampler, y.to(device), generator=gen, sample_shape=base.sample_shape).samples.cpu()
-              for y in labels.split(256)]
+              for y in labels.split(chunk)]
     base.train(was_training)
-    return Dataset(torch.cat(chunks), labels, dataset.heldout_x, dataset.heldout_y)
+    x = torch.cat(chunks)
+    if dataset is None:
+        return Dataset.split(x, labels, cfg.data.heldout_fraction, seed=cfg.run.seed)
+    return Dataset(x, labels, dataset.heldout_x, dataset.heldout_y)
 
 
 def build_training_data(cfg: TrainConfig, base, sampler, dataset: Dataset) -> Dataset:

@@ -191,12 +191,51 @@ class RolloutConfig:
     attention_backend: str = "sdpa"
 
 
+MODEL_KINDS = ("dit", "sd3", "flux", "wan")
+
+
+@dataclass
+class PipelineModelConfig:
+    """[model] of a local diffusers pipeline folder (kind = "sd3", "flux" or "wan"). With kind = "dit"
+    (the default, also when kind is absent) [model] takes the built-in DiT's fields instead
+    (ddrl_engine.models.DiTConfig: in_channels, sample_size, patch_size, hidden, depth, heads, ...).
+
+    kind: "sd3" (SD3 / SD3.5), "flux" (FLUX.1) or "wan" (Wan2.1 / 2.2 text-to-video); "dit" = built-in.
+    path: the pipeline folder (model_index.json, transformer/, vae/, text encoders, tokenizers,
+        scheduler/), read locally; nothing is ever downloaded.
+    lora_rank: rank of the LoRA adapters on the transformer (0 = full fine-tuning).
+    lora_alpha: LoRA alpha (0 = lora_rank).
+    lora_targets: the transformer's modules that get adapters.
+    resolution: pixels [H, W]; for video [frames, H, W].
+    dtype: "fp32", "bf16" or "fp16": compute dtype of the frozen parts (text encoders, VAE) and the policy.
+    guidance: the distilled guidance value of a guidance-distilled FLUX (FLUX.1-dev; 0 = FluxPipeline's
+        default 3.5); must stay 0 for other models.
+    max_sequence_length: text tokens per prompt (0 = the pipeline's default).
+    """
+
+    kind: str = "sd3"
+    path: str = ""
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    resolution: list[int] = field(default_factory=lambda: [512, 512])
+    dtype: str = "bf16"
+    guidance: float = 0.0
+    max_sequence_length: int = 0
+
+
 @dataclass
 class DataConfig:
     """Off-policy data for the data loss (and the held-out evaluation).
 
-    dataset: "digits" (scikit-learn's bundled handwritten digits) or "folder".
-    path: the folder for dataset = "folder" (tensors or images; see ddrl_engine.data.folder).
+    dataset: "digits" (scikit-learn's bundled handwritten digits), "folder" (tensors or images; see
+        ddrl_engine.data.folder) or, for a pipeline [model], "captioned" (a folder of images or videos
+        with metadata.jsonl lines {"file_name", "text"}, encoded once through the VAE into a latent
+        cache; each datum is conditioned on its own caption).
+    path: the folder for dataset = "folder" or "captioned".
+    prompts: for a pipeline [model]: the training prompts, a .txt file (one a line) or .jsonl
+        ({"prompt": ...} a line); encoded once into the on-disk prompt cache.
+    eval_prompts: held-out prompts for the evaluation (same formats; "" = the training prompts).
     heldout_fraction: share of the data kept out of training, for evaluation.
     batch_size: data samples per trained step (0 = the rollout batch size).
     synthetic: regularise with samples of the base model instead of real data (the method allows
@@ -206,6 +245,8 @@ class DataConfig:
 
     dataset: str = "digits"
     path: str = ""
+    prompts: str = ""
+    eval_prompts: str = ""
     heldout_fraction: float = 0.2
     batch_size: int = 0
     synthetic: bool = False
@@ -219,11 +260,14 @@ class EvalConfig:
     samples_per_class: generated samples per class.
     seed: fixed seed of the evaluation rollouts and noise, the same for every method.
     heldout_loss_levels: noise levels at which the held-out data loss is averaged.
+    save_samples: write each evaluation's samples to out_dir/samples/step_N.png (.gif for video), a
+        row per evaluated condition.
     """
 
     samples_per_class: int = 20
     seed: int = 1234
     heldout_loss_levels: int = 8
+    save_samples: bool = True
 
 
 @dataclass
@@ -292,10 +336,12 @@ class RewardWorkersConfig:
 
 @dataclass
 class TrainConfig:
-    """A whole run. [rewards] maps reward names to weights: brightness, contrast, class_confidence."""
+    """A whole run. [rewards] maps reward names to weights: the built-in brightness, contrast,
+    class_confidence (digits), pickscore (a pipeline [model]), or "package.module:Name" for your own.
+    [reward_models] maps reward names to the local folders of their models (pickscore = "/models/pickscore")."""
 
     run: RunConfig = field(default_factory=RunConfig)
-    model: DiTConfig = field(default_factory=DiTConfig)
+    model: DiTConfig | PipelineModelConfig = field(default_factory=DiTConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     algorithm: DDRLConfig = field(default_factory=DDRLConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -306,6 +352,7 @@ class TrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     reward_workers: RewardWorkersConfig = field(default_factory=RewardWorkersConfig)
     rewards: dict[str, float] = field(default_factory=lambda: {"brightness": 1.0})
+    reward_models: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """Plain nested dicts, one per section (what config_from_dict reads back; config.json)."""
@@ -319,7 +366,9 @@ _CHOICES = {
     "run.on_invalid_reward": ("error", "drop"),
     "optim.name": ("adamw", "adam", "sgd"),
     "optim.schedule": ("constant", "linear_warmup", "cosine"),
-    "data.dataset": ("digits", "folder"),
+    "data.dataset": ("digits", "folder", "captioned"),
+    "model.kind": MODEL_KINDS,
+    "model.dtype": ("fp32", "bf16", "fp16"),
     "rollout.attention_backend": ("sdpa", "fp8"),
     "distributed.parallel": ("none", "ddp", "fsdp"),
     "distributed.grad_sync": ("auto", "update", "backward"),
@@ -405,6 +454,21 @@ def _build_sampler_section(values: dict) -> SamplerConfig:
     return SamplerConfig(**head, options=rest)
 
 
+def _build_model_section(values: dict):
+    """[model]: the DiT's fields (kind "dit", the default) or a pipeline folder's (PipelineModelConfig)."""
+    if not isinstance(values, dict):
+        raise ValueError(f"config: [model] must be a table, got {values!r}")
+    kind = _check_value("model.kind", values.get("kind", "dit"), str)
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"config: 'model.kind' must be one of {MODEL_KINDS}, got {kind!r}")
+    if kind == "dit":
+        return _build_section("model", DiTConfig, {k: v for k, v in values.items() if k != "kind"})
+    cfg = _build_section("model", PipelineModelConfig, values)
+    if not cfg.path:
+        raise ValueError(f"config: 'model.path' must name the local {kind} pipeline folder")
+    return cfg
+
+
 def config_from_dict(data: dict) -> TrainConfig:
     sections = {f.name: f for f in dataclasses.fields(TrainConfig)}
     hints = typing.get_type_hints(TrainConfig)
@@ -418,6 +482,12 @@ def config_from_dict(data: dict) -> TrainConfig:
             kwargs[name] = {k: _check_value(f"rewards.{k}", v, float) for k, v in values.items()}
         elif name == "sampler":
             kwargs[name] = _build_sampler_section(values)
+        elif name == "reward_models":
+            if not isinstance(values, dict):
+                raise ValueError(f"config: [reward_models] must map reward names to folders, got {values!r}")
+            kwargs[name] = {k: _check_value(f"reward_models.{k}", v, str) for k, v in values.items()}
+        elif name == "model":
+            kwargs[name] = _build_model_section(values)
         else:
             kwargs[name] = _build_section(name, hints[name], values)
     cfg = TrainConfig(**kwargs)
@@ -428,6 +498,22 @@ def config_from_dict(data: dict) -> TrainConfig:
 def check_config(cfg: TrainConfig) -> None:
     """Checks that span fields or sections (also run by the Trainer on configs built in code)."""
     check_optim(cfg.optim, cfg.run.steps)
+    pipeline = isinstance(cfg.model, PipelineModelConfig)
+    if pipeline:
+        if not cfg.data.prompts:
+            raise ValueError(f"config: a {cfg.model.kind!r} [model] needs 'data.prompts' (a .txt or .jsonl prompt file)")
+        if cfg.data.dataset not in ("captioned",) and not cfg.data.synthetic:
+            raise ValueError(f"config: 'data.dataset' = {cfg.data.dataset!r} is for the built-in DiT; a {cfg.model.kind!r} "
+                             "[model] regularises with dataset = 'captioned' (with data.path) or data.synthetic = true")
+        if cfg.model.lora_rank < 0 or cfg.model.lora_alpha < 0:
+            raise ValueError("config: 'model.lora_rank' and 'model.lora_alpha' must be >= 0")
+        if cfg.model.guidance and cfg.model.kind != "flux":
+            raise ValueError(f"config: 'model.guidance' is FLUX.1-dev's distilled guidance; it must be 0 for kind = {cfg.model.kind!r}")
+    elif cfg.data.dataset == "captioned" or cfg.data.prompts or cfg.data.eval_prompts:
+        raise ValueError("config: 'data.prompts', 'data.eval_prompts' and data.dataset = 'captioned' need a pipeline "
+                         "[model] (kind = 'sd3', 'flux' or 'wan')")
+    if cfg.data.dataset == "captioned" and not cfg.data.synthetic and not cfg.data.path:
+        raise ValueError("config: data.dataset = 'captioned' needs 'data.path' (the captioned folder)")
     if cfg.rollout.cuda_graph and not cfg.run.device.startswith("cuda"):
         raise ValueError(f"config: 'rollout.cuda_graph' = true needs a CUDA device, but run.device = "
                          f"{cfg.run.device!r}; set run.device = 'cuda' or rollout.cuda_graph = false")
@@ -491,17 +577,24 @@ def load_config(path: str | Path) -> TrainConfig:
 def defaults_as_toml() -> str:
     """The default configuration as TOML, each field preceded by its documentation."""
     lines = []
-    hints = typing.get_type_hints(TrainConfig)
     cfg = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         if f.name == "rewards":
-            lines += ["[rewards]", "# reward name = weight; names: brightness, contrast, class_confidence"]
+            lines += ["[rewards]", "# reward name = weight: brightness, contrast, class_confidence (digits), pickscore "
+                      "(a pipeline [model]), or \"package.module:Name\" = weight for your own reward class"]
             lines += [f"{k} = {v}" for k, v in cfg.rewards.items()] + [""]
+            continue
+        if f.name == "reward_models":
+            lines += ["[reward_models]", "# reward name = the local folder of its model, e.g. pickscore = \"/models/pickscore\"", ""]
             continue
         if f.name == "sampler":
             lines += _sampler_toml(cfg.sampler) + [""]
             continue
-        cls = hints[f.name]
+        cls = type(getattr(cfg, f.name))
+        if f.name == "model":
+            lines.append("# kind = \"dit\" (the built-in DiT, these fields) or \"sd3\" / \"flux\" / \"wan\" with "
+                         "path, lora_rank, lora_alpha, lora_targets, resolution, dtype, guidance, max_sequence_length "
+                         "(PipelineModelConfig)")
         docs = _field_docs(cls.__doc__, [sf.name for sf in dataclasses.fields(cls)])
         lines.append(f"[{f.name}]")
         section = getattr(cfg, f.name)

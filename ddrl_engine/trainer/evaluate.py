@@ -6,6 +6,7 @@ same conditions and noise and differ only by their weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -24,11 +25,13 @@ def decode(samples: Tensor) -> Tensor:
 
 @dataclass
 class Evaluator:
-    """The default evaluation: samples of every condition 0..num_classes - 1 (samples_per_class each,
-    fixed seed) scored by `rewards`, their diversity (per condition), realism (`fd`) and class
-    statistics (`logits_fn`) when given, and the held-out data loss at `heldout_levels` levels.
+    """The default evaluation: samples of every evaluated condition (`conditions`, default
+    0..num_classes - 1; samples_per_class each, fixed seed) scored by `rewards`, their diversity (per
+    condition, in `features_fn`'s space when given, else on the decoded samples), realism (`fd`) and
+    class statistics (`logits_fn`) when given, and the held-out data loss at `heldout_levels` levels.
     decode: what rewards and monitors see of the samples (default: clamped to the [-1, 1] image range;
-    a latent model passes its VAE decode: latents are never clamped)."""
+    a latent model passes its VAE decode: latents are never clamped). The evaluation's decoded samples
+    are returned; `save_samples` writes them as a PNG grid (a GIF for video)."""
 
     rewards: WeightedReward
     heldout_x: Tensor
@@ -41,9 +44,14 @@ class Evaluator:
     logits_fn: Optional[Callable[[Tensor], Tensor]] = None
     reduction: str = "mean"
     decode: Callable[[Tensor], Tensor] = decode
+    conditions: Optional[Tensor] = None
+    features_fn: Optional[Callable[[Tensor], Tensor]] = None
+
+    def condition_ids(self) -> Tensor:
+        return torch.arange(self.num_classes) if self.conditions is None else self.conditions.cpu()
 
     def eval_conditions(self, device) -> Tensor:
-        return torch.arange(self.num_classes, device=device).repeat_interleave(self.samples_per_class)
+        return self.condition_ids().to(device).repeat_interleave(self.samples_per_class)
 
     @torch.no_grad()
     def samples(self, policy, sampler, sample_shape, device) -> Tensor:
@@ -75,14 +83,40 @@ class Evaluator:
         metrics = {"reward": batch.total[batch.valid].mean().item()}
         for name, value in batch.components.items():
             metrics[f"reward/{name}"] = value[batch.valid].mean().item()
-        per_class = samples.reshape(self.num_classes, self.samples_per_class, -1)
-        metrics["diversity"] = sum(mean_pairwise_distance(c) for c in per_class) / self.num_classes
+        n_cond = self.condition_ids().numel()
+        feats = samples if self.features_fn is None else self.features_fn(samples)
+        per_class = feats.reshape(n_cond, self.samples_per_class, -1)
+        metrics["diversity"] = sum(mean_pairwise_distance(c) for c in per_class) / n_cond
         if self.fd is not None:
             metrics["fd"] = self.fd(samples)
         if self.logits_fn is not None:
             metrics["class_entropy"] = class_entropy(samples, self.logits_fn)
             pred = self.logits_fn(samples).argmax(-1)
             metrics["class_accuracy"] = (pred == cond).float().mean().item()
-        metrics["heldout_data_loss"] = self.heldout_data_loss(policy, sampler, device)
+        if self.heldout_x.shape[0]:
+            metrics["heldout_data_loss"] = self.heldout_data_loss(policy, sampler, device)
         policy.train(was_training)
         return metrics, samples
+
+    def save_samples(self, samples: Tensor, path) -> Path:
+        """The evaluation's decoded samples as one grid, a row per condition: `path`.png for images
+        [N, C, H, W], `path`.gif for video [N, C, T, H, W] (one grid per frame)."""
+        from PIL import Image
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = self.condition_ids().numel()
+        x = ((samples.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        video = x.dim() == 5
+        if not video:
+            x = x.unsqueeze(2)  # [N, C, 1, H, W]
+        n, c, t, h, w = x.shape
+        x = x.reshape(rows, n // rows, c, t, h, w).permute(3, 0, 4, 1, 5, 2).reshape(t, rows * h, (n // rows) * w, c)
+        frames = [Image.fromarray(f.squeeze(-1).numpy() if c == 1 else f.numpy()) for f in x]
+        if video:
+            out = path.with_suffix(".gif")
+            frames[0].save(out, save_all=True, append_images=frames[1:], duration=125, loop=0)
+        else:
+            out = path.with_suffix(".png")
+            frames[0].save(out)
+        return out

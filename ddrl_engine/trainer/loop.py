@@ -509,6 +509,8 @@ class Trainer:
 
     def _evaluate(self) -> dict:
         metrics, self.last_eval_samples = self.evaluator(self.eval_policy(), self.sampler, self.sample_shape, self.device)
+        if self.cfg.eval.save_samples and self._is_writer() and callable(getattr(self.evaluator, "save_samples", None)):
+            self.evaluator.save_samples(self.last_eval_samples, self.out / "samples" / f"step_{self.step:07d}")
         if "heldout_data_loss" in metrics:  # the hacking monitor, when the evaluator measures it
             self.heldout.update(self.step, metrics["heldout_data_loss"])  # warns past the threshold
             metrics["heldout_rise"] = self.heldout.rise

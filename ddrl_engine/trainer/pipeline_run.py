@@ -1,0 +1,172 @@
+"""A run on a local diffusers pipeline folder ([model] kind = "sd3", "flux" or "wan"), built from the
+config: everything the Trainer takes, plus the bundle (VAE decode for rewards and pictures).
+
+Order of work (cheap checks first, nothing downloaded, ever):
+1. the prompt files, the captioned folder's metadata and the reward names are read and checked;
+   the pipeline folder is checked (pipelines.preflight) before any weight is loaded;
+2. the rewards are built (their model folders checked first), then the pipeline (`load_bundle`);
+3. every prompt text (training prompts, held-out prompts, captions, the empty prompt) is encoded once
+   into the on-disk prompt cache, and the captioned images once into the latent cache (both under
+   the engine's cache folder, keyed by the model), then the text encoders are freed;
+4. the policy resolves prompt ids from the on-disk bank (device memory follows the batch), gets its
+   LoRA adapters seeded by run.seed, and synthetic data (if asked) is drawn from it before training.
+Prompt ids: ids 0..len(prompts)-1 are the training prompts (the rollout conditions), then the held-out
+prompts and captions not among them, then the empty prompt.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ddrl_engine.data import (Dataset, LatentCache, PromptCache, default_cache_dir, read_captioned,
+                              read_prompts)
+from ddrl_engine.rewards import build_named_rewards
+from ddrl_engine.trainer.config import PipelineModelConfig, TrainConfig
+from ddrl_engine.trainer.evaluate import Evaluator
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pipeline_reward_factories() -> dict:
+    """The built-in rewards a pipeline run can name in [rewards] (import paths work besides)."""
+    from ddrl_engine.rewards import BrightnessReward, ContrastReward
+    from ddrl_engine.rewards.registry import pickscore_factory
+
+    return {"pickscore": pickscore_factory, "brightness": BrightnessReward, "contrast": ContrastReward}
+
+
+@dataclass
+class PipelineRun:
+    """What `ddrl-engine train` hands the Trainer for a pipeline model."""
+
+    bundle: object
+    policy: torch.nn.Module
+    sampler: object
+    rewards: object
+    dataset: Dataset
+    evaluator: Evaluator
+    conditions: torch.Tensor
+    texts: list[str]
+
+    @property
+    def decode(self):
+        return self.bundle.decode
+
+
+def model_key(m: PipelineModelConfig) -> str:
+    """The cache key of what the encoders produce: the folder, kind, dtype, text length, guidance."""
+    info = dict(kind=m.kind, path=str(Path(m.path).resolve()), dtype=m.dtype, msl=m.max_sequence_length,
+                guidance=m.guidance, resolution=list(m.resolution))
+    return f"{m.kind}-{hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]}"
+
+
+def _texts(prompts: list[str], *extra: list[str]) -> list[str]:
+    """The training prompts (ids 0..n-1, duplicates kept) then the other texts not among them."""
+    seen, out = set(prompts), list(prompts)
+    for group in extra:
+        for t in group:
+            if t not in seen:
+                seen.add(t)
+                out.append(t)
+    return out
+
+
+def _ids(texts: list[str], wanted: list[str]) -> torch.Tensor:
+    first: dict[str, int] = {}
+    for i, t in enumerate(texts):
+        first.setdefault(t, i)
+    return torch.tensor([first[t] for t in dict.fromkeys(wanted)], dtype=torch.long)
+
+
+def check_reward_names(cfg: TrainConfig) -> None:
+    """Unknown reward names and missing reward model folders, before anything loads."""
+    known = pipeline_reward_factories()
+    unknown = [n for n in cfg.rewards if n not in known and ":" not in n]
+    if unknown:
+        raise ValueError(f"config: unknown reward 'rewards.{unknown[0]}' for a {cfg.model.kind!r} model (built-in: "
+                         f"{', '.join(sorted(known))}; or \"package.module:Name\" for your own)")
+    for name in cfg.rewards:
+        if name == "pickscore":
+            folder = cfg.reward_models.get(name)
+            if not folder or not Path(folder).is_dir():
+                raise FileNotFoundError(f"config: 'reward_models.{name}' must name the local folder of its model, "
+                                        f"got {folder!r}")
+
+
+def reward_factory(cfg: TrainConfig, texts: list[str]):
+    """A picklable factory of the run's rewards (reward workers build them from it too)."""
+    return functools.partial(build_named_rewards, dict(cfg.rewards), builtins=pipeline_reward_factories(),
+                             reward_models=dict(cfg.reward_models), prompts=texts + [""], device=cfg.run.device)
+
+
+def load_policy(cfg: TrainConfig, *, log=print):
+    """The bundle with its trainable policy (LoRA adapters added, seeded by run.seed): what eval and
+    export rebuild before loading a checkpoint's weights."""
+    from ddrl_engine.pipelines import load_bundle
+
+    m = cfg.model
+    bundle = load_bundle(m.kind, m.path, resolution=m.resolution, dtype=DTYPES[m.dtype], device=cfg.run.device,
+                         max_sequence_length=m.max_sequence_length or None, guidance=m.guidance or None)
+    if m.lora_rank:
+        n = bundle.policy.enable_lora(m.lora_rank, alpha=m.lora_alpha or None, target_modules=tuple(m.lora_targets),
+                                      seed=cfg.run.seed)
+        log(f"LoRA rank {m.lora_rank}: {n:,} trainable parameters")
+    return bundle
+
+
+def build_pipeline_run(cfg: TrainConfig, *, log=print, progress: bool = True) -> PipelineRun:
+    m = cfg.model
+    if not isinstance(m, PipelineModelConfig):
+        raise TypeError("build_pipeline_run: cfg.model must be a pipeline [model] (kind = 'sd3', 'flux' or 'wan')")
+    from ddrl_engine.pipelines import preflight
+
+    prompts = read_prompts(cfg.data.prompts)
+    eval_prompts = read_prompts(cfg.data.eval_prompts) if cfg.data.eval_prompts else prompts
+    items = read_captioned(cfg.data.path) if cfg.data.dataset == "captioned" and not cfg.data.synthetic else []
+    if cfg.sampler.name != "rectified_flow_sde":
+        raise ValueError(f"config: a {m.kind!r} model is a flow-matching model: 'sampler.name' must be "
+                         f"'rectified_flow_sde', got {cfg.sampler.name!r}")
+    check_reward_names(cfg)
+    pre = preflight(m.kind, m.path, m.resolution)
+    texts = _texts(prompts, eval_prompts, [c for _, c in items])
+
+    rewards = reward_factory(cfg, texts)()
+    bundle = load_policy(cfg, log=log)
+    key = model_key(m)
+    cache = PromptCache(default_cache_dir() / "prompts", key)
+
+    def encode(batch):
+        c = bundle.encode_prompts(batch)
+        return {k: v for k, v in (("embeds", c.embeds), ("pooled", c.pooled), ("guidance", c.guidance)) if v is not None}
+
+    bank = cache.bank(texts, encode, progress=progress)
+    dataset = None
+    if items:
+        video = len(pre.latent_shape) == 4
+        res = tuple(m.resolution[-2:])
+        lat = LatentCache(default_cache_dir() / "latents", key).encode(
+            items, bundle.encode, resolution=res, num_frames=m.resolution[0] if video else None, progress=progress)
+        dataset = Dataset.split(lat.latents.float(), lat.ids_into(texts), cfg.data.heldout_fraction, seed=0)
+    bundle.free_text_encoders()
+    policy = bundle.policy
+    policy.set_prompt_bank(bank)
+    sampler = cfg.sampler.build()
+    conditions = torch.arange(len(prompts))
+    if cfg.data.synthetic:
+        from ddrl_engine.trainer.builders import synthetic_dataset
+
+        log(f"synthetic data: {cfg.data.synthetic_count} base-model samples of the training prompts")
+        dataset = synthetic_dataset(cfg, policy, sampler, dataset, conditions=conditions,
+                                    chunk=cfg.rollout.conditions_per_step * cfg.algorithm.group_size)
+    features = getattr(next((r for r in rewards.rewards if hasattr(r, "image_features")), None), "image_features", None)
+    evaluator = Evaluator(rewards=rewards, heldout_x=dataset.heldout_x, heldout_y=dataset.heldout_y,
+                          num_classes=len(texts), conditions=_ids(texts, eval_prompts),
+                          samples_per_class=cfg.eval.samples_per_class, seed=cfg.eval.seed,
+                          heldout_levels=cfg.eval.heldout_loss_levels, reduction=cfg.algorithm.logprob_reduction,
+                          decode=bundle.decode, features_fn=features)
+    return PipelineRun(bundle, policy, sampler, rewards, dataset, evaluator, conditions, texts)
