@@ -126,3 +126,14 @@ def test_method_in_a_config_switches_its_regulariser(method, want):
     assert algo == preset(method) == DDRLConfig(method=method)
     given = config_from_dict({"algorithm": {"method": method, "beta_kl": 0.5}}).algorithm
     assert given.beta_kl == 0.5 and given.beta_data == want[0]  # a given value wins
+
+
+@pytest.mark.parametrize("name", ["sd35_lora.toml", "flux_dev_lora.toml", "wan21_t2v_lora.toml"])
+def test_example_pipeline_configs_load(name):
+    """The README's complete TOML files for real models are valid configs (their paths are the user's)."""
+    from pathlib import Path
+
+    from ddrl_engine.trainer.config import PipelineModelConfig
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "examples" / name)
+    assert isinstance(cfg.model, PipelineModelConfig) and cfg.model.lora_rank == 32 and cfg.data.prompts

@@ -32,12 +32,22 @@ from ddrl_engine.trainer.evaluate import Evaluator
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def pipeline_reward_factories() -> dict:
-    """The built-in rewards a pipeline run can name in [rewards] (import paths work besides)."""
+def pickscore_frames(ctx):
+    """PickScore of every frame of a video, averaged (the built-in "pickscore" of a video model)."""
+    from ddrl_engine.rewards import FrameAggregated
+    from ddrl_engine.rewards.registry import pickscore_factory
+
+    return FrameAggregated(pickscore_factory(ctx), "mean")
+
+
+def pipeline_reward_factories(video: bool = False) -> dict:
+    """The built-in rewards a pipeline run can name in [rewards] (import paths work besides); for a
+    video model, "pickscore" scores every frame and averages."""
     from ddrl_engine.rewards import BrightnessReward, ContrastReward
     from ddrl_engine.rewards.registry import pickscore_factory
 
-    return {"pickscore": pickscore_factory, "brightness": BrightnessReward, "contrast": ContrastReward}
+    return {"pickscore": pickscore_frames if video else pickscore_factory, "brightness": BrightnessReward,
+            "contrast": ContrastReward}
 
 
 @dataclass
@@ -100,7 +110,8 @@ def check_reward_names(cfg: TrainConfig) -> None:
 
 def reward_factory(cfg: TrainConfig, texts: list[str]):
     """A picklable factory of the run's rewards (reward workers build them from it too)."""
-    return functools.partial(build_named_rewards, dict(cfg.rewards), builtins=pipeline_reward_factories(),
+    video = len(cfg.model.resolution) == 3
+    return functools.partial(build_named_rewards, dict(cfg.rewards), builtins=pipeline_reward_factories(video),
                              reward_models=dict(cfg.reward_models), prompts=texts + [""], device=cfg.run.device)
 
 

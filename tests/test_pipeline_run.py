@@ -1,0 +1,353 @@
+"""`ddrl-engine train / eval / export` on tiny random diffusers pipeline folders (SD3, FLUX, Wan), end to end
+in-process: prompt files, a captioned image folder (or synthetic base-model data), a PickScore-style CLIP
+reward, checkpoints of the LoRA adapters only, exact resume, export loaded by diffusers' own
+`load_lora_weights`, and the errors of bad input raised before any model is loaded."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (pip install ddrl-engine[diffusers])")
+pytest.importorskip("peft", reason="peft is an optional dependency (pip install ddrl-engine[diffusers])")
+pytest.importorskip("transformers", reason="transformers is an optional dependency")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from ddrl_engine.cli import main  # noqa: E402
+from ddrl_engine.models.diffusers import TextCondition  # noqa: E402
+from ddrl_engine.trainer.checkpoint import latest_checkpoint, load_weights  # noqa: E402
+from ddrl_engine.trainer.config import load_config  # noqa: E402
+from ddrl_engine.trainer.pipeline_run import build_pipeline_run, load_policy  # noqa: E402
+from tests.test_pickscore import save_tiny_clip  # noqa: E402
+from tests.tiny_pipelines import make_flux_pipeline, make_sd3_pipeline, make_wan_pipeline  # noqa: E402
+
+TRAIN_PROMPTS = ["a red car", "a blue bird", "a green tree"]
+EVAL_PROMPTS = ["a yellow sun"]
+CAPTIONS = ["a red car", "a cat"]  # one caption among the training prompts, one not
+PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "wan": "WanPipeline"}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """The tiny model folders, the reward model, prompt files and a captioned image folder (built once)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("pipeline_run")
+    a = {"root": root, "sd3": make_sd3_pipeline(root / "models"), "flux": make_flux_pipeline(root / "models"),
+         "flux_dev": make_flux_pipeline(root / "models", guidance_embeds=True), "wan": make_wan_pipeline(root / "models"),
+         "clip": save_tiny_clip(root / "pickscore")}
+    (root / "train.txt").write_text("\n".join(TRAIN_PROMPTS) + "\n\n")
+    (root / "test.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
+    (root / "train.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in TRAIN_PROMPTS))
+    (root / "test.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in EVAL_PROMPTS))
+    images = root / "images"
+    images.mkdir()
+    g = torch.Generator().manual_seed(0)
+    with open(images / "metadata.jsonl", "w") as f:
+        for i in range(6):
+            pixels = (torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(images / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": CAPTIONS[i % 2]}) + "\n")
+    a["images"] = images
+    return a
+
+
+def _toml(sections: dict) -> str:
+    # json.dumps of str / int / float / bool / lists of those is valid TOML
+    return "".join(f"[{name}]\n" + "".join(f"{json.dumps(k) if ':' in k else k} = {json.dumps(v)}\n" for k, v in body.items())
+                   + "\n" for name, body in sections.items())
+
+
+def config(assets, out, kind="sd3", *, folder=None, prompts="txt", synthetic=False, rewards=None, **over):
+    """A 2-step LoRA run of `kind` on the tiny folder: held-out prompts, captioned images (or synthetic data)."""
+    video = kind == "wan"
+    c = {
+        "run": {"out_dir": str(out), "steps": 2, "eval_every": 2, "ckpt_every": 1, "progress": False},
+        "model": {"kind": kind, "path": str(assets[folder or kind]), "lora_rank": 4, "dtype": "fp32",
+                  "resolution": [5, 16, 16] if video else [16, 16]},
+        "sampler": {"num_steps": 4, "shift": 3.0},
+        "algorithm": {"group_size": 2},
+        "rollout": {"conditions_per_step": 2},
+        "data": {"prompts": str(assets["root"] / f"train.{prompts}"), "eval_prompts": str(assets["root"] / f"test.{prompts}")},
+        "eval": {"samples_per_class": 2, "heldout_loss_levels": 2},
+        "rewards": rewards or ({"brightness": 1.0} if video else {"pickscore": 1.0}),
+        "reward_models": {"pickscore": str(assets["clip"])},
+    }
+    if synthetic:
+        c["data"].update(dataset="captioned", synthetic=True, synthetic_count=4)
+    else:
+        c["data"].update(dataset="captioned", path=str(assets["images"]))
+    for key, value in over.items():  # section__field=value
+        section, name = key.split("__")
+        if value is None:
+            c[section].pop(name, None)
+        else:
+            c[section][name] = value
+    return c
+
+
+def write(path, cfg) -> str:
+    Path(path).write_text(_toml(cfg))
+    return str(path)
+
+
+def cli(capsys, *argv):
+    """(return code, stdout, stderr) of `ddrl-engine ARGV` run in this process."""
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def metrics(run, kind):
+    return [m for m in map(json.loads, (Path(run) / "metrics.jsonl").read_text().splitlines()) if m["kind"] == kind]
+
+
+def untimed(m):
+    return {k: v for k, v in m.items() if not k.startswith("time_")}
+
+
+def check_run(run, sample_suffix):
+    """What every finished 2-step LoRA run must have written."""
+    train = metrics(run, "train")
+    assert [m["step"] for m in train] == [1, 2]
+    for m in train:
+        for key in ("reward", "policy_loss", "data_loss", "grad_norm"):
+            assert math.isfinite(m[key]), (key, m)
+        assert m["grad_norm"] > 0
+    # the first optimisation step of each update sees the rollout's own policy: ratio exactly 1
+    assert train[0]["ratio_dev_first"] == 0.0
+    assert [m["step"] for m in metrics(run, "eval")] == [0, 2]
+    ckpts = sorted(p.name for p in (Path(run) / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_0000001", "step_0000002"]
+    for name in ckpts:
+        keys = load_file(Path(run) / "checkpoints" / name / "model.safetensors").keys()
+        assert keys and all("lora_" in k for k in keys), [k for k in keys if "lora_" not in k][:3]
+    assert (Path(run) / "samples" / f"step_0000002{sample_suffix}").is_file()
+
+
+def text_condition(kind, folder, batch=2, tokens=5):
+    """Fixed random text embeddings of the tiny folder's widths (and guidance for FLUX.1-dev)."""
+    tcfg = json.loads((Path(folder) / "transformer" / "config.json").read_text())
+    g = torch.Generator().manual_seed(3)
+    if kind == "wan":
+        return TextCondition(torch.randn(batch, tokens, tcfg["text_dim"], generator=g))
+    embeds = torch.randn(batch, tokens, tcfg["joint_attention_dim"], generator=g)
+    pooled = torch.randn(batch, tcfg["pooled_projection_dim"], generator=g)
+    guidance = torch.full((batch,), 4.0) if tcfg.get("guidance_embeds") else None
+    return TextCondition(embeds, pooled, guidance)
+
+
+def trained_policy(run):
+    """The run's policy rebuilt as eval / export rebuild it: base folder + LoRA, then the latest checkpoint."""
+    cfg = load_config(Path(run) / "config.json")
+    policy = load_policy(cfg, log=lambda *_: None).policy
+    load_weights(latest_checkpoint(Path(run) / "checkpoints"), policy)
+    return cfg, policy.eval()
+
+
+def check_export_loads(capsys, run, kind, folder, tmp_path):
+    """export -> <Pipeline>.from_pretrained(folder) + load_lora_weights gives the trained policy's output."""
+    rc, out, err = cli(capsys, "export", "--run", run, "--out", tmp_path / "lora")
+    assert rc == 0, err
+    assert Path(out.strip()).is_file()
+    cfg, policy = trained_policy(run)
+    pipe = getattr(diffusers, PIPELINES[kind]).from_pretrained(folder, local_files_only=True)
+    base = type(policy)(pipe.transformer, policy.sample_shape, ddrl_attention=False).eval()
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(2, *policy.sample_shape, generator=g), torch.tensor([0.3, 0.8])
+    cond = text_condition(kind, folder)
+    with torch.no_grad():
+        before = base(x, t, cond)
+        pipe.load_lora_weights(tmp_path / "lora")
+        config = next(iter(pipe.transformer.peft_config.values()))
+        assert config.r == cfg.model.lora_rank
+        theirs = base(x, t, cond)  # diffusers' own attention, diffusers' own LoRA loading
+        ours = policy(x, t, cond)  # the trained policy (ddrl attention)
+    assert not torch.equal(before, ours)  # training changed the adapters
+    # Not bit-exact: the policy routes attention through ddrl_engine.attention, diffusers through its own
+    # processor; the same adapters and scaling, so the outputs agree to float32 rounding.
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
+    assert (theirs - ours).abs().max() < 1e-2 * (before - ours).abs().max()
+
+
+# ----------------------------------------------------------------------------------------------- SD3
+
+
+@pytest.fixture(scope="module")
+def sd3_run(assets, tmp_path_factory):
+    """One uninterrupted 2-step SD3 run (.txt prompts, captioned images, PickScore)."""
+    d = tmp_path_factory.mktemp("sd3_run")
+    cfg = write(d / "run.toml", config(assets, d / "run"))
+    assert main(["train", "--config", cfg]) == 0
+    return d / "run", cfg
+
+
+def test_sd3_train_writes_a_complete_run(sd3_run):
+    run, _ = sd3_run
+    check_run(run, ".png")
+    # the held-out prompt and the caption not among the training prompts are evaluated / trained on too
+    assert json.loads((run / "config.json").read_text())["model"]["kind"] == "sd3"
+
+
+def test_sd3_resume_matches_the_uninterrupted_run(assets, sd3_run, tmp_path, capsys):
+    run, cfg = sd3_run
+    assert load_config(cfg).optim.schedule == "constant"  # so --steps 1 is the same run's first step
+    rc, _, err = cli(capsys, "train", "--config", cfg, "--out", tmp_path / "run", "--steps", 1)
+    assert rc == 0, err
+    assert [m["step"] for m in metrics(tmp_path / "run", "train")] == [1]
+    rc, _, err = cli(capsys, "train", "--config", cfg, "--out", tmp_path / "run")
+    assert rc == 0, err
+    assert "resumed from" in err and "at step 1" in err
+    resumed = [untimed(m) for m in metrics(tmp_path / "run", "train")]
+    assert resumed == [untimed(m) for m in metrics(run, "train")]
+
+
+def test_sd3_export_loads_into_the_diffusers_pipeline(assets, sd3_run, tmp_path, capsys):
+    check_export_loads(capsys, sd3_run[0], "sd3", assets["sd3"], tmp_path)
+
+
+def test_sd3_eval_repeats_the_last_eval(sd3_run, tmp_path, capsys):
+    run, _ = sd3_run
+    rc, out, err = cli(capsys, "eval", "--run", run, "--out", tmp_path / "x")
+    assert rc == 0, err
+    printed = json.loads(out)
+    last = metrics(run, "eval")[-1]
+    assert printed and printed.keys() <= last.keys()
+    assert {k: last[k] for k in printed} == printed
+    assert (tmp_path / "x" / "samples.png").is_file()
+
+
+def test_sd3_synthetic_latents_are_base_samples_unclamped(assets, tmp_path):
+    from ddrl_engine.sampling import rollout
+
+    cfg = load_config(write(tmp_path / "run.toml", config(assets, tmp_path / "run", synthetic=True,
+                                                          data__synthetic_count=6)))
+    run = build_pipeline_run(cfg, log=lambda *_: None, progress=False)
+    ds = run.dataset
+    assert ds.train_x.shape[1:] == run.policy.sample_shape and len(ds.train_x) + len(ds.heldout_x) == 6
+    # fresh rollouts of the base model (LoRA B = 0: the policy is the base) of every training prompt
+    ids = torch.arange(len(TRAIN_PROMPTS)).repeat_interleave(4)
+    with torch.no_grad():
+        base = torch.cat([rollout(run.policy.eval(), run.sampler, ids[i:i + 4], generator=torch.Generator().manual_seed(s),
+                                  sample_shape=run.policy.sample_shape).samples for s, i in enumerate(range(0, 12, 4))])
+    assert base.abs().max() > 1.0  # the base's latents leave [-1, 1] ...
+    assert ds.train_x.abs().max() > 1.0  # ... and so do the synthetic data: never clamped
+    # same statistics as the base's samples (these are small samples: loose bounds)
+    assert abs(ds.train_x.std().item() - base.std().item()) < 0.5 * base.std().item()
+    # exactly base rollouts: redraw them as synthetic_dataset documents it (labels and noise from run.seed + 7)
+    n = cfg.data.synthetic_count
+    labels = run.conditions[torch.randint(0, len(run.conditions), (n,), generator=torch.Generator().manual_seed(cfg.run.seed + 7))]
+    gen = torch.Generator().manual_seed(cfg.run.seed + 7)
+    chunk = cfg.rollout.conditions_per_step * cfg.algorithm.group_size
+    with torch.no_grad():
+        redrawn = torch.cat([rollout(run.policy, run.sampler, y, generator=gen, sample_shape=run.policy.sample_shape).samples
+                             for y in labels.split(chunk)])
+    everything = torch.cat([ds.train_x, ds.heldout_x])
+    for row in everything:
+        assert any(torch.equal(row, r) for r in redrawn)
+    assert sorted(torch.cat([ds.train_y, ds.heldout_y]).tolist()) == sorted(labels.tolist())
+
+
+# ----------------------------------------------------------------------------------------------- FLUX, Wan
+
+
+@pytest.mark.parametrize("folder", ["flux", "flux_dev"])
+def test_flux_train_and_export(assets, folder, tmp_path, capsys):
+    over = {"model__guidance": 4.0} if folder == "flux_dev" else {}
+    cfg = write(tmp_path / "run.toml", config(assets, tmp_path / "run", "flux", folder=folder, prompts="jsonl", **over))
+    rc, out, err = cli(capsys, "train", "--config", cfg)
+    assert rc == 0, err
+    assert json.loads(out)["step"] == 2
+    check_run(tmp_path / "run", ".png")
+    check_export_loads(capsys, tmp_path / "run", "flux", assets[folder], tmp_path)
+
+
+def test_wan_train_and_export(assets, tmp_path, capsys):
+    cfg = write(tmp_path / "run.toml", config(assets, tmp_path / "run", "wan", synthetic=True))
+    rc, out, err = cli(capsys, "train", "--config", cfg)
+    assert rc == 0, err
+    check_run(tmp_path / "run", ".gif")
+    check_export_loads(capsys, tmp_path / "run", "wan", assets["wan"], tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Any model load fails the test: errors must come before."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", classmethod(refuse))
+    monkeypatch.setattr(diffusers.ModelMixin, "from_pretrained", classmethod(refuse))
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse))
+
+
+def _bad_cases(assets, tmp: Path):
+    no_vae = tmp / "no_vae"
+    if not no_vae.exists():
+        import shutil
+
+        shutil.copytree(assets["sd3"], no_vae)
+        shutil.rmtree(no_vae / "vae")
+        (tmp / "empty.txt").write_text("\n\n")
+        (tmp / "uncaptioned").mkdir()
+        (tmp / "uncaptioned" / "0.png").write_bytes((assets["images"] / "0.png").read_bytes())
+    return {
+        "kind": (dict(model__kind="flux"), ["model.kind", "FluxPipeline", "StableDiffusion3Pipeline"]),
+        "no_vae": (dict(model__path=str(no_vae)), ["model.path", "vae/"]),
+        "empty_prompts": (dict(data__prompts=str(tmp / "empty.txt")), ["empty.txt", "no prompt"]),
+        "missing_prompts": (dict(data__eval_prompts=str(tmp / "nope.txt")), ["nope.txt", "does not exist"]),
+        "no_metadata": (dict(data__path=str(tmp / "uncaptioned")), ["uncaptioned", "metadata.jsonl"]),
+        "resolution": (dict(model__resolution=[18, 16]), ["model.resolution", "divisible by 4"]),
+        "reward_folder": (dict(reward_models__pickscore=str(assets["sd3"])), ["pickscore", str(assets["sd3"])]),
+        "unknown_reward": (dict(rewards__pickscore=None, rewards__sharpness=1.0), ["rewards.sharpness", "pickscore"]),
+    }
+
+
+@pytest.mark.parametrize("case", ["kind", "no_vae", "empty_prompts", "missing_prompts", "no_metadata", "resolution",
+                                  "reward_folder", "unknown_reward"])
+def test_bad_input_is_a_clear_error_before_loading(assets, case, tmp_path_factory, capsys, no_loading):
+    tmp = tmp_path_factory.getbasetemp() / "bad_input"
+    tmp.mkdir(exist_ok=True)
+    over, needles = _bad_cases(assets, tmp)[case]
+    cfg = write(tmp / f"{case}.toml", config(assets, tmp / case, **over))
+    rc, out, err = cli(capsys, "train", "--config", cfg)
+    assert rc == 2 and not out
+    assert err.startswith("ddrl-engine train: error: "), err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def test_eval_and_export_of_a_folder_that_is_not_a_run(tmp_path, capsys, no_loading):
+    for cmd in (["eval", "--run", tmp_path], ["export", "--run", tmp_path, "--out", tmp_path / "x"]):
+        rc, out, err = cli(capsys, *cmd)
+        assert rc == 2 and not out
+        assert err.startswith(f"ddrl-engine {cmd[0]}: error: --run: {tmp_path} is not a run folder"), err
+
+
+def test_export_of_a_full_fine_tune_is_a_transformer_folder(assets, tmp_path, capsys):
+    cfg = write(tmp_path / "run.toml", config(assets, tmp_path / "run", model__lora_rank=0, run__steps=1,
+                                              eval__samples_per_class=1, eval__heldout_loss_levels=1))
+    rc, _, err = cli(capsys, "train", "--config", cfg)
+    assert rc == 0, err
+    keys = load_file(tmp_path / "run" / "checkpoints" / "step_0000001" / "model.safetensors").keys()
+    assert not any("lora_" in k for k in keys) and any("transformer_blocks" in k for k in keys)
+    rc, out, err = cli(capsys, "export", "--run", tmp_path / "run", "--out", tmp_path / "transformer")
+    assert rc == 0, err
+    assert Path(out.strip()) == tmp_path / "transformer" and (tmp_path / "transformer" / "config.json").is_file()
+    _, policy = trained_policy(tmp_path / "run")
+    exported = diffusers.SD3Transformer2DModel.from_pretrained(tmp_path / "transformer", local_files_only=True)
+    base = diffusers.SD3Transformer2DModel.from_pretrained(assets["sd3"] / "transformer", local_files_only=True)
+    trained = policy.model.state_dict()
+    ours = exported.state_dict()
+    assert ours.keys() == trained.keys()
+    assert all(torch.equal(ours[k], trained[k]) for k in ours)
+    assert any(not torch.equal(ours[k], v) for k, v in base.state_dict().items())  # it was trained
