@@ -167,10 +167,11 @@ def check_export_loads(capsys, run, kind, folder, tmp_path):
         assert config.r == cfg.model.lora_rank
         theirs = base(x, t, cond)  # diffusers' own attention, diffusers' own LoRA loading
         ours = policy(x, t, cond)  # the trained policy (ddrl attention)
+    assert policy.ddrl_attention and not base.ddrl_attention
     assert not torch.equal(before, ours)  # training changed the adapters
-    # Not bit-exact: the policy routes attention through ddrl_engine.attention, diffusers through its own
-    # processor; the same adapters and scaling, so the outputs agree to float32 rounding.
-    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
+    # Bit-exact: the same fp32 base and adapter tensors, the same LoRA scaling; on CPU the sdpa route of
+    # ddrl_engine.attention is diffusers' own attention call.
+    assert torch.equal(theirs, ours)
     assert (theirs - ours).abs().max() < 1e-2 * (before - ours).abs().max()
 
 
@@ -307,13 +308,15 @@ def _bad_cases(assets, tmp: Path):
         "missing_prompts": (dict(data__eval_prompts=str(tmp / "nope.txt")), ["nope.txt", "does not exist"]),
         "no_metadata": (dict(data__path=str(tmp / "uncaptioned")), ["uncaptioned", "metadata.jsonl"]),
         "resolution": (dict(model__resolution=[18, 16]), ["model.resolution", "divisible by 4"]),
-        "reward_folder": (dict(reward_models__pickscore=str(assets["sd3"])), ["pickscore", str(assets["sd3"])]),
+        "reward_folder": (dict(reward_models__pickscore=str(assets["sd3"] / "text_encoder_3")),
+                          [str(assets["sd3"] / "text_encoder_3"), "not a CLIP model"]),
+        "one_eval_sample": (dict(eval__samples_per_class=1), ["eval.samples_per_class", ">= 2"]),
         "unknown_reward": (dict(rewards__pickscore=None, rewards__sharpness=1.0), ["rewards.sharpness", "pickscore"]),
     }
 
 
 @pytest.mark.parametrize("case", ["kind", "no_vae", "empty_prompts", "missing_prompts", "no_metadata", "resolution",
-                                  "reward_folder", "unknown_reward"])
+                                  "reward_folder", "unknown_reward", "one_eval_sample"])
 def test_bad_input_is_a_clear_error_before_loading(assets, case, tmp_path_factory, capsys, no_loading):
     tmp = tmp_path_factory.getbasetemp() / "bad_input"
     tmp.mkdir(exist_ok=True)
@@ -335,7 +338,7 @@ def test_eval_and_export_of_a_folder_that_is_not_a_run(tmp_path, capsys, no_load
 
 def test_export_of_a_full_fine_tune_is_a_transformer_folder(assets, tmp_path, capsys):
     cfg = write(tmp_path / "run.toml", config(assets, tmp_path / "run", model__lora_rank=0, run__steps=1,
-                                              eval__samples_per_class=1, eval__heldout_loss_levels=1))
+                                              eval__heldout_loss_levels=1))
     rc, _, err = cli(capsys, "train", "--config", cfg)
     assert rc == 0, err
     keys = load_file(tmp_path / "run" / "checkpoints" / "step_0000001" / "model.safetensors").keys()

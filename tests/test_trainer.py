@@ -279,3 +279,20 @@ def test_synthetic_data_is_the_base_models_samples_unclamped(tmp_path):
     want = rollout(Wide(), sampler, labels, generator=torch.Generator().manual_seed(cfg.run.seed + 7),
                    sample_shape=(1, 8, 8)).samples
     assert torch.equal(data.train_x, want) and torch.equal(data.train_y, labels)
+
+
+def test_evaluator_in_chunks_gives_the_same_metrics(tmp_path):
+    """Evaluator.batch_size (real models: a rollout batch at a time) changes memory, not the result."""
+    from dataclasses import replace
+
+    from ddrl_engine.trainer.builders import build_dataset, build_evaluator, build_rewards
+
+    cfg = tiny_config(tmp_path, "ddrl")
+    tr = make_trainer(cfg)
+    ev = build_evaluator(cfg, build_dataset(cfg), build_rewards(cfg))
+    whole, s_whole = ev(tr.policy, tr.sampler, tr.sample_shape, "cpu")
+    parts, s_parts = replace(ev, batch_size=6)(tr.policy, tr.sampler, tr.sample_shape, "cpu")
+    assert s_parts.shape == s_whole.shape
+    torch.testing.assert_close(s_parts, s_whole, rtol=1e-5, atol=1e-5)
+    for k, v in whole.items():
+        assert parts[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k

@@ -498,6 +498,9 @@ def config_from_dict(data: dict) -> TrainConfig:
 def check_config(cfg: TrainConfig) -> None:
     """Checks that span fields or sections (also run by the Trainer on configs built in code)."""
     check_optim(cfg.optim, cfg.run.steps)
+    if cfg.eval.samples_per_class < 2:  # the evaluation's diversity is a distance between a condition's samples
+        raise ValueError(f"config: 'eval.samples_per_class' must be >= 2 (the diversity metric compares samples of "
+                         f"one condition), got {cfg.eval.samples_per_class}")
     pipeline = isinstance(cfg.model, PipelineModelConfig)
     if pipeline:
         if not cfg.data.prompts:

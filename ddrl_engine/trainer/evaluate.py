@@ -15,7 +15,7 @@ from torch import Tensor
 from ddrl_engine.algorithms import policy_data_loss
 from ddrl_engine.monitors import FrechetDistance, class_entropy, mean_pairwise_distance
 from ddrl_engine.rewards import WeightedReward
-from ddrl_engine.sampling import rollout
+from ddrl_engine.sampling import RolloutRunner, rollout
 
 
 def decode(samples: Tensor) -> Tensor:
@@ -31,7 +31,8 @@ class Evaluator:
     class statistics (`logits_fn`) when given, and the held-out data loss at `heldout_levels` levels.
     decode: what rewards and monitors see of the samples (default: clamped to the [-1, 1] image range;
     a latent model passes its VAE decode: latents are never clamped). The evaluation's decoded samples
-    are returned; `save_samples` writes them as a PNG grid (a GIF for video)."""
+    are returned; `save_samples` writes them as a PNG grid (a GIF for video). batch_size bounds the rows
+    of each rollout and held-out forward (0 = all at once)."""
 
     rewards: WeightedReward
     heldout_x: Tensor
@@ -46,6 +47,12 @@ class Evaluator:
     decode: Callable[[Tensor], Tensor] = decode
     conditions: Optional[Tensor] = None
     features_fn: Optional[Callable[[Tensor], Tensor]] = None
+    batch_size: int = 0
+
+    def _chunks(self, n: int) -> list[slice]:
+        """Rows per forward: all at once (batch_size = 0) or batch_size at a time (real models)."""
+        size = n if self.batch_size <= 0 else self.batch_size
+        return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
     def condition_ids(self) -> Tensor:
         return torch.arange(self.num_classes) if self.conditions is None else self.conditions.cpu()
@@ -55,10 +62,20 @@ class Evaluator:
 
     @torch.no_grad()
     def samples(self, policy, sampler, sample_shape, device) -> Tensor:
-        gen = torch.Generator(device).manual_seed(self.seed)
-        ro = rollout(policy, sampler, self.eval_conditions(device), generator=gen, sample_shape=sample_shape,
-                     reduction=self.reduction)
-        return self.decode(ro.samples)
+        cond = self.eval_conditions(device)
+        parts = self._chunks(cond.shape[0])
+        if len(parts) == 1:
+            gen = torch.Generator(device).manual_seed(self.seed)
+            return self.decode(rollout(policy, sampler, cond, generator=gen, sample_shape=sample_shape,
+                                       reduction=self.reduction).samples)
+        # In chunks: each chunk replays the whole batch's draws and keeps its rows (the noise of a
+        # sample does not depend on batch_size).
+        runner = RolloutRunner(policy, sampler, sample_shape=sample_shape, reduction=self.reduction)
+        n, out = cond.shape[0], []
+        for part in parts:
+            gen = torch.Generator(device).manual_seed(self.seed)
+            out.append(self.decode(runner(cond[part], generator=gen, shard=(part.start, n)).samples))
+        return torch.cat(out)
 
     @torch.no_grad()
     def heldout_data_loss(self, policy, sampler, device) -> float:
@@ -70,7 +87,11 @@ class Evaluator:
         sampler.to(device)
         for k in ks:
             eps = torch.randn(x0.shape, generator=gen, device=device)
-            total += policy_data_loss(policy, x0, y, eps, sampler.level(k)).item()
+            parts = self._chunks(x0.shape[0])
+            losses = [policy_data_loss(policy, x0[p], y[p], eps[p], sampler.level(k)).item() for p in parts]
+            # The mean over all rows: the chunks' means weighted by their shares (one chunk: as it is).
+            total += losses[0] if len(parts) == 1 else sum(
+                v * (p.stop - p.start) for v, p in zip(losses, parts)) / x0.shape[0]
         return total / len(ks)
 
     @torch.no_grad()

@@ -179,5 +179,6 @@ def build_pipeline_run(cfg: TrainConfig, *, log=print, progress: bool = True) ->
                           num_classes=len(texts), conditions=_ids(texts, eval_prompts),
                           samples_per_class=cfg.eval.samples_per_class, seed=cfg.eval.seed,
                           heldout_levels=cfg.eval.heldout_loss_levels, reduction=cfg.algorithm.logprob_reduction,
-                          decode=bundle.decode, features_fn=features)
+                          decode=bundle.decode, features_fn=features,
+                          batch_size=cfg.rollout.conditions_per_step * cfg.algorithm.group_size)
     return PipelineRun(bundle, policy, sampler, rewards, dataset, evaluator, conditions, texts)
