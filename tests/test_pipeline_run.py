@@ -73,7 +73,7 @@ def config(assets, out, kind="sd3", *, folder=None, prompts="txt", synthetic=Fal
         "rollout": {"conditions_per_step": 2},
         "data": {"prompts": str(assets["root"] / f"train.{prompts}"), "eval_prompts": str(assets["root"] / f"test.{prompts}")},
         "eval": {"samples_per_class": 2, "heldout_loss_levels": 2},
-        "rewards": rewards or ({"brightness": 1.0} if video else {"pickscore": 1.0}),
+        "rewards": rewards or {"pickscore": 1.0},  # video: PickScore of every frame, averaged
         "reward_models": {"pickscore": str(assets["clip"])},
     }
     if synthetic:
@@ -272,6 +272,8 @@ def test_wan_train_and_export(assets, tmp_path, capsys):
     rc, out, err = cli(capsys, "train", "--config", cfg)
     assert rc == 0, err
     check_run(tmp_path / "run", ".gif")
+    for m in metrics(tmp_path / "run", "eval"):  # the built-in "pickscore" of a video model: per frame, averaged
+        assert math.isfinite(m["reward/pickscore/frames_mean"]) and m["reward"] == m["reward/pickscore/frames_mean"]
     check_export_loads(capsys, tmp_path / "run", "wan", assets["wan"], tmp_path)
 
 
@@ -354,3 +356,46 @@ def test_export_of_a_full_fine_tune_is_a_transformer_folder(assets, tmp_path, ca
     assert ours.keys() == trained.keys()
     assert all(torch.equal(ours[k], trained[k]) for k in ours)
     assert any(not torch.equal(ours[k], v) for k, v in base.state_dict().items())  # it was trained
+
+
+# ----------------------------------------------------------------------------------------------- 2 ranks
+
+
+def test_sd3_two_rank_fsdp_matches_one_process(assets, sd3_run, tmp_path, capsys):
+    """torchrun, 2 CPU ranks (gloo), FSDP2: the same metrics as the one-process run to float rounding (the
+    2 ranks also fill one empty prompt / latent cache together), and its DCP checkpoint exports."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = config(assets, tmp_path / "run")
+    cfg["distributed"] = {"parallel": "fsdp"}
+    path = write(tmp_path / "run.toml", cfg)
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, DDRL_ENGINE_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "ddrl_engine.cli", "train", "--config", path], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got, want = metrics(tmp_path / "run", "train"), metrics(sd3_run[0], "train")
+    assert [m["step"] for m in got] == [m["step"] for m in want] == [1, 2]
+    for g, w in zip(got, want):
+        assert untimed(g).keys() == untimed(w).keys()
+        assert g["kind"] == w["kind"] and g["step"] == w["step"]
+        for k, v in untimed(w).items():
+            if isinstance(v, str):
+                continue
+            assert g[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (g["step"], k, g[k], v)
+    for g, w in zip(metrics(tmp_path / "run", "eval"), metrics(sd3_run[0], "eval")):
+        for k in ("reward", "diversity", "heldout_data_loss"):
+            assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6), (g["step"], k)
+    rc, _, err = cli(capsys, "export", "--run", tmp_path / "run", "--out", tmp_path / "lora")
+    assert rc == 0, err
+    two = load_file(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+    rc, _, err = cli(capsys, "export", "--run", sd3_run[0], "--out", tmp_path / "lora1")
+    assert rc == 0, err
+    one = load_file(tmp_path / "lora1" / "pytorch_lora_weights.safetensors")
+    assert two.keys() == one.keys() and two
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
