@@ -117,7 +117,11 @@ def pickscore_factory(ctx: RewardContext):
     """The built-in "pickscore": PickScoreReward(reward_models["pickscore"], prompts, device=ctx.device)."""
     from .pickscore import PickScoreReward
 
-    return PickScoreReward(ctx.model_path(), ctx.require_prompts(), device=ctx.device, name=ctx.name)
+    path = ctx.model_path()
+    try:
+        return PickScoreReward(path, ctx.require_prompts(), device=ctx.device, name=ctx.name)
+    except (FileNotFoundError, ValueError) as e:  # the folder is the config's: name the field
+        raise type(e)(f"reward_models.{ctx.name}: {e}") from e
 
 
 def _call_factory(factory: Callable, ctx: RewardContext):
