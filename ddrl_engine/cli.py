@@ -107,8 +107,21 @@ def cmd_train(args):
         if not args.no_resume:
             trainer.resume()
         evals = trainer.train()
+        if trainer._is_writer():
+            _plot_run(trainer.out, cfg.algorithm.method)
     if evals:
         print(json.dumps(evals[-1], indent=2))
+
+
+def _plot_run(out: Path, method: str) -> None:
+    """out/curves.png: the run's evaluations over steps (all of metrics.jsonl, resumed parts included)."""
+    from ddrl_engine.trainer.report import plot_curves
+
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    evals = [r for r in lines if r.get("kind") == "eval"]
+    if evals:
+        plot_curves(out, {method: evals}, evals[0])
+        _log(f"curves: {out / 'curves.png'}")
 
 
 def _run_checkpoint(args):

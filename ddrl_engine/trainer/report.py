@@ -40,7 +40,9 @@ def write_report(out: Path, results: dict[str, dict], wall_seconds: float, machi
 def plot_curves(out: Path, curves: dict[str, list[dict]], base: dict) -> None:
     keys = [("reward", "reward"), ("fd", "realism: Frechet distance (lower is better)"),
             ("heldout_data_loss", "held-out data loss (forward KL estimate)"), ("diversity", "diversity")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
+    keys = [(k, t) for k, t in keys if k in base or any(k in e for evals in curves.values() for e in evals)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    axes = axes[0]
     for ax, (key, title) in zip(axes, keys):
         for method, evals in curves.items():
             pts = [(e["step"], e[key]) for e in evals if key in e]
