@@ -107,3 +107,18 @@ def test_trained_steps():
     assert DDRLConfig(train_steps=[3, 1, 1]).trained_steps(4) == [1, 3]
     with pytest.raises(ValueError, match="out of range"):
         DDRLConfig(train_steps=[7]).trained_steps(4)
+
+
+@pytest.mark.parametrize("value", [0.3, 0.1, 1e-3, -7.7, 1.0])
+@pytest.mark.parametrize("eps", [0.0, 1e-4])
+def test_a_group_of_equal_rewards_has_zero_advantage(value, eps):
+    """The float32 mean of 8 x 0.3 is not 0.3: the residual must not be normalised into +-1."""
+    r = torch.full((8,), value)
+    assert torch.equal(group_advantages(r, 8, eps=eps), torch.zeros(8))
+    # Next to an informative group, and with an invalid member that differs.
+    two = torch.cat([r, torch.arange(8.0)])
+    adv = group_advantages(two, 8, eps=eps)
+    assert torch.equal(adv[:8], torch.zeros(8)) and adv[8:].abs().sum() > 0
+    valid = torch.ones(16, dtype=torch.bool)
+    two[3], valid[3] = 99.0, False
+    assert torch.equal(group_advantages(two, 8, eps=eps, valid=valid)[:8], torch.zeros(8))

@@ -31,8 +31,14 @@ def group_advantages(rewards: Tensor, group_size: int, *, eps: float = 1e-4, cli
     # Population std over the valid members (a group of identical rewards gives A = 0).
     var = (torch.where(mask, groups - mean, torch.zeros_like(groups)) ** 2).sum(-1, keepdim=True) / count
     denom = var.sqrt() + eps
-    # A group whose rewards are all equal carries no preference: A = 0 (also when eps = 0).
-    adv = torch.where(denom > 0, (groups - mean) / denom.clamp_min(1e-30), torch.zeros_like(groups))
+    # A group whose (valid) rewards are all equal carries no preference: A = 0. Tested on max == min,
+    # not on the std: the float32 mean of equal values need not be that value (8 x 0.3), which left a
+    # tiny residual that the normalisation blew up to +-1.
+    big = torch.finfo(groups.dtype).max
+    hi = torch.where(mask, groups, torch.full_like(groups, -big)).amax(-1, keepdim=True)
+    lo = torch.where(mask, groups, torch.full_like(groups, big)).amin(-1, keepdim=True)
+    informative = (hi > lo) & (denom > 0)
+    adv = torch.where(informative, (groups - mean) / denom.clamp_min(1e-30), torch.zeros_like(groups))
     if weights is None:
         adv = adv.mean(0)
     else:
