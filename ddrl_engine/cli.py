@@ -160,7 +160,11 @@ def cmd_eval(args):
     if ckpt:
         which = load_weights(ckpt, model, map_location=cfg.run.device)
         _log(f"evaluating the {which!r} weights of {ckpt}")
-    metrics, samples = evaluator(model, sampler, model.sample_shape, cfg.run.device)
+    from ddrl_engine.sampling.guidance import guided
+
+    # the training evaluations' policy: the rollouts' guidance (rollout.guidance_scale; 1 = the model itself)
+    policy = guided(model, cfg.rollout.guidance_scale)
+    metrics, samples = evaluator(policy, sampler, model.sample_shape, cfg.run.device)
     if args.out and hasattr(evaluator, "save_samples"):
         _log(f"samples: {evaluator.save_samples(samples, Path(args.out) / 'samples')}")
     print(json.dumps(metrics, indent=2))

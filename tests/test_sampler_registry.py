@@ -63,7 +63,7 @@ def test_builtins_are_registered():
 
 def test_a_registered_sampler_is_usable_from_a_config_with_its_own_field(damped):
     cfg = config_from_dict({"sampler": {"name": TEST_NAME, "num_steps": 4, "damping": 0.25, "shift": 2}})
-    assert cfg.sampler.options == {"noise_level": 0.7, "shift": 2.0, "damping": 0.25}
+    assert cfg.sampler.options == {"noise_level": 0.7, "shift": 2.0, "sigmas": None, "damping": 0.25}
     assert cfg.sampler.damping == 0.25
     sampler = build_sampler(cfg)
     assert type(sampler) is DampedRF and sampler.damping == 0.25 and sampler.shift == 2.0
@@ -89,7 +89,7 @@ def test_removed_sampler_is_unknown_again(damped):
 
 @pytest.mark.parametrize("values,match", [
     ({"eta": 0.5}, r"^config: unknown field 'sampler.eta' for sampler 'rectified_flow_sde' "
-                   r"\(its fields: noise_level, shift\)$"),
+                   r"\(its fields: noise_level, shift, sigmas\)$"),
     ({"name": "ddim", "noise_level": 0.5}, "unknown field 'sampler.noise_level' for sampler 'ddim'"),
     ({"options": {"eta": 0.5}}, "unknown field 'sampler.options'"),
     ({"name": "dpm"}, r"^config: 'sampler.name' must be one of the registered samplers "
@@ -112,7 +112,7 @@ def test_sampler_section_errors_name_the_field(values, match):
 def test_python_construction():
     assert SamplerConfig() == config_from_dict({}).sampler == TrainConfig().sampler
     s = SamplerConfig(num_steps=4)
-    assert (s.name, s.num_steps, s.options) == ("rectified_flow_sde", 4, {"noise_level": 0.7, "shift": 1.0})
+    assert (s.name, s.num_steps, s.options) == ("rectified_flow_sde", 4, {"noise_level": 0.7, "shift": 1.0, "sigmas": None})
     d = SamplerConfig(name="ddim", num_steps=10, eta=0.5)
     assert d == SamplerConfig("ddim", 10, options={"eta": 0.5}) == config_from_dict(
         {"sampler": {"name": "ddim", "num_steps": 10, "eta": 0.5}}).sampler
@@ -141,7 +141,7 @@ def test_to_dict_is_flat_and_round_trips():
         assert flat == {"name": cfg.sampler.name, "num_steps": cfg.sampler.num_steps, **cfg.sampler.options}
         assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert TrainConfig().to_dict()["sampler"] == {"name": "rectified_flow_sde", "num_steps": 10,
-                                                  "noise_level": 0.7, "shift": 1.0}
+                                                  "noise_level": 0.7, "shift": 1.0, "sigmas": None}
 
 
 def test_default_and_demo_configs_build_the_old_samplers():

@@ -11,9 +11,11 @@ from ddrl_engine.sampling.ddim import DDIM
 from ddrl_engine.sampling.edm import EDMChurn
 from ddrl_engine.sampling.factory import SAMPLERS, make_sampler, register_sampler
 from ddrl_engine.sampling.graphs import RolloutRunner, graph_unavailable_reason
+from ddrl_engine.sampling.guidance import Guided
 from ddrl_engine.sampling.mismatch import logprob_mismatch, recompute_log_probs, rollout_logprob_mismatch
 from ddrl_engine.sampling.rectified_flow import RectifiedFlowSDE
 from ddrl_engine.sampling.rollout import Rollout, group_conditions, rollout
+from ddrl_engine.sampling.schedules import from_diffusers
 from ddrl_engine.sampling.step import StepResult, transition
 
 # The stable names (docs/backend.md). Internals (RolloutBuffers, StepRows, run_chain, draw_noise)
@@ -21,6 +23,7 @@ from ddrl_engine.sampling.step import StepResult, transition
 __all__ = [
     "DDIM",
     "EDMChurn",
+    "Guided",
     "NoiseLevel",
     "RectifiedFlowSDE",
     "Rollout",
@@ -29,6 +32,7 @@ __all__ = [
     "Sampler",
     "Schedule",
     "StepResult",
+    "from_diffusers",
     "graph_unavailable_reason",
     "group_conditions",
     "logprob_mismatch",

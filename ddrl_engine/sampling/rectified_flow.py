@@ -2,41 +2,93 @@
 velocity f ~ eps - x0, and each step is the SDE transition of `ops.transitions.rectified_flow_sde`."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ddrl_engine.ops import transitions
+from ddrl_engine.ops.transitions import StepCoefs
 from ddrl_engine.sampling.base import NoiseLevel, Sampler, Schedule, check_num_steps, check_positive
 from ddrl_engine.sampling.factory import register_sampler
+
+
+def _float_tuple(owner: str, name: str, value) -> tuple[float, ...]:
+    """A list/tuple of finite real numbers (ints accepted, bools not) as a tuple of floats."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().double().tolist()
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{owner}: '{name}' must be a list of numbers, got {type(value).__name__} {value!r}")
+    out = []
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{owner}: '{name}[{i}]' must be a number, got {type(v).__name__} {v!r}")
+        if not math.isfinite(v):
+            raise ValueError(f"{owner}: '{name}[{i}]' must be finite, got {v}")
+        out.append(float(v))
+    return tuple(out)
 
 
 @register_sampler
 @dataclass(frozen=True)
 class RectifiedFlowSDE(Sampler):
-    """K SDE steps from t = 1 (pure noise) to t = 0 (the sample itself; `finish` is the identity).
+    """K SDE steps from t = t_0 <= 1 (1: pure noise) to t = 0 (the sample itself; `finish` is the identity).
 
     Levels: t_k = s(1 - k/K), k = 0..K, with the SD3 time shift s(t) = shift t / (1 + (shift - 1) t)
-    (shift = 1: uniform). The last step goes to t = 0; its std uses the current t, so it is finite.
+    (shift = 1: uniform), or the K+1 given `sigmas` (e.g. a diffusers scheduler's, see
+    `sampling.from_diffusers`). The last step goes to t = 0; its std uses the current t, so it is finite.
     Network level: t itself, in [0, 1] (1 = pure noise). Training target: the velocity eps - x0.
 
     Fields:
         num_steps: K >= 1.
-        noise_level: a > 0 in std_t = a sqrt(t / (1 - t)) (0.7 is the Flow-GRPO default).
-        shift: > 0; values above 1 spend more steps at high noise (SD3 uses 3).
+        noise_level: a > 0 in std_t = a sqrt(t / (1 - t)) (0.7 is the Flow-GRPO default), or a list of
+            K per-step values a_k > 0 (step k uses a_k).
+        shift: > 0; values above 1 spend more steps at high noise (SD3 uses 3). Must stay 1 when sigmas
+            is given.
+        sigmas: the K+1 levels t_0 > t_1 > ... > t_K = 0 with t_0 <= 1 (unset: the shifted uniform
+            schedule), overriding shift.
     """
 
     num_steps: int
-    noise_level: float = 0.7
+    noise_level: float | tuple[float, ...] = 0.7
     shift: float = 1.0
+    sigmas: tuple[float, ...] | None = None
 
     name = "rectified_flow_sde"
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
         check_num_steps(owner, self.num_steps)
-        check_positive(owner, "noise_level", self.noise_level)
+        k = self.num_steps
+        if isinstance(self.noise_level, (list, tuple, torch.Tensor)):
+            levels = _float_tuple(owner, "noise_level", self.noise_level)
+            if len(levels) != k:
+                raise ValueError(f"{owner}: 'noise_level' as a list must have num_steps = {k} values "
+                                 f"(one per step), got {len(levels)}")
+            for i, a in enumerate(levels):
+                check_positive(owner, f"noise_level[{i}]", a)
+            object.__setattr__(self, "noise_level", levels)
+        else:
+            check_positive(owner, "noise_level", self.noise_level)
         check_positive(owner, "shift", self.shift)
+        if self.sigmas is not None:
+            sig = _float_tuple(owner, "sigmas", self.sigmas)
+            if len(sig) != k + 1:
+                raise ValueError(f"{owner}: 'sigmas' must have num_steps + 1 = {k + 1} values "
+                                 f"(levels 0..K, ending at 0), got {len(sig)}")
+            if sig[-1] != 0:
+                raise ValueError(f"{owner}: 'sigmas' must end at 0 (the chain ends at the sample), got {sig[-1]}")
+            if not sig[0] <= 1:
+                raise ValueError(f"{owner}: 'sigmas' must start at a level <= 1 (1 = pure noise), got {sig[0]}")
+            bad = [i for i in range(k) if not sig[i] > sig[i + 1]]
+            if bad:
+                i = bad[0]
+                raise ValueError(f"{owner}: 'sigmas' must be strictly decreasing, got sigmas[{i}] = {sig[i]} "
+                                 f"<= sigmas[{i + 1}] = {sig[i + 1]}")
+            if self.shift != 1.0:
+                raise ValueError(f"{owner}: give either 'sigmas' or 'shift' (sigmas already include any "
+                                 f"shift), got both (shift={self.shift})")
+            object.__setattr__(self, "sigmas", sig)
         self._init_tables()
 
     @staticmethod
@@ -46,13 +98,27 @@ class RectifiedFlowSDE(Sampler):
         one = torch.ones((), dtype=t.dtype, device=t.device)
         return NoiseLevel(t, 1 - t, t, one, -one)
 
-    def _schedule(self) -> Schedule:
+    def _levels(self) -> torch.Tensor:
+        """The K+1 levels t_0..t_K in float64."""
+        if self.sigmas is not None:
+            return torch.tensor(self.sigmas, dtype=torch.float64)
         t = torch.linspace(1.0, 0.0, self.num_steps + 1, dtype=torch.float64)
-        t = self.shift * t / (1 + (self.shift - 1) * t)
+        return self.shift * t / (1 + (self.shift - 1) * t)
+
+    def _schedule(self) -> Schedule:
+        t = self._levels()
         ones = torch.ones_like(t)
+        if isinstance(self.noise_level, tuple):
+            # One transition per step (elementwise float64 math: the same per element as one call).
+            # t_for_first_std = t_1 keeps the first step's std finite at t_0 = 1, as in the one call.
+            per = [transitions.rectified_flow_sde(t[i], t[i + 1], a, t_for_first_std=t[1])
+                   for i, a in enumerate(self.noise_level)]
+            step = StepCoefs(*(torch.stack([getattr(p, f) for p in per]) for f in ("x_coef", "out_coef", "std")))
+        else:
+            step = transitions.rectified_flow_sde(t[:-1], t[1:], self.noise_level)
         return Schedule(
             network_level=t,
-            step=transitions.rectified_flow_sde(t[:-1], t[1:], self.noise_level),
+            step=step,
             data_scale=1 - t,
             noise_scale=t,
             target_noise=ones,

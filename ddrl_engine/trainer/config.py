@@ -183,12 +183,20 @@ class RolloutConfig:
         cannot be honoured is an error, never a silent eager fallback.
     attention_backend: attention backend of the rollout's forwards, "sdpa" or "fp8" (checked against
         ddrl_engine.attention.available_backends(run.device) when the trainer starts); training uses "sdpa".
+    guidance_scale: classifier-free guidance of the rollouts (ddrl_engine.sampling.Guided): a finite
+        number >= 0; 1 = none (the default: the plain conditional policy, bitwise), 0 = the unconditional
+        model, s > 1 = uncond + s (cond - uncond) with the policy's null condition (the DiT's null class,
+        a pipeline's empty prompt), both branches in one batched forward. The transition is the guided
+        one and its log-prob the guided step's density; the policy loss, the KL's reference forward, the
+        old-log-prob recomputation and the evaluation's samples use the same guidance; the data loss and
+        the held-out data loss always use the unguided conditional model.
     """
 
     conditions_per_step: int = 4
     recompute_old_logprobs: bool = False
     cuda_graph: bool = False
     attention_backend: str = "sdpa"
+    guidance_scale: float = 1.0
 
 
 MODEL_KINDS = ("dit", "sd3", "flux", "wan")
@@ -400,18 +408,28 @@ def _check_value(where: str, value, hint):
         if not isinstance(value, str):
             raise ValueError(f"config: '{where}' must be a string, got {value!r}")
         return value
+    if hint is type(None):  # the None of an `X | None` field (unset; JSON null, absent from TOML)
+        if value is not None:
+            raise ValueError(f"config: '{where}' must be unset, got {value!r}")
+        return value
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"config: '{where}' must be a list, got {value!r}")
         (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
-        return type(value)(_check_value(f"{where}[{i}]", v, item) for i, v in enumerate(value))
+        container = tuple if origin is tuple else type(value)  # a TOML/JSON list -> a tuple field's tuple
+        return container(_check_value(f"{where}[{i}]", v, item) for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
         errors = []
         for option in typing.get_args(hint):
             try:
                 return _check_value(where, value, option)
             except ValueError as e:
-                errors.append(str(e))
+                errors.append((option, str(e)))
+        # The error of the option of the value's kind (a list for a list, else a scalar) says most.
+        is_list = isinstance(value, (list, tuple))
+        for option, message in errors:
+            if option is not type(None) and (typing.get_origin(option) in (tuple, list)) == is_list:
+                raise ValueError(message)
         raise ValueError(f"config: '{where}' has an invalid value {value!r}")
     raise TypeError(f"config: no validator for {where} ({hint})")
 
@@ -517,6 +535,10 @@ def check_config(cfg: TrainConfig) -> None:
                          "[model] (kind = 'sd3', 'flux' or 'wan')")
     if cfg.data.dataset == "captioned" and not cfg.data.synthetic and not cfg.data.path:
         raise ValueError("config: data.dataset = 'captioned' needs 'data.path' (the captioned folder)")
+    g = cfg.rollout.guidance_scale
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+        raise ValueError(f"config: 'rollout.guidance_scale' must be a finite number >= 0 (1 = no guidance, "
+                         f"0 = unconditional), got {g!r}")
     if cfg.rollout.cuda_graph and not cfg.run.device.startswith("cuda"):
         raise ValueError(f"config: 'rollout.cuda_graph' = true needs a CUDA device, but run.device = "
                          f"{cfg.run.device!r}; set run.device = 'cuda' or rollout.cuda_graph = false")
@@ -622,7 +644,8 @@ def _sampler_toml(s: SamplerConfig) -> list[str]:
     for key, value in s.options.items():
         if key in own:
             lines.append(f"# {own[key]}")
-        lines.append(f"{key} = {_toml_value(value)}")
+        # TOML has no null: an unset (None) field is shown commented out.
+        lines.append(f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}")
     return lines
 
 

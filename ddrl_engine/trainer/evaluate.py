@@ -15,7 +15,7 @@ from torch import Tensor
 from ddrl_engine.algorithms import policy_data_loss
 from ddrl_engine.monitors import FrechetDistance, class_entropy, mean_pairwise_distance
 from ddrl_engine.rewards import WeightedReward
-from ddrl_engine.sampling import RolloutRunner, rollout
+from ddrl_engine.sampling import Guided, RolloutRunner, rollout
 
 
 def decode(samples: Tensor) -> Tensor:
@@ -30,7 +30,9 @@ class Evaluator:
     condition, in `features_fn`'s space when given, else on the decoded samples), realism (`fd`) and
     class statistics (`logits_fn`) when given, and the held-out data loss at `heldout_levels` levels.
     decode: what rewards and monitors see of the samples (default: clamped to the [-1, 1] image range;
-    a latent model passes its VAE decode: latents are never clamped). The evaluation's decoded samples
+    a latent model passes its VAE decode: latents are never clamped). Given a `sampling.Guided` policy
+    (rollout.guidance_scale != 1), the samples use its guidance and the held-out data loss its unguided
+    `.inner` (the data loss is always the conditional model's). The evaluation's decoded samples
     are returned; `save_samples` writes them as a PNG grid (a GIF for video). batch_size bounds the rows
     of each rollout and held-out forward (0 = all at once)."""
 
@@ -115,7 +117,8 @@ class Evaluator:
             pred = self.logits_fn(samples).argmax(-1)
             metrics["class_accuracy"] = (pred == cond).float().mean().item()
         if self.heldout_x.shape[0]:
-            metrics["heldout_data_loss"] = self.heldout_data_loss(policy, sampler, device)
+            plain = policy.inner if isinstance(policy, Guided) else policy
+            metrics["heldout_data_loss"] = self.heldout_data_loss(plain, sampler, device)
         policy.train(was_training)
         return metrics, samples
 

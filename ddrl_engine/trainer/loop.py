@@ -31,6 +31,7 @@ from ddrl_engine.models.trainable import select_trainable, trainable_keys
 from ddrl_engine.monitors import HeldoutLossMonitor
 from ddrl_engine.profiling import phase
 from ddrl_engine.sampling import Rollout, RolloutRunner, group_conditions, logprob_mismatch, recompute_log_probs, transition
+from ddrl_engine.sampling.guidance import Guided
 from ddrl_engine.sampling.step import draw_noise
 from ddrl_engine.trainer.checkpoint import OPTIMIZER_KEY, TRAINER_KEY, CheckpointManager
 from ddrl_engine.trainer.config import TrainConfig, check_config
@@ -156,7 +157,8 @@ class Trainer:
     dataset: the off-policy data, anything with `train_x` [N, *sample_shape] and `train_y` long [N]
         (a `ddrl_engine.data.Dataset`); needed when algorithm.beta_data > 0, else may be None.
     evaluator: called as evaluator(policy, sampler, sample_shape, device) -> (metrics, samples) every
-        run.eval_every steps (e.g. `trainer.evaluate.Evaluator`), or None.
+        run.eval_every steps (e.g. `trainer.evaluate.Evaluator`), or None. With rollout.guidance_scale
+        != 1 the policy it gets is a `sampling.Guided` (the unguided one is its `.inner`).
     conditions: the condition ids rollouts draw from (1-D long), e.g. the training prompts' ids.
     decode: what the rewards see of a rollout's samples (default: clamped to the [-1, 1] image range;
         for a latent model pass e.g. the identity, or a VAE decode).
@@ -211,7 +213,14 @@ class Trainer:
                 self._data_shard = (first, self.data.batch_size)
             self.policy, self.reference, self.ema = self.dist.wrap(
                 self.policy, self.reference, self.ema, activation_checkpointing=cfg.distributed.activation_checkpointing)
-        self.runner = RolloutRunner(self._module(), sampler, sample_shape=self.sample_shape,
+        # Classifier-free guidance (rollout.guidance_scale): the rollout, the policy loss, the KL's
+        # reference, the old-log-prob recomputation and the evaluation's samples see the guided policy;
+        # the data loss and the held-out loss the plain one. Scale 1: the plain objects themselves.
+        self.guidance_scale = cfg.rollout.guidance_scale
+        self._null_cond = getattr(self._module(), "null_class", None)
+        self._rollout_policy = self._guided(self.policy)
+        self._rollout_reference = self._guided(self.reference) if self.reference is not None else None
+        self.runner = RolloutRunner(self._guided(self._module()), sampler, sample_shape=self.sample_shape,
                                     reduction=self.algo.logprob_reduction, cuda_graph=cfg.rollout.cuda_graph)
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         if not trainable:
@@ -248,6 +257,13 @@ class Trainer:
     def _module(self):
         """The policy without a DDP wrapper (FSDP2 shards in place: the module itself)."""
         return self.policy if self.dist is None else self.dist.unwrap(self.policy)
+
+    def _guided(self, policy):
+        """`policy` under the rollouts' classifier-free guidance: `policy` itself when
+        rollout.guidance_scale = 1, else a `sampling.Guided` with the policy's null condition."""
+        if self.guidance_scale == 1.0:
+            return policy
+        return Guided(policy, self.guidance_scale, self._null_cond)
 
     # ---- one training step: collect, then update ---------------------------------------------
 
@@ -287,7 +303,7 @@ class Trainer:
         if cfg.rollout.recompute_old_logprobs:
             with phase("old_logprob"):
                 old_lp = old_lp.clone()
-                old_lp[:, self.trained_steps] = recompute_log_probs(self.policy, self.sampler, ro,
+                old_lp[:, self.trained_steps] = recompute_log_probs(self._rollout_policy, self.sampler, ro,
                                                                     steps=self.trained_steps)
         return RolloutBatch(ro, old_lp, metrics, pending)
 
@@ -409,7 +425,7 @@ class Trainer:
                     x_k, x_next = ro.states[part, k], ro.states[part, k + 1]
                     pol = kl = None
                     with phase("train/forward"):
-                        res = transition(self.policy, self.sampler, x_k, k, cond[part], x_next=x_next,
+                        res = transition(self._rollout_policy, self.sampler, x_k, k, cond[part], x_next=x_next,
                                          reduction=algo.logprob_reduction)
                     if algo.use_reward:
                         pol, stats = clipped_policy_loss(res.log_prob, old_lp[part, k], adv[part], algo.clip_eps)
@@ -423,7 +439,7 @@ class Trainer:
                             acc.first["logprob_mismatch"] = acc.first.get("logprob_mismatch", 0) + lm
                     if self.reference is not None:
                         with torch.no_grad(), phase("train/reference"):
-                            ref = transition(self.reference, self.sampler, x_k, k, cond[part], x_next=x_next,
+                            ref = transition(self._rollout_reference, self.sampler, x_k, k, cond[part], x_next=x_next,
                                              reduction=algo.logprob_reduction)
                         std = self.sampler.coefs(k).std.to(self.device).expand(x_k.shape[0])
                         kl = gaussian_kl(res.mean, ref.mean, std, algo.logprob_reduction).mean() * share
@@ -508,7 +524,10 @@ class Trainer:
             return self._evaluate()
 
     def _evaluate(self) -> dict:
-        metrics, self.last_eval_samples = self.evaluator(self.eval_policy(), self.sampler, self.sample_shape, self.device)
+        # Under guidance the evaluator gets the guided policy (its samples use the rollouts' guidance;
+        # `Evaluator` scores the held-out data loss with the unguided `.inner`).
+        metrics, self.last_eval_samples = self.evaluator(self._guided(self.eval_policy()), self.sampler,
+                                                         self.sample_shape, self.device)
         if self.cfg.eval.save_samples and self._is_writer() and callable(getattr(self.evaluator, "save_samples", None)):
             self.evaluator.save_samples(self.last_eval_samples, self.out / "samples" / f"step_{self.step:07d}")
         if "heldout_data_loss" in metrics:  # the hacking monitor, when the evaluator measures it
