@@ -58,14 +58,15 @@ def test_reward_overlaps_the_data_loss_pass(tmp_path):
     with rewards:
         fast = [trainer.train_step() for _ in range(2)]
     assert max(m["time_reward_wait"] for m in fast) < 0.1, fast
-    slow_delay = data_pass_s + 1.0
+    slow_delay = data_pass_s + 2.0
     cfg = tiny_config(tmp_path / "slow", steps=1)
     trainer, rewards = _async_trainer(cfg, functools.partial(SlowBrightness, slow_delay), policy=SleepyDiT(cfg.model))
     with rewards:
         m = trainer.train_step()
     assert m["time_reward"] >= slow_delay
-    # What is left after the overlapped pass (at least the 1 s of reward beyond it, minus slack).
-    assert 0.7 < m["time_reward_wait"] < slow_delay
+    # What is left after the overlapped pass: the 2 s of reward beyond its sleeps, less the pass's own
+    # compute (up to 1 s of slack, so a machine loaded by other jobs does not fail it).
+    assert 1.0 < m["time_reward_wait"] < slow_delay
 
 
 def test_dropped_reward_batch_is_masked_and_counted(tmp_path):
