@@ -2,9 +2,9 @@
 config: everything the Trainer takes, plus the bundle (VAE decode for rewards and pictures).
 
 Order of work (cheap checks first, nothing downloaded, ever):
-1. the prompt files, the captioned folder's metadata and the reward names are read and checked;
-   the pipeline folder is checked (pipelines.preflight) before any weight is loaded;
-2. the rewards are built (their model folders checked first), then the pipeline (`load_bundle`);
+1. the prompt files, the captioned folder's metadata and the pipeline folder (pipelines.preflight) are
+   read and checked before any weight is loaded;
+2. the rewards are built (their names and model folders checked first), then the pipeline (`load_bundle`);
 3. every prompt text (training prompts, held-out prompts, captions, the empty prompt) is encoded once
    into the on-disk prompt cache, and the captioned images once into the latent cache (both under
    the engine's cache folder, keyed by the model), then the text encoders are freed;
@@ -93,21 +93,6 @@ def _ids(texts: list[str], wanted: list[str]) -> torch.Tensor:
     return torch.tensor([first[t] for t in dict.fromkeys(wanted)], dtype=torch.long)
 
 
-def check_reward_names(cfg: TrainConfig) -> None:
-    """Unknown reward names and missing reward model folders, before anything loads."""
-    known = pipeline_reward_factories()
-    unknown = [n for n in cfg.rewards if n not in known and ":" not in n]
-    if unknown:
-        raise ValueError(f"config: unknown reward 'rewards.{unknown[0]}' for a {cfg.model.kind!r} model (built-in: "
-                         f"{', '.join(sorted(known))}; or \"package.module:Name\" for your own)")
-    for name in cfg.rewards:
-        if name == "pickscore":
-            folder = cfg.reward_models.get(name)
-            if not folder or not Path(folder).is_dir():
-                raise FileNotFoundError(f"config: 'reward_models.{name}' must name the local folder of its model, "
-                                        f"got {folder!r}")
-
-
 def reward_factory(cfg: TrainConfig, texts: list[str]):
     """A picklable factory of the run's rewards (reward workers build them from it too)."""
     video = len(cfg.model.resolution) == 3
@@ -142,10 +127,9 @@ def build_pipeline_run(cfg: TrainConfig, *, log=print, progress: bool = True) ->
     if cfg.sampler.name != "rectified_flow_sde":
         raise ValueError(f"config: a {m.kind!r} model is a flow-matching model: 'sampler.name' must be "
                          f"'rectified_flow_sde', got {cfg.sampler.name!r}")
-    check_reward_names(cfg)
     pre = preflight(m.kind, m.path, m.resolution)
     texts = _texts(prompts, eval_prompts, [c for _, c in items])
-
+    # Reward names and model folders are checked before any reward model (then the pipeline) loads.
     rewards = reward_factory(cfg, texts)()
     bundle = load_policy(cfg, log=log)
     key = model_key(m)
