@@ -29,6 +29,9 @@ def _load(args):
         cfg = replace(cfg, run=replace(cfg.run, out_dir=args.out))
     if getattr(args, "device", None):
         cfg = replace(cfg, run=replace(cfg.run, device=args.device))
+    from ddrl_engine.trainer.validate import check_runnable
+
+    check_runnable(cfg)  # the device, world size, rewards and memory: before any pretraining or loading
     return cfg
 
 
@@ -104,8 +107,8 @@ def cmd_train(args):
     cfg = _load(args)
     with contextlib.ExitStack() as stack:
         trainer = _trainer(cfg, stack, progress=cfg.run.progress)
-        if not args.no_resume:
-            trainer.resume()
+        if not args.restart:
+            trainer.resume()  # the newest whole checkpoint; an error when all are damaged (never a silent restart)
         evals = trainer.train()
         if trainer._is_writer():
             _plot_run(trainer.out, cfg.algorithm.method)
@@ -204,12 +207,13 @@ def cmd_memory(args):
                          "--hidden, --ffn-dim), not both")
     options = dict(rollout_per_rank=args.rollout_per_rank, data_per_rank=args.data_per_rank, parallel=args.parallel,
                    kl_reference=args.kl_reference, ema=args.ema, sampler_steps=args.sampler_steps, prompts=args.prompts,
-                   micro_batch=args.micro_batch)
+                   micro_batch=args.micro_batch, guidance_scale=args.guidance_scale)
     if args.summary:
         print(mem.summary_table(tuple(args.world_size), **options))
         return
-    if args.preset:
-        shape = mem.PRESETS[args.preset].shape
+    preset = mem.PRESETS[args.preset] if args.preset else None
+    if preset is not None:
+        shape = preset.shape
     else:
         missing = [f"--{k.replace('_', '-')}" for k, v in custom.items() if v is None]
         if missing:
@@ -222,11 +226,24 @@ def cmd_memory(args):
         raise ValueError("give --tokens or the video size (--resolution, or --frames/--height/--width), not both")
     if args.tokens is not None:
         tokens, what = args.tokens, f"{args.tokens:,} tokens"
+    elif preset is not None and not preset.video:  # an image model: [H, W]
+        if args.frames is not None:
+            raise ValueError(f"--frames is for video models; {args.preset} takes --height and --width")
+        if args.resolution or (args.height is None and args.width is None):
+            tokens, what = mem.preset_tokens(preset, args.resolution or "1024px")
+        elif None in (args.height, args.width):
+            raise ValueError("--height and --width go together (and replace --resolution)")
+        else:
+            tokens, what = mem.image_tokens(args.height, args.width), f"{args.width}x{args.height}"
+        what = f"{what} = {tokens:,} image + {shape.text_tokens} text tokens"
     else:
         if any(v is not None for v in video):
             if None in video or args.resolution:
                 raise ValueError("--frames, --height and --width go together (and replace --resolution)")
             frames, height, width = video
+        elif (args.resolution or "480p") not in mem.RESOLUTIONS:
+            raise ValueError(f"--resolution {args.resolution} is an image size; video models take "
+                             f"{', '.join(sorted(mem.RESOLUTIONS))}")
         else:
             frames, height, width = mem.RESOLUTIONS[args.resolution or "480p"]
         tokens = mem.video_tokens(frames, height, width)
@@ -236,33 +253,42 @@ def cmd_memory(args):
                                   **options)
         print(f"{args.preset or 'custom model'}: {shape.params / 1e9:.2f}B parameters, {what}, {args.parallel} "
               f"over {w} GPUs, per rank {args.rollout_per_rank} rollout + {args.data_per_rank} data samples, "
-              f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}")
+              f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}"
+              + (f", guidance scale {args.guidance_scale:g} ({est.inputs['activation_rows']} rows in the "
+                 "policy-loss forward)" if args.guidance_scale != 1.0 else ""))
         print(est.table())
-        print("ESTIMATE from the formula in ddrl_engine/trainer/memory.py (not measured); CUDA context, NCCL "
-              "buffers and fragmentation are not included\n")
+        print(est.fits())
+        print("ESTIMATE from the formula in ddrl_engine/trainer/memory.py (not measured), for full fine-tuning "
+              "(every parameter trained, fp32 master weights and AdamW states; LoRA runs are not modelled); CUDA "
+              "context, NCCL buffers and fragmentation are not included\n")
 
 
 def _add_memory_parser(sub):
-    from ddrl_engine.trainer.memory import PRESETS, RESOLUTIONS
+    from ddrl_engine.trainer.memory import IMAGE_RESOLUTIONS, PRESETS, RESOLUTIONS
 
     p = sub.add_parser("memory", help="estimated memory per GPU of a training step (FSDP2/DDP)",
                        description="Per-GPU memory ESTIMATE (formula in ddrl_engine/trainer/memory.py; not measured).")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a published model's dimensions")
+    p.add_argument("--preset", "--model", dest="preset", choices=list(PRESETS),
+                   help="a published model's dimensions: " + ", ".join(
+                       f"{k} ({v.source}, {v.shape.params / 1e9:.1f}B)" for k, v in PRESETS.items()))
     p.add_argument("--params", type=int, help="custom model: all parameters")
     p.add_argument("--block-params", type=int, help="custom model: parameters of the largest transformer block")
     p.add_argument("--blocks", type=int, help="custom model: number of transformer blocks")
     p.add_argument("--hidden", type=int, help="custom model: token width")
     p.add_argument("--ffn-dim", type=int, help="custom model: FFN width")
     p.add_argument("--latent-per-token", type=int, default=64, help="latent values per token (default 64: 16 x 1x2x2)")
-    p.add_argument("--resolution", choices=sorted(RESOLUTIONS), help="81-frame video size (default 480p)")
+    p.add_argument("--resolution", choices=sorted(RESOLUTIONS) + sorted(IMAGE_RESOLUTIONS),
+                   help="video models: an 81-frame size (default 480p); image models: a square size (default 1024px)")
     p.add_argument("--frames", type=int, help="video frames (with --height, --width)")
-    p.add_argument("--height", type=int, help="video height in pixels")
-    p.add_argument("--width", type=int, help="video width in pixels")
+    p.add_argument("--height", type=int, help="video or image height in pixels")
+    p.add_argument("--width", type=int, help="video or image width in pixels")
     p.add_argument("--tokens", type=int, help="transformer tokens per sample (instead of a video size)")
     p.add_argument("--world-size", type=int, nargs="+", default=[8], help="GPUs (one or more; default 8)")
     p.add_argument("--parallel", choices=("fsdp", "ddp", "none"), default="fsdp")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--rollout-per-rank", type=int, default=1, help="rollout samples per rank (default 1)")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="rollout.guidance_scale (not 1 or 0: two rows per rollout sample in the policy-loss forward)")
     p.add_argument("--micro-batch", type=int, default=0,
                    help="optim.micro_batch: rows per forward/backward in the update (default 0: all)")
     p.add_argument("--data-per-rank", type=int, default=1, help="data samples per rank (default 1; 0 without data loss)")
@@ -295,7 +321,9 @@ def main(argv=None):
         if name == "train":
             p.add_argument("--steps", type=int, help="override run.steps (total, also when resuming)")
             p.add_argument("--out", help="override run.out_dir")
-            p.add_argument("--no-resume", action="store_true", help="start fresh even if checkpoints exist")
+            p.add_argument("--restart", "--no-resume", dest="restart", action="store_true",
+                           help="start a new run at step 0 even if checkpoints exist (they are kept; the old "
+                                "metrics.jsonl is moved to metrics.jsonl.old-N)")
         if name == "eval":
             p.add_argument("--run", help="a run folder: its config.json and latest checkpoint")
             p.add_argument("--checkpoint", help="checkpoint directory, of a one-process or distributed run: its EMA "

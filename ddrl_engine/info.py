@@ -1,4 +1,5 @@
-"""`python -m ddrl_engine.info`: what the extension was built with and what can run here."""
+"""`python -m ddrl_engine.info [--selftest]`: what the extension was built with and what can run here;
+--selftest also checks every op on each CUDA device against its CPU twin (ops.selftest)."""
 from __future__ import annotations
 
 import torch
@@ -27,6 +28,9 @@ def report() -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     lines.append(f"  cuda device          {gpu}")
     lines.append(f"  cuda ops usable      {ok}{'' if ok else f' ({why})'}")
+    from ddrl_engine.ops.selftest import ENV, ops_path
+
+    lines.append(f"  ops path             {ops_path()} ({ENV}; 'reference' = plain PyTorch)")
     lines.append("ops (torch.ops.ddrl.*):")
     for name in OPS:
         lines.append(f"  {name:24s} {', '.join(op_backends(name)) or 'no kernels'}")
@@ -45,5 +49,22 @@ def report() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m ddrl_engine.info", description=__doc__)
+    ap.add_argument("--selftest", action="store_true",
+                    help="run every op on each CUDA device against its CPU twin (exit 1 on a mismatch)")
+    args = ap.parse_args(argv)
     print(report())
+    if args.selftest:
+        from ddrl_engine.ops.selftest import selftest_report
+
+        ok, table = selftest_report()
+        print(table)
+        return 0 if ok else 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -82,3 +82,21 @@ class FailingBrightness:
 
     def __call__(self, samples, cond):
         raise ConnectionError("reward service unreachable")
+
+
+class NaNBrightness:
+    """Named like the run's reward, returns NaN (a reward model that diverged)."""
+
+    name = "brightness"
+
+    def __call__(self, samples, cond):
+        return torch.full((samples.shape[0],), float("nan"))
+
+
+class WrongShapeBrightness:
+    """Named like the run's reward, returns one value per pixel row instead of one per sample."""
+
+    name = "brightness"
+
+    def __call__(self, samples, cond):
+        return samples.flatten(1).float()

@@ -122,3 +122,34 @@ def test_a_group_of_equal_rewards_has_zero_advantage(value, eps):
     valid = torch.ones(16, dtype=torch.bool)
     two[3], valid[3] = 99.0, False
     assert torch.equal(group_advantages(two, 8, eps=eps, valid=valid)[:8], torch.zeros(8))
+
+
+@pytest.mark.parametrize("scale", [1e30, 3e38])
+@pytest.mark.parametrize("std", ["population", "unbiased"])
+def test_huge_finite_rewards_give_finite_advantages(scale, std, seed):
+    """Float32 statistics of rewards near 3e38 overflow (the sum, the squares); such a group is
+    normalised in float64, to the float64 formula; a normal group beside it is untouched."""
+    g = torch.Generator().manual_seed(seed)
+    huge = (torch.rand(8, generator=g, dtype=torch.float64) * 2 - 1) * scale
+    normal = torch.randn(8, generator=g, dtype=torch.float64)
+    r = torch.cat([huge, normal]).float()
+    got = group_advantages(r, 8, eps=1e-4, std=std)
+    assert torch.isfinite(got).all()
+    want = []
+    for grp in r.double().reshape(2, 8):
+        sd = grp.std(unbiased=(std == "unbiased"))
+        want.append((grp - grp.mean()) / (sd + 1e-4))
+    torch.testing.assert_close(got.double(), torch.cat(want).clamp(-5, 5), rtol=1e-5, atol=1e-5)
+    alone = group_advantages(r[8:], 8, eps=1e-4, std=std)
+    assert torch.equal(got[8:], alone)  # the float32 path of the normal group, bit for bit
+
+
+@pytest.mark.parametrize("field", ["beta_data", "beta_kl", "adv_eps", "adv_clip", "clip_eps"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_algorithm_values_are_refused(field, value):
+    from ddrl_engine.algorithms.config import DDRLConfig
+
+    if field == "adv_clip" and value == float("inf"):
+        pytest.skip("adv_clip = inf means no clamp")
+    with pytest.raises(ValueError, match=f"algorithm.{field}"):
+        DDRLConfig(**{field: value})

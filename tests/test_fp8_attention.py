@@ -138,6 +138,42 @@ def test_two_steps_equal_one():
     torch.testing.assert_close(fp8_attention_quantized(t, 100, 140, q.dtype), fp8_attention(q, k, v), rtol=0, atol=0)
 
 
+# ---- non-finite inputs propagate as in the exact attention ----------------------------------------
+
+def _poison(which, value, q, k, v):
+    q, k, v = q.clone(), k.clone(), v.clone()
+    t = {"q": q, "k": k, "v": v}[which]
+    t[1, 0, 3, 5] = value  # batch 1, head 0, token 3, channel 5
+    return q, k, v
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_non_finite_inputs_propagate_like_exact_attention(which, value, device):
+    if device == "cuda" and not _fp8_cuda_usable()[0]:
+        pytest.skip(_fp8_cuda_usable()[1])
+    q, k, v = _poison(which, value, *qkv(2, 2, 9, 12, 64))
+    q, k, v = (x.to(device) for x in (q, k, v))
+    got = fp8_attention(q, k, v).float().cpu()
+    # The exact attention, softmax(q k^T / sqrt(D)) v in float64 (torch 2.14's CPU sdpa kernel itself drops
+    # a NaN in q: its output is finite; the math and the CUDA kernels propagate it).
+    qd, kd, vd = (x.double().cpu() for x in (q, k, v))
+    want = torch.softmax(qd @ kd.transpose(-1, -2) / math.sqrt(qd.shape[-1]), -1) @ vd
+    bad, ours = ~torch.isfinite(want), ~torch.isfinite(got)
+    assert bad.any(), "the poisoned input must make the exact attention non-finite somewhere"
+    if value != value:  # NaN: exactly where the exact output is (the Q row; for K the head; for V the channel)
+        assert torch.equal(ours, bad), f"{which}=nan: {int(ours.sum())} NaN outputs, the exact one {int(bad.sum())}"
+    else:  # inf: never hidden; the exact pattern depends on signs (an inf key may get weight 0), ours may
+        # cover the poisoned head (the centring mean turns the key's inf into NaN for every key)
+        assert ours[bad].all(), f"{which}={value}: finite outputs where the exact ones are not"
+        others = torch.ones_like(ours)
+        others[1, 0] = False
+        assert not ours[others].any(), f"{which}={value}: non-finite outputs outside the poisoned head"
+    assert rel_l2(got[~ours].reshape(1, -1), want[~ours].double().reshape(1, -1)) <= TARGET_REL_L2
+
+
 # ---- bad inputs ---------------------------------------------------------------------------------
 
 def test_bad_inputs():
@@ -228,6 +264,30 @@ def test_sass_has_hopper_tensor_core_mma():
         assert "QGMMA" in body, f"no QGMMA (fp8 wgmma, PV) in {name}"
         assert "UTMALDG" in body, f"no UTMALDG (TMA load of Q/K/V^T) in {name}"
         assert "USETMAXREG" in body, f"no setmaxnreg (producer/consumer register split) in {name}"
+
+
+def test_register_split_fits_the_compiled_kernels():
+    """setmaxnreg redistributes the CTA's own registers: 128 x 24 (producer) + 256 x 240 (consumers)
+    must fit 384 threads x the registers each kernel image was compiled with, or every CTA hangs in
+    setmaxnreg.inc (the kernel's static_assert checks the launch bound; this checks the build)."""
+    info = _build_info()
+    if not (info.get("with_cuda") and info.get("fp8_attention_kernel")):
+        pytest.skip("fp8 attention kernel not built here")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (neither triton's nor the CUDA toolkit's)")
+    lib = next(Path(ddrl_engine.__file__).parent.glob("_C*.so"))
+    res = subprocess.run([tool, "--dump-resource-usage", str(lib)], capture_output=True, text=True, check=True).stdout
+    regs = [int(line.split("REG:")[1].split()[0]) for line in res.splitlines()
+            if "fp8_attention_sm90_kernel" in line and "REG:" in line]
+    if not regs:  # older cuobjdump prints the function name on the line before its resources
+        lines = res.splitlines()
+        regs = [int(nxt.split("REG:")[1].split()[0]) for cur, nxt in zip(lines, lines[1:])
+                if "fp8_attention_sm90_kernel" in cur and "REG:" in nxt]
+    assert regs, "no resource usage found for fp8_attention_sm90_kernel"
+    need = 128 * 24 + 256 * 240
+    for r in regs:
+        assert 384 * r >= need, f"a kernel image has {r} registers/thread: 384 x {r} < {need} the split needs"
 
 
 def test_extension_does_not_link_libcuda():

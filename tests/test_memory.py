@@ -155,13 +155,17 @@ def test_activation_factors_match_what_autograd_saves(dtype):
 
 
 def test_presets_match_the_diffusers_models():
+    assert set(PRESETS) == {"sd3.5-medium", "sd3.5-large", "flux.1-dev", "wan2.1-1.3b", "wan2.1-14b"}
     for name, preset in PRESETS.items():
         with torch.device("meta"):
-            model = diffusers.WanTransformer3DModel(**preset.config)
+            model = getattr(diffusers, preset.model_class)(**preset.config)
         shape = ModelShape.from_module(model)
         s = preset.shape
-        assert (shape.params, shape.block_params, shape.num_blocks, shape.hidden, shape.ffn_dim, shape.latent_per_token) \
-            == (s.params, s.block_params, s.num_blocks, s.hidden, s.ffn_dim, s.latent_per_token), name
+        assert (shape.params, shape.block_params, shape.num_blocks, shape.hidden, shape.ffn_dim, shape.latent_per_token,
+                shape.family, shape.block_kinds, shape.blocks_total, shape.root_params) \
+            == (s.params, s.block_params, s.num_blocks, s.hidden, s.ffn_dim, s.latent_per_token,
+                s.family, s.block_kinds, s.blocks_total, s.root_params), name
+        assert shape.params == sum(p.numel() for p in model.parameters()), name
     assert PRESETS["wan2.1-1.3b"].shape.hidden == 1536 and PRESETS["wan2.1-14b"].shape.hidden == 5120
     assert video_tokens(*RESOLUTIONS["480p"]) == 21 * 30 * 52 == 32_760
     assert video_tokens(*RESOLUTIONS["720p"]) == 21 * 45 * 80 == 75_600
@@ -208,3 +212,230 @@ def test_cli(capsys):
     assert "missing --block-params" in capsys.readouterr().err
     assert main(["memory", "--preset", "wan2.1-1.3b", "--world-size", "0"]) == 2
     assert "'world_size'" in capsys.readouterr().err
+
+
+# ---- SD3.5 / FLUX presets (MMDiT: text tokens through every block), guidance -------------------------
+
+from ddrl_engine.trainer.memory import (BLOCK_FACTORS, GPUS, IMAGE_RESOLUTIONS, OUT_FACTORS,  # noqa: E402
+                                        image_tokens, preset_tokens)
+
+# The published shapes, written out here (transformer/config.json of each repository): hidden = heads x head_dim.
+PUBLISHED = {"sd3.5-medium": dict(hidden=24 * 64, blocks=24, kinds=(("sd3_dual", 13), ("sd3", 11)), text=77 + 256),
+             "sd3.5-large": dict(hidden=38 * 64, blocks=38, kinds=(("sd3", 38),), text=77 + 256),
+             "flux.1-dev": dict(hidden=24 * 128, blocks=57, kinds=(("flux_double", 19), ("flux_single", 38)), text=512)}
+
+
+def test_image_presets_have_the_published_shapes():
+    for name, want in PUBLISHED.items():
+        s = PRESETS[name].shape
+        assert (s.hidden, s.num_blocks, s.block_kinds, s.text_tokens, s.latent_per_token) == \
+            (want["hidden"], want["blocks"], want["kinds"], want["text"], 64), name
+        assert not PRESETS[name].video
+    assert round(PRESETS["flux.1-dev"].shape.params / 1e9, 1) == 11.9  # "12B" in the model card
+    assert round(PRESETS["sd3.5-large"].shape.params / 1e9, 1) == 8.1
+    assert image_tokens(1024, 1024) == 64 * 64 and image_tokens(512, 768) == 32 * 48
+    assert preset_tokens(PRESETS["sd3.5-medium"], "512px") == (1024, "512px 512x512")
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_presets_grow_with_batch_and_resolution(name, ckpt):
+    preset = PRESETS[name]
+    sizes = [preset_tokens(preset, r)[0] for r in (RESOLUTIONS if preset.video else IMAGE_RESOLUTIONS)]
+    sizes = sorted(sizes) + [2 * max(sizes)]
+    for world in (1, 8):
+        par = "none" if world == 1 else "fsdp"
+        totals = [[estimate_memory(preset.shape, tokens=n, world_size=world, parallel=par, rollout_per_rank=r,
+                                   data_per_rank=r, activation_checkpointing=ckpt).total for n in sizes] for r in (1, 2, 4)]
+        for row in totals:
+            assert all(a < b for a, b in zip(row, row[1:])), (name, world, row)  # more tokens: more memory
+        for col in zip(*totals):
+            assert all(a < b for a, b in zip(col, col[1:])), (name, world, col)  # more samples per rank: more memory
+
+
+def _act(est):
+    return next(v for k, v in est.parts.items() if k.startswith("activations"))
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_guidance_doubles_the_rollout_rows_of_the_activations(name):
+    shape, n = PRESETS[name].shape, 2048
+    base = dict(tokens=n, world_size=8, rollout_per_rank=2, data_per_rank=1)
+    plain = estimate_memory(shape, **base)
+    for scale in (1.0, 0.0):  # no guidance / the unconditional model: one row per sample
+        assert estimate_memory(shape, guidance_scale=scale, **base).parts == plain.parts
+    guided = estimate_memory(shape, guidance_scale=4.5, **base)
+    assert _act(guided) == 2 * _act(plain)  # the rollout rows dominate: the whole term doubles
+    assert {k: v for k, v in guided.parts.items() if not k.startswith("activations")} == \
+        {k: v for k, v in plain.parts.items() if not k.startswith("activations")}  # states are per sample, not per row
+    # the data rows (unguided) dominate when there are more of them than guided rows
+    data_heavy = dict(base, rollout_per_rank=1, data_per_rank=3)
+    assert _act(estimate_memory(shape, guidance_scale=4.5, **data_heavy)) == _act(estimate_memory(shape, **data_heavy))
+    # micro-batches bound the samples, each guided sample still takes two rows
+    micro = dict(base, rollout_per_rank=8, data_per_rank=8, micro_batch=2)
+    assert _act(estimate_memory(shape, guidance_scale=3.0, **micro)) == 2 * _act(estimate_memory(shape, **micro))
+    assert estimate_memory(shape, guidance_scale=3.0, **micro).inputs["activation_rows"] == 4
+    with pytest.raises(ValueError, match="'guidance_scale'"):
+        estimate_memory(shape, guidance_scale=-1.0, **base)
+
+
+@pytest.mark.parametrize("c,parallel", [(2, "fsdp"), (4, "ddp")])
+def test_mmdit_activation_term_by_hand(c, parallel):
+    """SD3.5-Medium and FLUX.1-dev at 1024 px: the activation bytes from the factors table, summed here."""
+    n = 64 * 64
+    factors = {2: {"sd3": (58, 58), "sd3_dual": (86, 58), "flux_double": (56, 56), "flux_single": (50, 52),
+                   "out_sd3": 6, "out_flux": 8},
+               4: {"sd3": (100, 100), "sd3_dual": (140, 100), "flux_double": (96, 96), "flux_single": (84, 88),
+                   "out_sd3": 12, "out_flux": 14}}[c]
+    for name, family in (("sd3.5-medium", "sd3"), ("flux.1-dev", "flux")):
+        want = PUBLISHED[name]
+        h, t = want["hidden"], want["text"]
+        blocks = sum(count * (factors[k][0] * n + factors[k][1] * t) * h for k, count in want["kinds"])
+        full = 3 * (blocks + factors[f"out_{family}"] * h * n)
+        est = estimate_memory(PRESETS[name].shape, tokens=n, world_size=8, parallel=parallel, rollout_per_rank=3)
+        assert est.parts["activations"] == full, name
+        # checkpointed: every block keeps its input (image and text tokens), one block is rebuilt at a time
+        biggest = max((factors[k][0] * n + factors[k][1] * t) * h for k, _ in want["kinds"])
+        ckpt = estimate_memory(PRESETS[name].shape, tokens=n, world_size=8, parallel=parallel, rollout_per_rank=3,
+                               activation_checkpointing=True)
+        assert ckpt.parts["activations (checkpointed)"] == 3 * (want["blocks"] * c * h * (n + t) + biggest
+                                                                + factors[f"out_{family}"] * h * n), name
+
+
+def _tiny_sd3(layers=2, dual=(), dtype=torch.float32, hidden=64):
+    torch.manual_seed(0)
+    return diffusers.SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, num_layers=layers, attention_head_dim=32, num_attention_heads=hidden // 32,
+        joint_attention_dim=16, caption_projection_dim=hidden, pooled_projection_dim=8, out_channels=4, pos_embed_max_size=32,
+        qk_norm="rms_norm", dual_attention_layers=dual).to(dtype)
+
+
+def _tiny_flux(double=1, single=1, dtype=torch.float32, hidden=64):
+    torch.manual_seed(0)
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=double, num_single_layers=single, attention_head_dim=32,
+        num_attention_heads=hidden // 32, joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=False,
+        axes_dims_rope=(8, 12, 12)).to(dtype)
+
+
+def test_from_module_reads_tiny_sd3_and_flux_models():
+    from ddrl_engine.models.diffusers import FluxPolicy, SD3Policy
+
+    sd3 = SD3Policy(_tiny_sd3(layers=3, dual=(0,)), (4, 8, 8))
+    s = ModelShape.from_module(sd3, text_tokens=20)
+    sizes = [sum(p.numel() for p in b.parameters()) for b in sd3.model.transformer_blocks]
+    assert (s.family, s.block_kinds, s.hidden, s.ffn_dim, s.latent_per_token, s.text_tokens) == \
+        ("sd3", (("sd3_dual", 1), ("sd3", 2)), 64, 256, 16, 20)
+    assert s.params == sum(p.numel() for p in sd3.parameters()) and s.blocks_total == sum(sizes)
+    assert s.block_params == max(sizes) == sizes[0]  # the dual-attention block is the largest
+    flux = FluxPolicy(_tiny_flux(double=2, single=3), (4, 8, 8))
+    f = ModelShape.from_module(flux)
+    assert (f.family, f.block_kinds, f.latent_per_token, f.num_blocks) == ("flux", (("flux_double", 2), ("flux_single", 3)), 16, 5)
+    assert f.root_params == f.params - sum(sum(p.numel() for p in b.parameters()) for b in flux.blocks)
+    # one process: the weights, gradients and AdamW parts are what a real optimizer step holds
+    opt = torch.optim.AdamW(flux.parameters(), lr=1e-3)
+    from ddrl_engine.models.diffusers import TextCondition
+
+    cond = TextCondition(torch.randn(2, 5, 16), torch.randn(2, 8))
+    flux(torch.randn(2, 4, 8, 8), torch.rand(2), cond).square().mean().backward()
+    opt.step()
+    assert {k: estimate_memory(flux, tokens=16, world_size=1, parallel="none").parts[k] for k in held_bytes(flux, opt)} \
+        == held_bytes(flux, opt)
+
+
+def test_mmdit_shapes_reject_bad_block_kinds():
+    with pytest.raises(ValueError, match="needs block_kinds"):
+        ModelShape(params=100, block_params=10, num_blocks=2, hidden=4, ffn_dim=16, family="sd3")
+    with pytest.raises(ValueError, match="needs block_kinds"):
+        ModelShape(params=100, block_params=10, num_blocks=2, hidden=4, ffn_dim=16, family="sd3",
+                   block_kinds=(("flux_double", 2),))
+    with pytest.raises(ValueError, match="'ModelShape.family'"):
+        ModelShape(params=100, block_params=10, num_blocks=2, hidden=4, ffn_dim=16, family="unet")
+    with pytest.raises(ValueError, match="exceeds params"):
+        ModelShape(params=100, block_params=10, num_blocks=2, hidden=4, ffn_dim=16, family="flux",
+                   block_kinds=(("flux_double", 1), ("flux_single", 1)), blocks_total=101)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        image_tokens(1000, 1024)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mmdit_factors_match_what_autograd_saves(dtype):
+    """Re-measures BLOCK_FACTORS and OUT_FACTORS on tiny models (hidden 64): saved bytes per image token and
+    per text token of one more block, through our attention (the policies' default)."""
+    from ddrl_engine.models.diffusers import FluxPolicy, SD3Policy, TextCondition
+
+    def saved(policy, hw, txt):
+        policy.model.requires_grad_(True)
+        x = torch.randn(1, 4, hw, hw, dtype=dtype)
+        cond = TextCondition(torch.randn(1, txt, 16, dtype=dtype), torch.randn(1, 8, dtype=dtype))
+        return saved_tensor_bytes(lambda: policy._velocity(x, torch.tensor([0.5]), cond),
+                                  list(policy.parameters()) + [x, cond.embeds, cond.pooled])
+
+    def per_token(policy):  # (per image token, per text token)
+        img = (saved(policy, 16, 6) - saved(policy, 8, 6)) / (64 - 16)
+        txt = (saved(policy, 8, 22) - saved(policy, 8, 6)) / 16
+        return img, txt
+
+    h, c = 64, dtype.itemsize
+    sd3 = {k: per_token(SD3Policy(_tiny_sd3(*a, dtype=dtype), (4, 8, 8))) for k, a in
+           {"1": (1, ()), "2": (2, ()), "2dual": (2, (0,))}.items()}
+    flux = {k: per_token(FluxPolicy(_tiny_flux(*a, dtype=dtype), (4, 8, 8))) for k, a in
+            {"10": (1, 0), "20": (2, 0), "11": (1, 1)}.items()}
+    block = {"sd3": [b - a for a, b in zip(sd3["1"], sd3["2"])],
+             "sd3_dual": [b - a + d for a, b, d in zip(sd3["1"], sd3["2"], (sd3["2dual"][0] - sd3["2"][0], 0))],
+             "flux_double": [b - a for a, b in zip(flux["10"], flux["20"])],
+             "flux_single": [b - a for a, b in zip(flux["10"], flux["11"])]}
+    for kind, (img, txt) in block.items():
+        want_img, want_txt = BLOCK_FACTORS[kind][c]
+        assert img == pytest.approx(want_img * h, rel=0.03), (kind, img / h)
+        assert txt == pytest.approx(want_txt * h, rel=0.03), (kind, txt / h)
+    assert sd3["1"][0] - block["sd3"][0] == pytest.approx(OUT_FACTORS["sd3"][c] * h, rel=0.35)
+    assert flux["10"][0] - block["flux_double"][0] == pytest.approx(OUT_FACTORS["flux"][c] * h, rel=0.35)
+
+
+def test_cli_image_presets_guidance_and_gpus(capsys):
+    assert main(["memory", "--model", "sd3.5-medium", "--resolution", "512px", "--world-size", "8",
+                 "--guidance-scale", "4.5"]) == 0
+    out = capsys.readouterr().out
+    est = estimate_memory(PRESETS["sd3.5-medium"].shape, tokens=1024, world_size=8, guidance_scale=4.5)
+    assert "1,024 image + 333 text tokens" in out and f"{est.total / GIB:9.2f} GiB" in out
+    assert "guidance scale 4.5 (2 rows" in out and "not measured" in out
+    for gpu, capacity in GPUS.items():
+        assert f"{gpu} ({capacity / GIB:.1f} GiB): " in out
+    assert main(["memory", "--model", "flux.1-dev", "--height", "768", "--width", "1360", "--world-size", "8"]) == 0
+    assert f"1360x768 = {48 * 85:,} image + 512 text tokens" in capsys.readouterr().out
+    assert main(["memory", "--preset", "flux.1-dev", "--world-size", "1", "--parallel", "none"]) == 0
+    assert "does NOT fit" in capsys.readouterr().out  # 12B parameters with fp32 AdamW on one GPU
+    assert main(["memory", "--summary", "--world-size", "8"]) == 0
+    summary = capsys.readouterr().out
+    assert "| flux.1-dev | 1024px 1024x1024 | 4,096 |" in summary and "| sd3.5-large | 512px" in summary
+    for argv, needle in ((["--model", "sd3.5-large", "--frames", "81"], "--frames is for video models"),
+                         (["--model", "sd3.5-large", "--resolution", "720p"], "'720p' is not a image size"),
+                         (["--model", "wan2.1-14b", "--resolution", "512px"], "is an image size"),
+                         (["--model", "flux.1-dev", "--height", "1000", "--width", "1024"], "multiple of 16")):
+        assert main(["memory", *argv]) == 2, argv
+        assert needle in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit):
+        main(["memory", "--model", "sd35_medium"])  # not a preset name: argparse lists the choices
+    assert "sd3.5-medium" in capsys.readouterr().err
+
+
+def test_readme_memory_notes_are_the_current_estimates():
+    """The per-model table in the README's "Post-train SD3.5, FLUX or Wan" is what the formula gives now."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Post-train SD3.5, FLUX or Wan", 1)[1].split("\n## ", 1)[0]
+    assert "estimates, from a formula, not measurements" in section
+    rows = re.findall(r"^\| (\S+) \| ([^,| ]+)(?:,[^|]*)? \| ([\d,]+)(?: \+ \d+ text)? \| (.+) \|$", section, flags=re.M)
+    assert len(rows) == 7, rows
+    sizes = {"1024x1024": "1024px", "512x512": "512px", "480p": "480p", "720p": "720p"}
+    for name, size, tokens, cells in rows:
+        preset = PRESETS[name]
+        n, _ = preset_tokens(preset, sizes[size])
+        assert int(tokens.replace(",", "")) == n, name
+        for cell, (ckpt, g) in zip(cells.split(" | "), ((False, 1.0), (True, 1.0), (False, 4.5), (True, 4.5))):
+            total = estimate_memory(preset.shape, tokens=n, world_size=8, activation_checkpointing=ckpt, guidance_scale=g).total
+            fits = "both" if total <= GPUS["H100 80GB"] else "H200 only" if total <= GPUS["H200 141GB"] else "neither"
+            assert cell == f"{total / GIB:,.1f} ({fits})", (name, size, ckpt, g, cell)

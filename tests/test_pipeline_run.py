@@ -277,6 +277,39 @@ def test_wan_train_and_export(assets, tmp_path, capsys):
     check_export_loads(capsys, tmp_path / "run", "wan", assets["wan"], tmp_path)
 
 
+@pytest.mark.parametrize("kind", ["flux", "wan"])
+def test_guided_rollouts_train_end_to_end(assets, kind, tmp_path, capsys, monkeypatch):
+    """[rollout] guidance_scale > 1 on FLUX (no guidance embedding, as FLUX.1-schnell: true CFG against the
+    empty prompt) and Wan: 2 steps from the CLI, every rollout forward guided with the empty prompt's id,
+    the first trained step exactly on-policy (ratio 1), and the guided run differs from the unguided one."""
+    from ddrl_engine.sampling.guidance import Guided
+
+    seen = []
+    call = Guided.__call__
+
+    def spy(self, x, t, cond):
+        seen.append((self.scale, self.null_cond))
+        return call(self, x, t, cond)
+
+    monkeypatch.setattr(Guided, "__call__", spy)
+    video = kind == "wan"
+    runs = {}
+    for scale in (1.0, 3.0):
+        out_dir = tmp_path / f"run_{scale}"
+        cfg = write(tmp_path / f"{scale}.toml", config(assets, out_dir, kind, synthetic=video, rollout__guidance_scale=scale))
+        rc, _, err = cli(capsys, "train", "--config", cfg)
+        assert rc == 0, err
+        check_run(out_dir, ".gif" if video else ".png")  # includes ratio_dev_first == 0: the guided ratio is 1
+        runs[scale] = metrics(out_dir, "train")
+        if scale == 1.0:
+            assert not seen  # no guidance: the plain policy, never the wrapper
+    # the null condition is the empty prompt, the id after every text of the run (prompts, held-out, captions)
+    texts = set(TRAIN_PROMPTS) | set(EVAL_PROMPTS) | (set() if video else set(CAPTIONS))
+    assert seen and set(seen) == {(3.0, len(texts))}
+    assert load_config(tmp_path / "3.0.toml").model.guidance == 0.0  # FLUX: no distilled guidance input here
+    assert runs[3.0][0]["reward"] != runs[1.0][0]["reward"]  # the guided rollouts are other samples
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 
 
@@ -399,3 +432,42 @@ def test_sd3_two_rank_fsdp_matches_one_process(assets, sd3_run, tmp_path, capsys
     assert two.keys() == one.keys() and two
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sd3_full_fine_tune_under_two_rank_fsdp_matches_one_process_and_exports(assets, tmp_path, capsys):
+    """Full fine-tuning (lora_rank = 0) of a pipeline transformer under 2-rank FSDP2 (gloo): the same
+    metrics as one process, and its sharded DCP checkpoint exports the same transformer folder."""
+    import os
+    import subprocess
+    import sys
+
+    def full_ft(out):
+        return config(assets, out, model__lora_rank=0, run__steps=1, eval__heldout_loss_levels=1)
+
+    one_path = write(tmp_path / "one.toml", full_ft(tmp_path / "one"))
+    rc, _, err = cli(capsys, "train", "--config", one_path)
+    assert rc == 0, err
+    cfg = full_ft(tmp_path / "two")
+    cfg["distributed"] = {"parallel": "fsdp"}
+    path = write(tmp_path / "two.toml", cfg)
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, DDRL_ENGINE_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "ddrl_engine.cli", "train", "--config", path], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for g, w in zip(metrics(tmp_path / "two", "train"), metrics(tmp_path / "one", "train")):
+        for k, v in untimed(w).items():
+            if not isinstance(v, str):
+                assert g[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (g["step"], k, g[k], v)
+    for run in ("one", "two"):
+        rc, _, err = cli(capsys, "export", "--run", tmp_path / run, "--out", tmp_path / f"{run}_transformer")
+        assert rc == 0, err
+    one = diffusers.SD3Transformer2DModel.from_pretrained(tmp_path / "one_transformer", local_files_only=True)
+    two = diffusers.SD3Transformer2DModel.from_pretrained(tmp_path / "two_transformer", local_files_only=True)
+    a, b = one.state_dict(), two.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)

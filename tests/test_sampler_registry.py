@@ -93,7 +93,7 @@ def test_removed_sampler_is_unknown_again(damped):
     ({"name": "ddim", "noise_level": 0.5}, "unknown field 'sampler.noise_level' for sampler 'ddim'"),
     ({"options": {"eta": 0.5}}, "unknown field 'sampler.options'"),
     ({"name": "dpm"}, r"^config: 'sampler.name' must be one of the registered samplers "
-                      r"\(ddim, edm_churn, rectified_flow_sde\), got 'dpm'$"),
+                      r"\(ddim, edm_2ab, edm_churn, rectified_flow_cps, rectified_flow_sde\), got 'dpm'$"),
     ({"name": 3}, "'sampler.name' must be a string"),
     ({"noise_level": "high"}, r"^config: 'sampler.noise_level' must be a number, got 'high'$"),
     ({"name": "ddim", "num_train_timesteps": 10.5}, "'sampler.num_train_timesteps' must be an integer"),
@@ -163,7 +163,7 @@ def test_default_and_demo_configs_build_the_old_samplers():
 def test_defaults_toml_documents_the_default_samplers_fields():
     text = defaults_as_toml()
     section = text.split("[sampler]\n", 1)[1].split("\n\n", 1)[0].splitlines()
-    assert "# registered samplers: ddim, edm_churn, rectified_flow_sde;" in "\n".join(section)
+    assert "# registered samplers: ddim, edm_2ab, edm_churn, rectified_flow_cps, rectified_flow_sde;" in "\n".join(section)
     assigned = [line.split(" = ")[0] for line in section if not line.startswith("#")]
     assert assigned == ["name", "num_steps", "noise_level", "shift"]
     for key in assigned:  # each assignment is preceded by its documentation
@@ -206,4 +206,4 @@ def test_register_sampler_rejects_bad_classes():
     with pytest.raises(ValueError, match="name 'ddim' is taken by ddrl_engine.sampling.ddim.DDIM"):
         register_sampler(Impostor)
     assert register_sampler(DDIM) is DDIM  # registering the same class again is harmless
-    assert set(SAMPLERS) == {"ddim", "edm_churn", "rectified_flow_sde"}
+    assert set(SAMPLERS) == {"ddim", "edm_2ab", "edm_churn", "rectified_flow_cps", "rectified_flow_sde"}

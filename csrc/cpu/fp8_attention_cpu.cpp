@@ -44,7 +44,7 @@ void quant_token(const T* x, const float* mean, int64_t D, float factor, int8_t*
   }
   fwht(buf, static_cast<int>(D));
   float amax = 0.f;
-  for (int64_t d = 0; d < D; ++d) amax = fmaxf(amax, fabsf(buf[d]));
+  for (int64_t d = 0; d < D; ++d) amax = nan_max(amax, fabsf(buf[d]));
   const float inv = int8_inv_scale(amax);
   for (int64_t d = 0; d < D; ++d) out[d] = quant_int8(buf[d], inv);
   *scale = q_token_scale(amax, factor);

@@ -124,9 +124,9 @@ __global__ void __launch_bounds__(256) quant_qk_kernel(Fp8QuantizeParams p, Work
     }
     float amax = 0.f;
 #pragma unroll
-    for (int e = 0; e < E; ++e) amax = fmaxf(amax, fabsf(x[e]));
+    for (int e = 0; e < E; ++e) amax = nan_max(amax, fabsf(x[e]));
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    for (int off = 16; off > 0; off >>= 1) amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, off));
     const float inv = int8_inv_scale(amax);
     int8_t* out = dst8 + (bh * S_pad + tok) * D + lane * E;
 #pragma unroll

@@ -56,15 +56,13 @@ class DiTConfig:
         for s, p in zip(self.sample_size, self.patch_size):
             if p <= 0 or s <= 0 or s % p:
                 raise ValueError(f"DiTConfig.patch_size {self.patch_size} must divide sample_size {self.sample_size}")
-        for name in ("in_channels", "hidden", "depth", "heads"):
+        for name in ("in_channels", "hidden", "depth", "heads", "num_classes", "timestep_freq_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"DiTConfig.{name} must be positive, got {getattr(self, name)}")
         if self.hidden % self.heads:
             raise ValueError(f"DiTConfig.hidden={self.hidden} must be divisible by heads={self.heads}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"DiTConfig.mlp_ratio must be positive, got {self.mlp_ratio}")
-        if self.num_classes < 0:
-            raise ValueError(f"DiTConfig.num_classes must be >= 0, got {self.num_classes}")
         if self.timestep_freq_dim <= 0 or self.timestep_freq_dim % 2:
             raise ValueError(f"DiTConfig.timestep_freq_dim must be positive and even, got {self.timestep_freq_dim}")
 

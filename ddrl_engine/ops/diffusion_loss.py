@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 
 from ddrl_engine import _loader
+from ddrl_engine.ops import selftest
+from ddrl_engine.ops.reference import diffusion_loss_eager
 from ddrl_engine.ops._rows import Coef, check_same_rows, check_tensor, common_dtype, needs_grad, row_coef
 from ddrl_engine.ops.scale_rows import scale_rows
 
@@ -79,7 +81,11 @@ def diffusion_loss(
         raise ValueError(f"{_OP}: rows of 'pred' have no elements (shape {list(pred.shape)}); a mean over them is undefined")
     nc = row_coef(_OP, "noise_coef", noise_coef, rows, pred.device)
     dc = row_coef(_OP, "data_coef", data_coef, rows, pred.device)
-    losses, _ = torch.ops.ddrl.diffusion_loss_rows(pred, x0, noise, nc, dc, needs_grad(pred, x0, noise))
+    if selftest.use_reference():  # DDRL_ENGINE_OPS=reference: plain PyTorch (ops.selftest)
+        losses = diffusion_loss_eager(pred, x0, noise, noise_coef=nc, data_coef=dc, reduction="none")
+    else:
+        selftest.ensure_checked(pred.device)
+        losses, _ = torch.ops.ddrl.diffusion_loss_rows(pred, x0, noise, nc, dc, needs_grad(pred, x0, noise))
     if weight is not None:
         losses = losses * row_coef(_OP, "weight", weight, rows, pred.device)
     if reduction == "none":

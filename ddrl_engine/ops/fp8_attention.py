@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ddrl_engine import _loader
+from ddrl_engine.ops import selftest
 
 _loader.load_extension()
 _OP = "ddrl.fp8_attention"
@@ -130,5 +131,8 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = N
     """
     softmax_scale = _check_inputs(q, k, v, scale)
     _check_no_grad(q, k, v)
+    if selftest.use_reference():  # DDRL_ENGINE_OPS=reference: exact attention (ops.selftest)
+        return selftest.reference_attention(q, k, v, softmax_scale)
+    selftest.ensure_checked(q.device)
     qkv = QuantizedQKV(*torch.ops.ddrl.fp8_attention_quantize.default(q, k, v, softmax_scale))
     return torch.ops.ddrl.fp8_attention_quantized.default(*qkv, q.shape[2], k.shape[2], q.dtype)

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 
 from ddrl_engine import _loader
+from ddrl_engine.ops import selftest
+from ddrl_engine.ops.reference import step_logprob_eager
 from ddrl_engine.ops._rows import Coef, check_same_rows, check_tensor, common_dtype, needs_grad, row_coef
 from ddrl_engine.ops.scale_rows import scale_rows
 
@@ -87,6 +89,10 @@ def step_logprob(
     xc = row_coef(_OP, "x_coef", x_coef, rows, device)
     oc = row_coef(_OP, "out_coef", out_coef, rows, device)
     sd = row_coef(_OP, "std", std, rows, device, positive=True)
+    if selftest.use_reference():  # DDRL_ENGINE_OPS=reference: plain PyTorch (ops.selftest)
+        return step_logprob_eager(x_next, x, model_out, x_coef=xc, out_coef=oc, std=sd, offset=offset,
+                                  reduction=reduction)
+    selftest.ensure_checked(device)
     lp, _ = torch.ops.ddrl.step_logprob_rows(
         x_next, x, model_out, offset, xc, oc, sd, reduction == "mean", needs_grad(x_next, x, model_out, offset)
     )

@@ -1,12 +1,14 @@
 """Per-row coefficients of the stochastic samplers' Gaussian transitions (docs/method.md section 2).
 
 Every sampler we support has x_next ~ N(mu, std^2 I) with mu = x_coef * x + out_coef * f(x), f the
-network output, so one call here per step gives everything `step_logprob` needs. Arguments are
-floats or [B] tensors (several noise levels in one batch is fine); the math runs in float64 and the
-result is float32 on the arguments' device, with no host synchronisation.
+network output, so one call here per step gives everything `step_logprob` needs (a multistep solver,
+`edm_2ab`, also returns prev_coef: mu gains prev_coef * the previous step's output, step_logprob's
+`offset`). Arguments are floats or [B] tensors (several noise levels in one batch is fine); the math
+runs in float64 and the result is float32 on the arguments' device, with no host synchronisation.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Union
 
@@ -94,3 +96,56 @@ def edm_churn(sigma_hat: Level, sigma_next: Level, churn: float) -> StepCoefs:
     ratio = sn / sh
     std = sn * ((1 + churn) ** 2 - 1) ** 0.5
     return _out(ratio, 1 - ratio, std)
+
+
+def rectified_flow_cps(t: Level, t_next: Level, eta: float) -> StepCoefs:
+    """Coefficients-Preserving Sampling step from t to t_next < t (x_t = (1-t) x0 + t eps, f = velocity).
+
+    With x0_hat = x - t f and eps_hat = x + (1 - t) f, std = t_next sin(eta pi / 2) and
+    mu = (1 - t_next) x0_hat + sqrt(t_next^2 - std^2) eps_hat: the next state keeps the forward
+    process's coefficients (1 - t_next on the data, t_next in total on the noise). Affine in (x, f):
+    x_coef = 1 - t_next + c, out_coef = c (1 - t) - t (1 - t_next), c = sqrt(t_next^2 - std^2).
+    eta in (0, 1]; at t_next = 0 the step is deterministic (std 0, mu = x0_hat).
+    """
+    if not 0 < eta <= 1:
+        raise ValueError(f"rectified_flow_cps: 'eta' must be in (0, 1], got {eta}")
+    dev = _device(t, t_next)
+    t, tn = _f64(t, dev), _f64(t_next, dev)
+    std = tn * math.sin(eta * math.pi / 2)
+    c = torch.sqrt(torch.clamp(tn**2 - std**2, min=0))
+    x_coef = (1 - tn) + c
+    out_coef = c * (1 - t) - t * (1 - tn)
+    return _out(x_coef, out_coef, std)
+
+
+def edm_2ab(sigma_hat: Level, sigma_next: Level, sigma_hat_prev: Level | None, churn: float,
+            s_noise: float = 1.0) -> tuple[StepCoefs, Tensor]:
+    """EDM exponential-integrator Adams-Bashforth step (order 2) with churn, f = denoised x0 prediction D.
+
+    The probability-flow ODE dx/dsigma = (x - D) / sigma, in lambda = -ln sigma, solves exactly to
+    x(t) = (t/s) x(s) + t * int_{lambda_s}^{lambda_t} e^lambda D dlambda. With D taken linear in lambda
+    through the current output D (at s = sigma_hat) and the previous step's output D_prev (at
+    s1 = sigma_hat_prev > s), h = ln(s / t) > 0 and c = ln(s / s1) / h < 0:
+        phi1 = (1 - e^-h) / h,   phi2 = (1 - phi1) / h,   prev_coef = h phi2 / c,
+        mu = (t / s) x_hat + (1 - t/s - prev_coef) D + prev_coef D_prev.
+    sigma_hat_prev None is the first step, Euler: prev_coef = 0 and mu is `edm_churn`'s. Churning the
+    result to (1 + churn) t adds std = t sqrt((1 + churn)^2 - 1) s_noise (s_noise scales the churn noise).
+    Returns (StepCoefs(x_coef, out_coef, std), prev_coef): mu = x_coef x_hat + out_coef D + prev_coef D_prev.
+    """
+    if churn <= 0:
+        raise ValueError(f"edm_2ab: 'churn' must be > 0 for a stochastic step, got {churn}")
+    if s_noise <= 0:
+        raise ValueError(f"edm_2ab: 's_noise' must be > 0 for a stochastic step, got {s_noise}")
+    dev = _device(sigma_hat, sigma_next, sigma_hat_prev)
+    sh, sn = _f64(sigma_hat, dev), _f64(sigma_next, dev)
+    ratio = sn / sh
+    if sigma_hat_prev is None:
+        prev = torch.zeros_like(ratio)
+    else:
+        h = torch.log(sh / sn)
+        phi1 = -torch.expm1(-h) / h
+        phi2 = (1 - phi1) / h
+        prev = h * phi2 / (torch.log(sh / _f64(sigma_hat_prev, dev)) / h)
+    std = sn * ((1 + churn) ** 2 - 1) ** 0.5 * s_noise
+    coefs = _out(ratio, 1 - ratio - prev, std)
+    return coefs, torch.broadcast_to(prev, coefs.x_coef.shape).float()

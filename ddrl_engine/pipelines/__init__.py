@@ -3,6 +3,7 @@
 This layer sits below the trainer and above `models/`: it turns a folder into the pieces the trainer
 uses (a policy, prompt encoding, decode / encode between latents and pixels, the scheduler config).
 `load_bundle` checks the folder and the resolution before reading any weight (`preflight`).
+`pipelines.schedule` reads the folder's scheduler: the levels of `[sampler] schedule = "diffusers"`.
 Needs the optional diffusers dependencies (`pip install ddrl-engine[diffusers]`).
 """
 

@@ -5,7 +5,7 @@ rewards on video frames), `load_reward` / `build_named_rewards` (rewards by name
 CLIP-based rewards (open_clip, local weights) live in `ddrl_engine.rewards.clip`."""
 
 from .async_rewards import AsyncReward, AsyncRewardStats, RewardFailedError, RewardHandle, RewardWorkerError
-from .base import Reward, RewardBatch, WeightedReward, validate_rewards
+from .base import InvalidRewardError, Reward, RewardBatch, WeightedReward, validate_rewards
 from .classifier import ClassConfidenceReward, reward_classifier
 from .http import HttpReward, RewardServer, serve_reward
 from .image import BrightnessReward, ContrastReward
@@ -16,6 +16,7 @@ from .video import FrameAggregated
 
 __all__ = [
     "FrameAggregated",
+    "InvalidRewardError",
     "PickScoreReward",
     "RewardContext",
     "build_named_rewards",

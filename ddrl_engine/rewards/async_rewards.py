@@ -43,7 +43,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import Tensor
 
-from .base import RewardBatch, WeightedReward
+from .base import InvalidRewardError, RewardBatch, WeightedReward
 
 __all__ = ["AsyncReward", "AsyncRewardStats", "RewardFailedError", "RewardHandle", "RewardWorkerError"]
 
@@ -86,6 +86,8 @@ class RewardHandle:
         self.compute_s: Optional[float] = None
         self.attempts = 0
         self.dropped = False
+        self.invalid = False  # dropped because a reward broke its contract (rewards.base.InvalidRewardError)
+        self.causes: list[str] = []  # why each attempt failed, when the batch was dropped
 
     def done(self) -> bool:
         return self._future.done()
@@ -134,6 +136,8 @@ def _worker_main(wid: int, gen: int, factory, threads: int, tasks, results) -> N
             batch = RewardBatch({k: v.cpu() for k, v in batch.components.items()}, batch.valid.cpu(),
                                 dict(batch.n_invalid), batch.total.cpu())
             results.put(("ok", wid, gen, task_id, (batch, time.perf_counter() - start)))
+        except InvalidRewardError as e:  # the reward's contract: a retry would give the same
+            results.put(("invalid", wid, gen, task_id, str(e)))
         except Exception:  # noqa: BLE001 - a failed attempt, reported with its traceback
             results.put(("error", wid, gen, task_id, traceback.format_exc()))
 
@@ -329,6 +333,11 @@ class AsyncReward:
                     self.stats.completed += 1
                     self.stats.compute_s += compute_s
                 task.future.set_result(batch)
+            elif kind == "invalid":
+                with self._lock:
+                    self.stats.errors += 1
+                task.handle.invalid = True
+                self._attempt_failed(task, f"invalid reward: {payload}", retry=False)
             else:
                 with self._lock:
                     self.stats.errors += 1
@@ -368,14 +377,14 @@ class AsyncReward:
                 return
             self._on_message(*msg)
 
-    def _attempt_failed(self, task: _Task, cause: str) -> None:
+    def _attempt_failed(self, task: _Task, cause: str, retry: bool = True) -> None:
         task.causes.append(cause)
-        if task.attempts <= self.retries:
+        if retry and task.attempts <= self.retries:
             with self._lock:
                 self.stats.retried += 1
                 self._pending.appendleft(task)
             return
-        task.handle.attempts, task.handle.dropped = task.attempts, True
+        task.handle.attempts, task.handle.dropped, task.handle.causes = task.attempts, True, list(task.causes)
         with self._lock:
             self.stats.dropped += 1
         if self.on_failure == "drop":

@@ -24,6 +24,12 @@ class Reward(Protocol):
     def __call__(self, samples: Tensor, cond: Tensor) -> Tensor: ...
 
 
+class InvalidRewardError(ValueError, TypeError):
+    """A reward broke its contract: not a floating-point tensor of shape [B], or NaN/inf values under
+    on_invalid="error". Deterministic (a retry gives the same), so reward workers do not retry it.
+    A ValueError and a TypeError, so code catching either keeps working."""
+
+
 def validate_rewards(
     r: Tensor,
     *,
@@ -34,26 +40,31 @@ def validate_rewards(
     """Checks one reward batch; returns (r as float32, valid_mask [B] bool, n_invalid).
 
     A reward must be a 1-D floating tensor ([B], B = batch_size when given). NaN/inf values are never
-    used silently: on_invalid="error" raises a ValueError naming the reward; "drop" warns, counts them,
-    marks them False in valid_mask and sets them to 0 in the returned r (so sums stay finite; callers
-    must still exclude them through the mask).
+    used silently: on_invalid="error" raises an InvalidRewardError naming the reward; "drop" warns,
+    counts them, marks them False in valid_mask and sets them to 0 in the returned r (so sums stay
+    finite; callers must still exclude them through the mask). A reward that requires grad is detached
+    with a warning (rewards are constants of the policy gradient).
     """
     if on_invalid not in ("error", "drop"):
         raise ValueError(f"on_invalid must be 'error' or 'drop', got {on_invalid!r}")
     if not isinstance(r, Tensor):
-        raise TypeError(f"reward {name!r} returned {type(r).__name__}, expected a torch.Tensor")
+        raise InvalidRewardError(f"reward {name!r} returned {type(r).__name__}, expected a torch.Tensor")
     if not r.is_floating_point():
-        raise TypeError(f"reward {name!r} returned dtype {r.dtype}, expected a floating-point tensor")
+        raise InvalidRewardError(f"reward {name!r} returned dtype {r.dtype}, expected a floating-point tensor")
     if r.dim() != 1 or (batch_size is not None and r.shape[0] != batch_size):
         want = f"[{batch_size}]" if batch_size is not None else "[B]"
-        raise ValueError(f"reward {name!r} returned shape {tuple(r.shape)}, expected {want}")
+        raise InvalidRewardError(f"reward {name!r} returned shape {tuple(r.shape)}, expected {want}")
+    if r.requires_grad:
+        warnings.warn(f"reward {name!r} returned a tensor that requires grad; detaching it (a reward is a "
+                      "constant of the policy gradient: compute it under torch.no_grad())", RuntimeWarning, stacklevel=2)
+        r = r.detach()
     r = r.float()
     valid = torch.isfinite(r)
     n_invalid = int((~valid).sum().item())
     if n_invalid:
         msg = f"reward {name!r} returned {n_invalid} non-finite value(s) (NaN/inf) out of {r.shape[0]}"
         if on_invalid == "error":
-            raise ValueError(msg)
+            raise InvalidRewardError(msg)
         warnings.warn(f"{msg}; dropping them", RuntimeWarning, stacklevel=2)
         r = torch.where(valid, r, torch.zeros_like(r))
     return r, valid, n_invalid

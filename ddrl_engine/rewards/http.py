@@ -10,7 +10,10 @@ A reward server from the command line: `python -m ddrl_engine.rewards.serve --fa
 Protocol (one request per batch): POST of a safetensors payload with the tensors "samples" [B, ...]
 and "cond" [B] (only tensor conditions travel); the answer is a safetensors payload with "rewards"
 [B] float32, or HTTP 500 with the server-side traceback as text. Plain stdlib HTTP (no extra
-dependency). An `HttpReward` raises on any failure (connection refused, timeout, server error, a
+dependency), with the limits a server needs: the content type checked (415), a body size limit
+(413; `max_body_bytes`), a read timeout per connection (idle or slow clients are dropped), `cond`'s
+length checked against the samples (400), at most `max_connections` requests at once (503 past
+that), and a listen backlog deep enough that bursts of clients are queued, never reset. An `HttpReward` raises on any failure (connection refused, timeout, server error, a
 malformed answer); wrap it in an `AsyncReward` to get timeouts, retries and drop counting:
 
     AsyncReward(functools.partial(HttpReward, url, name="aesthetic"), workers=2, retries=2)
@@ -69,6 +72,11 @@ class HttpReward:
         return rewards.float().to(samples.device)
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # the listen backlog: 5 (the default) reset connections under 32 clients
+    daemon_threads = True
+
+
 class RewardServer:
     """A running reward server (see `serve_reward`); `url` to reach it, `close()` to stop it."""
 
@@ -89,33 +97,81 @@ class RewardServer:
         self.close()
 
 
-def serve_reward(reward, *, host: str = "127.0.0.1", port: int = 0) -> RewardServer:
+def serve_reward(reward, *, host: str = "127.0.0.1", port: int = 0, max_body_bytes: int = 1 << 30,
+                 read_timeout_s: float = 60.0, max_connections: int = 64) -> RewardServer:
     """Serves `reward` (a callable `(samples, cond) -> [B]`) on host:port (0 = a free port) from a
-    background thread of this process; requests run one at a time (the model is not re-entrant)."""
+    background thread of this process; requests run one at a time (the model is not re-entrant).
+
+    max_body_bytes: larger requests are refused (413) before their body is read (default 1 GiB).
+    read_timeout_s: a connection that sends nothing for this long is closed (no thread held forever).
+    max_connections: requests handled at once (waiting for the model included); more get 503.
+    """
     if not callable(reward):
         raise TypeError(f"serve_reward: reward must be callable, got {type(reward).__name__}")
+    for name, value in (("max_body_bytes", max_body_bytes), ("read_timeout_s", read_timeout_s),
+                        ("max_connections", max_connections)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"serve_reward: {name} must be > 0, got {value!r}")
     lock = threading.Lock()
+    slots = threading.BoundedSemaphore(int(max_connections))
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = float(read_timeout_s)  # socket timeout of every read (StreamRequestHandler)
+
         def do_POST(self):  # noqa: N802 - the http.server hook name
+            if not slots.acquire(blocking=False):
+                return self._answer(503, f"busy: {max_connections} requests in progress (max_connections)")
             try:
-                tensors = st_load(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                self._handle()
+            finally:
+                slots.release()
+
+        def _handle(self):
+            kind = self.headers.get("Content-Type", "").split(";")[0].strip()
+            if kind != _CONTENT_TYPE:
+                return self._answer(415, f"Content-Type must be {_CONTENT_TYPE} (a safetensors payload), got {kind!r}")
+            length = self.headers.get("Content-Length")
+            if length is None or not length.isdigit():
+                return self._answer(411, "a Content-Length header is required")
+            if int(length) > max_body_bytes:
+                return self._answer(413, f"the body has {int(length)} bytes, more than max_body_bytes = {max_body_bytes}")
+            try:
+                body = self.rfile.read(int(length))
+            except OSError:  # read timeout or a dropped client: nobody to answer
+                self.close_connection = True
+                return
+            try:
+                tensors = st_load(body)
+                samples, cond = tensors["samples"], tensors["cond"]
+            except Exception as e:  # noqa: BLE001 - say what was expected
+                return self._answer(400, f"the body is not a safetensors payload with 'samples' and 'cond' "
+                                         f"({type(e).__name__}: {e})")
+            if samples.dim() < 1 or cond.shape != (samples.shape[0],):
+                return self._answer(400, f"'cond' must have shape [B] = [{samples.shape[0] if samples.dim() else '?'}] "
+                                         f"matching 'samples' {list(samples.shape)}, got {list(cond.shape)}")
+            try:
                 with lock, torch.no_grad():
-                    values = reward(tensors["samples"], tensors["cond"])
-                body, code, kind = st_save({"rewards": torch.as_tensor(values).float().contiguous()}), 200, _CONTENT_TYPE
+                    values = reward(samples, cond)
+                body = st_save({"rewards": torch.as_tensor(values).float().contiguous()})
             except Exception:  # noqa: BLE001 - the client gets the traceback
-                body, code, kind = traceback.format_exc().encode(), 500, "text/plain"
+                return self._answer(500, traceback.format_exc())
+            self._answer(200, body, _CONTENT_TYPE)
+
+        def _answer(self, code: int, body, kind: str = "text/plain"):
+            body = body.encode() if isinstance(body, str) else body
             self.send_response(code)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
+            if code != 200:
+                self.send_header("Connection", "close")
+                self.close_connection = True
             self.end_headers()
             self.wfile.write(body)
 
         def log_message(self, *args):  # quiet: one line per batch would flood training logs
             pass
 
-    httpd = ThreadingHTTPServer((host, port), Handler)
+    httpd = _Server((host, port), Handler)
     thread = threading.Thread(target=httpd.serve_forever, name="ddrl-reward-server", daemon=True)
     thread.start()
     return RewardServer(httpd, thread)
-

@@ -13,7 +13,8 @@ model folders, the device), or with nothing if it has no parameters at all (e.g.
 `reward_models`, or raises an error naming `reward_models.<name>`. Factories must be top-level
 functions (or classes, functools.partials) so that the whole call can be a picklable AsyncReward
 factory: `functools.partial(build_named_rewards, weights, builtins=..., reward_models=..., prompts=...)`.
-`pickscore_factory` is the built-in factory of `PickScoreReward`.
+`pickscore_factory` is the built-in factory of `PickScoreReward`, `clip_score_factory` and
+`aesthetic_factory` those of the open_clip rewards (`rewards.clip`: an open_clip folder each).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import torch
 
 from .base import WeightedReward
 
-__all__ = ["RewardContext", "build_named_rewards", "is_reward", "load_reward", "pickscore_factory"]
+__all__ = ["RewardContext", "aesthetic_factory", "build_named_rewards", "clip_score_factory", "is_reward", "load_reward",
+           "pickscore_factory"]
 
 
 def is_reward(obj: Any) -> bool:
@@ -121,6 +123,30 @@ def pickscore_factory(ctx: RewardContext):
     try:
         return PickScoreReward(path, ctx.require_prompts(), device=ctx.device, name=ctx.name)
     except (FileNotFoundError, ValueError) as e:  # the folder is the config's: name the field
+        raise type(e)(f"reward_models.{ctx.name}: {e}") from e
+
+
+def clip_score_factory(ctx: RewardContext):
+    """The built-in "clip_score": CLIPScoreReward(prompts, path=reward_models["clip_score"]), the cosine
+    similarity of CLIP image and prompt embeddings from a local open_clip folder (rewards.clip)."""
+    from .clip import CLIPScoreReward
+
+    path = ctx.model_path()
+    try:
+        return CLIPScoreReward(ctx.require_prompts(), path=path, device=ctx.device, name=ctx.name)
+    except (FileNotFoundError, ValueError) as e:  # the folder is the config's: name the field
+        raise type(e)(f"reward_models.{ctx.name}: {e}") from e
+
+
+def aesthetic_factory(ctx: RewardContext):
+    """The built-in "aesthetic": AestheticReward(path=reward_models["aesthetic"]), the LAION aesthetic head
+    on CLIP image embeddings, from a local open_clip folder holding the head file too (rewards.clip)."""
+    from .clip import AestheticReward
+
+    path = ctx.model_path()
+    try:
+        return AestheticReward(path=path, device=ctx.device, name=ctx.name)
+    except (FileNotFoundError, ValueError) as e:
         raise type(e)(f"reward_models.{ctx.name}: {e}") from e
 
 

@@ -27,8 +27,13 @@ def main(argv=None) -> None:
     ap.add_argument("--factory", required=True, help="package.module:function returning the reward")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--max-body-mb", type=float, default=1024, help="largest request body accepted (MiB)")
+    ap.add_argument("--read-timeout-s", type=float, default=60, help="close connections idle this long")
+    ap.add_argument("--max-connections", type=int, default=64, help="requests handled at once; more get 503")
     args = ap.parse_args(argv)
-    server = serve_reward(_load_factory(args.factory)(), host=args.host, port=args.port)
+    server = serve_reward(_load_factory(args.factory)(), host=args.host, port=args.port,
+                          max_body_bytes=int(args.max_body_mb * (1 << 20)), read_timeout_s=args.read_timeout_s,
+                          max_connections=args.max_connections)
     print(f"serving {args.factory} at {server.url}", flush=True)
     try:
         threading.Event().wait()

@@ -7,8 +7,10 @@ for the registry (`register_sampler`) that makes a new sampler usable from confi
 this package registers the built-in samplers (their modules are imported here).
 """
 from ddrl_engine.sampling.base import NoiseLevel, Sampler, Schedule
+from ddrl_engine.sampling.cps import RectifiedFlowCPS
 from ddrl_engine.sampling.ddim import DDIM
 from ddrl_engine.sampling.edm import EDMChurn
+from ddrl_engine.sampling.edm_2ab import EDM2AB
 from ddrl_engine.sampling.factory import SAMPLERS, make_sampler, register_sampler
 from ddrl_engine.sampling.graphs import RolloutRunner, graph_unavailable_reason
 from ddrl_engine.sampling.guidance import Guided
@@ -22,9 +24,11 @@ from ddrl_engine.sampling.step import StepResult, transition
 # stay importable from their modules but may change.
 __all__ = [
     "DDIM",
+    "EDM2AB",
     "EDMChurn",
     "Guided",
     "NoiseLevel",
+    "RectifiedFlowCPS",
     "RectifiedFlowSDE",
     "Rollout",
     "RolloutRunner",

@@ -38,6 +38,11 @@ class Schedule:
         target_noise_k eps + target_data_k x0.
     finish_x, finish_out: 0-dim; finish(x_K) = finish_x x_K + finish_out f(x_K, level K), or None
         for the identity (a chain that already ends at zero noise).
+    ode_x, ode_out [K]: the deterministic (ODE) step k, x_{k+1} = ode_x_k x_k + ode_out_k f(x_k), that
+        an SDE window (`sampler.sde_window`) takes outside the window; None where the sampler has none
+        (windows are then refused).
+    step_prev [K]: multistep solvers only (else None): step k's mean also has step_prev_k times the
+        previous step's model output (0 at step 0); see `Sampler.prev_coef`.
     """
 
     network_level: Tensor
@@ -48,6 +53,9 @@ class Schedule:
     target_data: Tensor
     finish_x: Tensor | None
     finish_out: Tensor | None
+    ode_x: Tensor | None = None
+    ode_out: Tensor | None = None
+    step_prev: Tensor | None = None
 
     def to(self, device: torch.device) -> "Schedule":
         def mv(t: Tensor | None) -> Tensor | None:
@@ -55,7 +63,8 @@ class Schedule:
 
         step = StepCoefs(mv(self.step.x_coef), mv(self.step.out_coef), mv(self.step.std))
         return Schedule(mv(self.network_level), step, mv(self.data_scale), mv(self.noise_scale),
-                        mv(self.target_noise), mv(self.target_data), mv(self.finish_x), mv(self.finish_out))
+                        mv(self.target_noise), mv(self.target_data), mv(self.finish_x), mv(self.finish_out),
+                        mv(self.ode_x), mv(self.ode_out), step_prev=mv(self.step_prev))
 
 
 def check_int(owner: str, name: str, value, minimum: int) -> None:
@@ -85,11 +94,18 @@ class Sampler(ABC):
         to(device) -> self: moves the tables (a no-op when already there).
         network_level(k), network_levels: the t the policy sees (see each sampler's docstring).
         coefs(k) -> StepCoefs of step k in [0, K).
+        multistep, prev_coef(k): a multistep solver's coefficient of the previous step's model output
+            in step k's mean (None for single-step samplers).
         initial_noise / state_from_noise / initial_state: the chain's start.
         finish(policy, x_K, cond): the samples the chain ends in.
         level(k) -> NoiseLevel; noised(x0, eps, k), target_coefs(k): the forward process for the
             data loss.
         sample_steps(n, generator, device): fresh step indices in [0, K) for the data loss.
+        stochastic_steps: per step, whether it is a Gaussian transition (std > 0) or deterministic
+            (std 0, e.g. rectified_flow_cps's last step: x_{k+1} = mean, no log-density, never trained).
+        has_ode_step, ode_coefs(k): the deterministic ODE step an SDE window takes outside the window.
+        check_window(window), window_starts(size): SDE windows (first, size) this sampler can run.
+        nfe: network evaluations of one chain per sample (unguided).
     """
 
     name: str = ""
@@ -110,6 +126,8 @@ class Sampler(ABC):
         # Called from the subclass's __post_init__ after validation (the dataclass is frozen).
         table = self._schedule().to(torch.device("cpu"))
         object.__setattr__(self, "_tables", table)
+        # Python-level, once: the step loop branches on it without a host sync.
+        object.__setattr__(self, "_stochastic", tuple(bool(s > 0) for s in table.step.std.tolist()))
 
     @property
     def device(self) -> torch.device:
@@ -151,6 +169,88 @@ class Sampler(ABC):
         i = self._index(k, self.num_steps, "coefs")
         s = self._tables.step
         return StepCoefs(s.x_coef[i], s.out_coef[i], s.std[i])
+
+    @property
+    def multistep(self) -> bool:
+        """Whether step k's mean also uses the previous step's model output (a multistep solver)."""
+        return self._tables.step_prev is not None
+
+    def prev_coef(self, k: StepIndex) -> Tensor | None:
+        """The coefficient of the previous step's model output in step k's mean: mu = x_coef x +
+        out_coef f(x) + prev_coef f_prev (0 at step 0; 0-dim for an int k, [N] for a tensor), or None
+        for a single-step sampler (nothing to add)."""
+        if self._tables.step_prev is None:
+            return None
+        return self._tables.step_prev[self._index(k, self.num_steps, "prev_coef")]
+
+    # ---- deterministic steps and SDE windows ------------------------------------------------
+    @property
+    def stochastic_steps(self) -> tuple[bool, ...]:
+        """K Python bools: step k is a Gaussian transition (std_k > 0), or deterministic (std_k = 0:
+        x_{k+1} = mean exactly, its log-prob is not a density and the step is never trained)."""
+        flags = self.__dict__.get("_stochastic")
+        if flags is None:  # tables set without _init_tables: read them once (a sync, outside the step loop)
+            flags = tuple(bool(s > 0) for s in self._tables.step.std.tolist())
+            object.__setattr__(self, "_stochastic", flags)
+        return flags
+
+    @property
+    def has_ode_step(self) -> bool:
+        """Whether the sampler has a deterministic ODE step table (needed by SDE windows)."""
+        return self._tables.ode_x is not None
+
+    def ode_coefs(self, k: int) -> StepCoefs:
+        """The deterministic ODE step k in [0, K) (std 0; 0-dim entries): what an SDE window takes
+        outside the window. A Python int k only."""
+        if isinstance(k, Tensor):
+            raise TypeError(f"{type(self).__name__}.ode_coefs: the step index must be a Python int")
+        i = self._index(k, self.num_steps, "ode_coefs")
+        t = self._tables
+        if t.ode_x is None:
+            raise ValueError(f"{type(self).__name__} ({self.name!r}) has no ODE step, so it cannot run an SDE "
+                             "window (sampler.sde_window): use a sampler with one (rectified_flow_sde, "
+                             "rectified_flow_cps)")
+        return StepCoefs(t.ode_x[i], t.ode_out[i], torch.zeros_like(t.ode_x[i]))
+
+    def check_window(self, window, owner: str = "sde_window") -> tuple[int, int]:
+        """window = (first, size) as a tuple of ints, after checking that this sampler can run it:
+        0 <= first, size >= 1, first + size <= K, an ODE step table for the steps outside, and only
+        stochastic steps inside (a deterministic step has no log-probability to train)."""
+        name = f"{type(self).__name__} ({self.name!r})"
+        if (not isinstance(window, (tuple, list)) or len(window) != 2
+                or any(isinstance(v, bool) or not isinstance(v, int) for v in window)):
+            raise TypeError(f"{owner}: an SDE window must be [first, size] (two ints), got {window!r}")
+        first, size = int(window[0]), int(window[1])
+        if first < 0 or size < 1 or first + size > self.num_steps:
+            raise ValueError(f"{owner}: the SDE window [first, size] = [{first}, {size}] must have first >= 0, "
+                             f"size >= 1 and first + size <= num_steps = {self.num_steps}")
+        if not self.has_ode_step:
+            raise ValueError(f"{owner}: {name} has no ODE step for the steps outside an SDE window; windows need "
+                             "a sampler with one (rectified_flow_sde, rectified_flow_cps)")
+        det = [k for k in range(first, first + size) if not self.stochastic_steps[k]]
+        if det:
+            raise ValueError(f"{owner}: the SDE window [{first}, {size}] holds deterministic step(s) {det} of "
+                             f"{name} (std 0: no log-probability to train); move or shrink the window")
+        return first, size
+
+    def window_starts(self, size: int, owner: str = "sde_window") -> list[int]:
+        """Every first step of a valid window of `size` steps (see check_window), ascending; raises when
+        there is none."""
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{owner}: the window size must be an int >= 1, got {size!r}")
+        if not self.has_ode_step:
+            self.check_window((0, 1), owner)  # raises the no-ODE-step error
+        starts = [s for s in range(self.num_steps - size + 1) if all(self.stochastic_steps[s:s + size])]
+        if not starts:
+            raise ValueError(f"{owner}: {type(self).__name__} ({self.name!r}) has no window of {size} stochastic "
+                             f"steps among its {self.num_steps} (stochastic: {list(self.stochastic_steps)})")
+        return starts
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations of one chain per sample (unguided): one per step, plus one in `finish`
+        where the chain does not end at zero noise."""
+        return self.num_steps + (self._tables.finish_x is not None)
 
     # ---- start and end of the chain ---------------------------------------------------------
     def initial_noise(self, shape, *, generator: torch.Generator | None, device) -> Tensor:

@@ -10,6 +10,41 @@ from ddrl_engine.sampling.base import Sampler, Schedule, check_num_steps, check_
 from ddrl_engine.sampling.factory import register_sampler
 
 
+def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
+    """Karras sigmas sigma_i = (sigma_max^(1/rho) + i/K (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
+    i = 0..K: sigma_0 = sigma_max > ... > sigma_K = sigma_min (float64, CPU)."""
+    i = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + i * (lo - hi)) ** rho
+
+
+def check_karras(owner: str, sampler) -> None:
+    """Validates an EDM sampler's num_steps, sigma_min, sigma_max and rho fields."""
+    check_num_steps(owner, sampler.num_steps)
+    for field in ("sigma_min", "sigma_max", "rho"):
+        check_positive(owner, field, getattr(sampler, field))
+    if not sampler.sigma_min < sampler.sigma_max:
+        raise ValueError(f"{owner}: need sigma_min < sigma_max, got {sampler.sigma_min}, {sampler.sigma_max}")
+
+
+def denoiser_schedule(sigma_hat: torch.Tensor, step: transitions.StepCoefs,
+                      step_prev: torch.Tensor | None = None) -> Schedule:
+    """The tables of a chain over churned levels sigma_hat [K+1] whose network is a denoiser D ~ x0:
+    network level ln(sigma_hat) / 4 (Karras' c_noise), forward process x = x0 + sigma_hat eps with
+    target x0, and `finish` = D at the last level (the Euler step to sigma = 0)."""
+    return Schedule(
+        network_level=sigma_hat.log() / 4,
+        step=step,
+        data_scale=torch.ones_like(sigma_hat),
+        noise_scale=sigma_hat,
+        target_noise=torch.zeros_like(sigma_hat),
+        target_data=torch.ones_like(sigma_hat),
+        finish_x=torch.zeros((), dtype=torch.float64),  # D(x_hat_K; sigma_hat_K): 0 x_K + 1 D
+        finish_out=torch.ones((), dtype=torch.float64),
+        step_prev=step_prev,
+    )
+
+
 @register_sampler
 @dataclass(frozen=True)
 class EDMChurn(Sampler):
@@ -41,18 +76,14 @@ class EDMChurn(Sampler):
     def __post_init__(self) -> None:
         owner = type(self).__name__
         check_num_steps(owner, self.num_steps)
-        for field in ("churn", "sigma_min", "sigma_max", "rho"):
-            check_positive(owner, field, getattr(self, field))
-        if not self.sigma_min < self.sigma_max:
-            raise ValueError(f"{owner}: need sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+        check_positive(owner, "churn", self.churn)
+        check_karras(owner, self)
         self._init_tables()
 
     @property
     def sigmas(self) -> torch.Tensor:
         """Karras sigmas sigma_0 = sigma_max > ... > sigma_K = sigma_min (float64, CPU), before churn."""
-        i = torch.arange(self.num_steps + 1, dtype=torch.float64) / self.num_steps
-        lo, hi = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
-        return (hi + i * (lo - hi)) ** self.rho
+        return karras_sigmas(self.num_steps, self.sigma_min, self.sigma_max, self.rho)
 
     @property
     def initial_scale(self) -> float:
@@ -61,15 +92,4 @@ class EDMChurn(Sampler):
     def _schedule(self) -> Schedule:
         sigma = self.sigmas
         sigma_hat = (1 + self.churn) * sigma
-        # D at the last level is the Euler step to sigma = 0: x_coef 0, out_coef 1.
-        final = transitions.edm_churn(sigma_hat[-1], 0.0, self.churn)
-        return Schedule(
-            network_level=sigma_hat.log() / 4,
-            step=transitions.edm_churn(sigma_hat[:-1], sigma[1:], self.churn),
-            data_scale=torch.ones_like(sigma),
-            noise_scale=sigma_hat,
-            target_noise=torch.zeros_like(sigma),
-            target_data=torch.ones_like(sigma),
-            finish_x=final.x_coef,
-            finish_out=final.out_coef,
-        )
+        return denoiser_schedule(sigma_hat, transitions.edm_churn(sigma_hat[:-1], sigma[1:], self.churn))

@@ -6,6 +6,8 @@ kept by the runner and overwritten by every call with that key. In graph mode th
 once per key and replayed:
 
 - inputs: the conditions are copied into a static [B] tensor before each replay;
+- multistep samplers (`sampler.multistep`): the previous step's model output of every step
+  (`Rollout.prev_outs`) is one more static buffer, written and read inside the captured loop;
 - noise: the initial noise and every step's eps come from the caller's CUDA generator, registered
   with the graph (`CUDAGraph.register_generator_state`). Each replay reads the generator's current
   seed and offset and advances it by the whole graph's draws, so a replay gives the samples an eager
@@ -130,16 +132,19 @@ class RolloutRunner:
         self._entries.clear()
 
     # ---- the plan ---------------------------------------------------------------------------
-    def key(self, cond: Tensor, generator: torch.Generator | None, shard: tuple[int, int] | None = None) -> tuple:
+    def key(self, cond: Tensor, generator: torch.Generator | None, shard: tuple[int, int] | None = None,
+            window: tuple[int, int] | None = None) -> tuple:
         """What a captured graph depends on besides the weights' storage: batch, K, dtype, shape,
         reduction, attention backend, device, the policy's train/eval flags and the CUDA autocast
-        state (both change which kernels a forward launches; a graph replays what it captured), and,
-        in graph mode, the generator it reads."""
+        state (both change which kernels a forward launches; a graph replays what it captured), in
+        graph mode the generator it reads, the shard, and the SDE window (which steps are SDE steps
+        drawing noise and which ODE steps: a different captured chain per window)."""
         gen = id(generator) if self.cuda_graph else None
         modes = tuple(m.training for m in self.policy.modules()) if hasattr(self.policy, "modules") else ()
         return (cond.shape[0], self.sampler.num_steps, self.dtype, self.sample_shape, self.reduction,
                 current_attention_backend(), str(cond.device), gen, modes, _autocast_dtype()) + (
-                    (tuple(shard),) if shard is not None else ())
+                    (tuple(shard),) if shard is not None else ()) + (
+                    (("sde_window", *window),) if window is not None else ())
 
     def _weight_ptrs(self) -> tuple:
         """Where (and as what) every parameter and buffer lives. An FSDP2 parameter is a DTensor,
@@ -154,12 +159,12 @@ class RolloutRunner:
             out.append((t.data_ptr(), t.dtype, tuple(t.shape)))
         return tuple(out)
 
-    def _entry(self, cond: Tensor, generator, shard=None) -> _Entry:
-        key = self.key(cond, generator, shard)
+    def _entry(self, cond: Tensor, generator, shard=None, window=None) -> _Entry:
+        key = self.key(cond, generator, shard, window)
         entry = self._entries.get(key)
         if entry is None:
             buffers = RolloutBuffers.allocate(cond.shape[0], self.sampler.num_steps, self.sample_shape, self.dtype,
-                                              cond.device)
+                                              cond.device, multistep=self.sampler.multistep)
             entry = _Entry(cond=torch.empty_like(cond), buffers=buffers)
             self._entries[key] = entry
         return entry
@@ -167,10 +172,13 @@ class RolloutRunner:
     # ---- running ----------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, cond: Tensor, *, generator: torch.Generator | None,
-                 shard: tuple[int, int] | None = None) -> Rollout:
+                 shard: tuple[int, int] | None = None, window: tuple[int, int] | None = None) -> Rollout:
         """shard = (first, total): cond holds rows first:first+B of a batch split across processes
-        (see `run_chain`)."""
+        (see `run_chain`). window = (first, size): an SDE window (ODE steps outside it; see
+        `rollout()`); in graph mode each window is its own key (its own graph and buffers)."""
         check_cond(cond, "RolloutRunner")
+        if window is not None:
+            window = self.sampler.check_window(window)
         self.sampler.to(cond.device)
         if self.cuda_graph:
             self.check_device(cond.device)
@@ -179,13 +187,13 @@ class RolloutRunner:
                                    f"explicit CUDA torch.Generator (registered with the graph), got {generator!r}")
         if not self.reuse_buffers:  # eager, the caller owns the result
             buffers = RolloutBuffers.allocate(cond.shape[0], self.sampler.num_steps, self.sample_shape, self.dtype,
-                                              cond.device)
+                                              cond.device, multistep=self.sampler.multistep)
             cond = cond.clone()
             with phase("rollout"):
                 run_chain(self.policy, self.sampler, cond, buffers, generator=generator, reduction=self.reduction,
-                          shard=shard)
-            return as_rollout(buffers, self.sampler, cond, self.reduction)
-        entry = self._entry(cond, generator, shard)
+                          shard=shard, window=window)
+            return as_rollout(buffers, self.sampler, cond, self.reduction, window)
+        entry = self._entry(cond, generator, shard, window)
         # Graph mode: warm-up, capture and replay on cond's device whatever the current device is
         # (the generator's graph-side seed/offset tensors are made on the current device).
         on_device = torch.cuda.device(cond.device) if self.cuda_graph else contextlib.nullcontext()
@@ -193,18 +201,18 @@ class RolloutRunner:
             entry.cond.copy_(cond)
             if not self.cuda_graph:
                 run_chain(self.policy, self.sampler, entry.cond, entry.buffers, generator=generator,
-                          reduction=self.reduction, shard=shard)
+                          reduction=self.reduction, shard=shard, window=window)
             else:
                 if entry.graph is None or not self._graph_is_current(entry):
-                    self._capture(entry, generator, shard)
+                    self._capture(entry, generator, shard, window)
                 with phase("rollout/replay"):
                     entry.graph.replay()
-        return as_rollout(entry.buffers, self.sampler, entry.cond, self.reduction)
+        return as_rollout(entry.buffers, self.sampler, entry.cond, self.reduction, window)
 
     def _graph_is_current(self, entry: _Entry) -> bool:
         return entry.tables is self.sampler._tables and entry.weight_ptrs == self._weight_ptrs()
 
-    def _capture(self, entry: _Entry, generator: torch.Generator, shard=None) -> None:
+    def _capture(self, entry: _Entry, generator: torch.Generator, shard=None, window=None) -> None:
         entry.graph = None
         device = entry.cond.device
         state = generator.get_state()
@@ -218,7 +226,7 @@ class RolloutRunner:
                        else torch.autocast("cuda", dtype=amp, cache_enabled=False))
             with amp_ctx:
                 run_chain(self.policy, self.sampler, entry.cond, entry.buffers, generator=generator,
-                          reduction=self.reduction, shard=shard)
+                          reduction=self.reduction, shard=shard, window=window)
 
         with phase("rollout/capture"):
             graph = None

@@ -43,7 +43,10 @@ def recompute_log_probs(
 
     One forward per chosen step over the batch (at most `chunk` rows per forward; default all B), the
     shape of the rollout's and the trainer's own forwards, so at unchanged weights and backend the
-    result equals theirs bitwise (each step function is deterministic per batch).
+    result equals theirs bitwise (each step function is deterministic per batch). A step outside the
+    rollout's SDE window (`roll.window`) and a deterministic step (std 0) get log-prob 0, as the
+    rollout stored them (not densities; never trained), without a forward. A multistep sampler's
+    steps are scored with the rollout's recorded previous model outputs (`roll.prev_outs`).
     """
     if steps is None:
         steps = list(range(roll.num_steps))
@@ -54,12 +57,18 @@ def recompute_log_probs(
     b = roll.batch_size
     chunk = b if chunk is None else max(1, int(chunk))
     out = torch.empty((b, len(steps)), dtype=torch.float32, device=roll.states.device)
+    window = getattr(roll, "window", None)
+    prev_outs = getattr(roll, "prev_outs", None)
     with attention_backend(backend):
         for j, k in enumerate(steps):
+            if (window is not None and not window[0] <= k < window[0] + window[1]) or not sampler.stochastic_steps[k]:
+                out[:, j] = 0  # an ODE or deterministic step: what transition() gives, without the forward
+                continue
             for i in range(0, b, chunk):
                 rows = slice(i, min(b, i + chunk))
                 out[rows, j] = transition(policy, sampler, roll.states[rows, k], k, roll.cond[rows],
-                                          x_next=roll.states[rows, k + 1], reduction=roll.reduction).log_prob
+                                          x_next=roll.states[rows, k + 1], reduction=roll.reduction,
+                                          prev_out=None if prev_outs is None else prev_outs[rows, k]).log_prob
     return out
 
 

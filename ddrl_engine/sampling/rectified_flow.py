@@ -29,6 +29,45 @@ def _float_tuple(owner: str, name: str, value) -> tuple[float, ...]:
     return tuple(out)
 
 
+def check_levels(sampler) -> None:
+    """Validates a rectified-flow sampler's `shift` and `sigmas` fields (stores sigmas as a tuple of
+    floats); shared by RectifiedFlowSDE and RectifiedFlowCPS."""
+    owner, k = type(sampler).__name__, sampler.num_steps
+    check_positive(owner, "shift", sampler.shift)
+    if sampler.sigmas is not None:
+        sig = _float_tuple(owner, "sigmas", sampler.sigmas)
+        if len(sig) != k + 1:
+            raise ValueError(f"{owner}: 'sigmas' must have num_steps + 1 = {k + 1} values "
+                             f"(levels 0..K, ending at 0), got {len(sig)}")
+        if sig[-1] != 0:
+            raise ValueError(f"{owner}: 'sigmas' must end at 0 (the chain ends at the sample), got {sig[-1]}")
+        if not sig[0] <= 1:
+            raise ValueError(f"{owner}: 'sigmas' must start at a level <= 1 (1 = pure noise), got {sig[0]}")
+        bad = [i for i in range(k) if not sig[i] > sig[i + 1]]
+        if bad:
+            i = bad[0]
+            raise ValueError(f"{owner}: 'sigmas' must be strictly decreasing, got sigmas[{i}] = {sig[i]} "
+                             f"<= sigmas[{i + 1}] = {sig[i + 1]}")
+        if sampler.shift != 1.0:
+            raise ValueError(f"{owner}: give either 'sigmas' or 'shift' (sigmas already include any "
+                             f"shift), got both (shift={sampler.shift})")
+        object.__setattr__(sampler, "sigmas", sig)
+
+
+def flow_levels(num_steps: int, shift: float, sigmas: tuple[float, ...] | None) -> torch.Tensor:
+    """The K+1 levels t_0..t_K in float64: the given sigmas, or the shifted uniform schedule."""
+    if sigmas is not None:
+        return torch.tensor(sigmas, dtype=torch.float64)
+    t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def euler_ode(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ode_x, ode_out) of the deterministic Euler steps over the levels t [K+1]:
+    x_{k+1} = x_k + (t_{k+1} - t_k) f (the probability-flow ODE of a velocity model)."""
+    return torch.ones_like(t[:-1]), t[1:] - t[:-1]
+
+
 @register_sampler
 @dataclass(frozen=True)
 class RectifiedFlowSDE(Sampler):
@@ -70,25 +109,7 @@ class RectifiedFlowSDE(Sampler):
             object.__setattr__(self, "noise_level", levels)
         else:
             check_positive(owner, "noise_level", self.noise_level)
-        check_positive(owner, "shift", self.shift)
-        if self.sigmas is not None:
-            sig = _float_tuple(owner, "sigmas", self.sigmas)
-            if len(sig) != k + 1:
-                raise ValueError(f"{owner}: 'sigmas' must have num_steps + 1 = {k + 1} values "
-                                 f"(levels 0..K, ending at 0), got {len(sig)}")
-            if sig[-1] != 0:
-                raise ValueError(f"{owner}: 'sigmas' must end at 0 (the chain ends at the sample), got {sig[-1]}")
-            if not sig[0] <= 1:
-                raise ValueError(f"{owner}: 'sigmas' must start at a level <= 1 (1 = pure noise), got {sig[0]}")
-            bad = [i for i in range(k) if not sig[i] > sig[i + 1]]
-            if bad:
-                i = bad[0]
-                raise ValueError(f"{owner}: 'sigmas' must be strictly decreasing, got sigmas[{i}] = {sig[i]} "
-                                 f"<= sigmas[{i + 1}] = {sig[i + 1]}")
-            if self.shift != 1.0:
-                raise ValueError(f"{owner}: give either 'sigmas' or 'shift' (sigmas already include any "
-                                 f"shift), got both (shift={self.shift})")
-            object.__setattr__(self, "sigmas", sig)
+        check_levels(self)
         self._init_tables()
 
     @staticmethod
@@ -100,10 +121,7 @@ class RectifiedFlowSDE(Sampler):
 
     def _levels(self) -> torch.Tensor:
         """The K+1 levels t_0..t_K in float64."""
-        if self.sigmas is not None:
-            return torch.tensor(self.sigmas, dtype=torch.float64)
-        t = torch.linspace(1.0, 0.0, self.num_steps + 1, dtype=torch.float64)
-        return self.shift * t / (1 + (self.shift - 1) * t)
+        return flow_levels(self.num_steps, self.shift, self.sigmas)
 
     def _schedule(self) -> Schedule:
         t = self._levels()
@@ -116,6 +134,7 @@ class RectifiedFlowSDE(Sampler):
             step = StepCoefs(*(torch.stack([getattr(p, f) for p in per]) for f in ("x_coef", "out_coef", "std")))
         else:
             step = transitions.rectified_flow_sde(t[:-1], t[1:], self.noise_level)
+        ode_x, ode_out = euler_ode(t)
         return Schedule(
             network_level=t,
             step=step,
@@ -125,4 +144,6 @@ class RectifiedFlowSDE(Sampler):
             target_data=-ones,
             finish_x=None,
             finish_out=None,
+            ode_x=ode_x,
+            ode_out=ode_out,
         )

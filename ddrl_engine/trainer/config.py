@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ddrl_engine.algorithms import DDRLConfig
+from ddrl_engine.algorithms import BaselineForms, DDRLConfig, expand_recipe
 from ddrl_engine.models.dit import DiTConfig
 from ddrl_engine.sampling.factory import SAMPLERS, make_sampler, sampler_fields
 
@@ -55,9 +55,26 @@ class RunConfig:
 class SamplerConfig:
     """The stochastic sampler whose transitions are the policy's actions.
 
-    name: a registered sampler: "rectified_flow_sde" (flow-matching SDE), "ddim" (eta > 0), "edm_churn"
-        (EDM with churn), or one added with ddrl_engine.sampling.register_sampler.
+    name: a registered sampler: "rectified_flow_sde" (flow-matching SDE), "rectified_flow_cps"
+        (coefficients-preserving sampling), "ddim" (eta > 0), "edm_churn" (EDM with churn), "edm_2ab"
+        (cosmos-rl's second-order multistep EDM solver with churn), or one added with
+        ddrl_engine.sampling.register_sampler.
     num_steps: sampling steps K.
+    schedule: where the levels come from: "engine" (the sampler's own fields, e.g. shift or sigmas) or
+        "diffusers" (rectified_flow_sde with a pipeline [model] only: the levels are the folder's
+        scheduler's sigmas after set_timesteps(num_steps), with the pipeline's own arguments, e.g.
+        FLUX's resolution-dependent mu; leave shift and sigmas unset).
+    sde_window: which steps are SDE steps (Flow-GRPO-Fast / MixGRPO): unset (every step, the default),
+        [first, size] (steps first..first+size-1), "random" (a fresh window of sde_window_size steps
+        per rollout batch, its start uniform over the valid starts, from a generator seeded by run.seed)
+        or "sliding" (start = starts[(step // sde_window_every) % len(starts)], starts the valid starts
+        ascending: the window moves one step towards t = 0 every sde_window_every training steps and
+        wraps around). Outside the window the chain takes the sampler's deterministic ODE step
+        (rectified flow: Euler, x + (t' - t) v; samplers without one refuse windows); only the window's
+        steps are trained (algorithm.train_steps must then be "all" or "every_other", which the window
+        replaces). A valid window holds only stochastic steps (not rectified_flow_cps's last).
+    sde_window_size: the window's steps with "random" / "sliding" (unset otherwise).
+    sde_window_every: training steps per move of a "sliding" window (unset: 1; unset otherwise).
 
     The other fields of [sampler] are exactly the chosen sampler's dataclass fields, with its defaults
     (documented in its docstring, under "Fields:"; `ddrl-engine config` prints those of the default).
@@ -65,15 +82,22 @@ class SamplerConfig:
     In Python: SamplerConfig(name="ddim", num_steps=10, eta=0.5) (or options={"eta": 0.5}); the
     sampler's fields live in `options` (filled with the sampler's defaults) and read and write as
     attributes too (cfg.sampler.eta). Construction validates like loading a TOML file; build() makes
-    the Sampler. to_dict() is flat: {"name": ..., "num_steps": ..., **options}.
+    the Sampler. to_dict() is flat: {"name": ..., "num_steps": ..., **options} (plus "schedule" when it
+    is not "engine"). With schedule = "diffusers", build() is an error: the pipeline run builds the
+    sampler from the model folder (ddrl_engine.trainer.pipeline_run.build_sampler).
     """
 
     name: str = "rectified_flow_sde"
     num_steps: int = 10
     options: dict = field(default_factory=dict)
+    schedule: str = "engine"
+    sde_window: list[int] | str | None = None
+    sde_window_size: int | None = None
+    sde_window_every: int | None = None
 
     def __init__(self, name: str = "rectified_flow_sde", num_steps: int = 10, options: dict | None = None,
-                 **fields) -> None:
+                 schedule: str = "engine", sde_window: list[int] | str | None = None,
+                 sde_window_size: int | None = None, sde_window_every: int | None = None, **fields) -> None:
         given = dict(options or {})
         both = sorted(set(given) & set(fields))
         if both:
@@ -100,12 +124,17 @@ class SamplerConfig:
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "num_steps", num_steps)
         object.__setattr__(self, "options", values)
+        object.__setattr__(self, "schedule", _check_sampler_schedule(name, _check_value("sampler.schedule", schedule, str),
+                                                                     values))
         if num_steps <= 0:
             raise ValueError(f"config: 'sampler.num_steps' must be > 0, got {num_steps}")
         try:
-            self.build()  # the sampler's own value checks (its __post_init__)
+            make_sampler(name, num_steps=num_steps, **values)  # the sampler's own value checks (its __post_init__)
         except (ValueError, TypeError) as e:
             raise ValueError(f"config: [sampler] {e}") from e
+        for key, value in _check_sde_window(name, num_steps, values, sde_window, sde_window_size,
+                                            sde_window_every).items():
+            object.__setattr__(self, key, value)
 
     def __getattr__(self, key: str):
         # Only reached when normal lookup fails: the sampler's own fields read as attributes.
@@ -117,7 +146,7 @@ class SamplerConfig:
 
     def __setattr__(self, key: str, value) -> None:
         options = self.__dict__.get("options")
-        if key in ("name", "num_steps", "options") or options is None:
+        if key in ("name", "num_steps", "options", "schedule") + SDE_WINDOW_KEYS or options is None:
             object.__setattr__(self, key, value)
         elif key in options:
             options[key] = value
@@ -127,11 +156,78 @@ class SamplerConfig:
 
     def build(self):
         """The Sampler this configures (a fresh instance, tables on the CPU)."""
+        if self.schedule == "diffusers":
+            raise ValueError("config: sampler.schedule = 'diffusers' takes its levels from the model folder's "
+                             "scheduler: the pipeline run builds this sampler "
+                             "(ddrl_engine.trainer.pipeline_run.build_sampler), not SamplerConfig.build()")
         return make_sampler(self.name, num_steps=self.num_steps, **self.options)
 
     def to_dict(self) -> dict:
-        """Flat: {"name": ..., "num_steps": ..., **the sampler's fields} (what config_from_dict reads)."""
-        return {"name": self.name, "num_steps": self.num_steps, **copy.deepcopy(self.options)}
+        """Flat: {"name": ..., "num_steps": ..., **the sampler's fields} (what config_from_dict reads), and
+        "schedule" when it is not the default "engine" (so default configs write what they always wrote)."""
+        extra = {} if self.schedule == "engine" else {"schedule": self.schedule}
+        extra.update({k: copy.deepcopy(getattr(self, k)) for k in SDE_WINDOW_KEYS if getattr(self, k) is not None})
+        return {"name": self.name, "num_steps": self.num_steps, **extra, **copy.deepcopy(self.options)}
+
+
+SDE_WINDOW_KEYS = ("sde_window", "sde_window_size", "sde_window_every")
+SDE_WINDOW_MODES = ("random", "sliding")
+
+
+def _check_sde_window(name: str, num_steps: int, options: dict, window, size, every) -> dict:
+    """sampler.sde_window / sde_window_size / sde_window_every, checked against each other and against
+    the sampler they configure (its ODE step, its stochastic steps); returns the values to store."""
+    if window is not None and not isinstance(window, str):
+        if not isinstance(window, (list, tuple)) or len(window) != 2:
+            raise ValueError(f"config: 'sampler.sde_window' must be [first, size], 'random' or 'sliding' (or unset), "
+                             f"got {window!r}")
+        window = list(_check_value("sampler.sde_window", window, list[int]))
+    if size is not None:
+        size = _check_value("sampler.sde_window_size", size, int)
+    if every is not None:
+        every = _check_value("sampler.sde_window_every", every, int)
+    mode = window if isinstance(window, str) else None
+    if isinstance(window, str) and window not in SDE_WINDOW_MODES:
+        raise ValueError(f"config: 'sampler.sde_window' must be [first, size], 'random' or 'sliding' (or unset), "
+                         f"got {window!r}")
+    if size is not None and mode is None:
+        raise ValueError(f"config: 'sampler.sde_window_size' is the size of a 'random' or 'sliding' window; "
+                         f"sampler.sde_window is {window!r} (a fixed window is [first, size])")
+    if every is not None and mode != "sliding":
+        raise ValueError(f"config: 'sampler.sde_window_every' needs sampler.sde_window = 'sliding', got {window!r}")
+    if mode is not None and size is None:
+        raise ValueError(f"config: sampler.sde_window = {mode!r} needs 'sampler.sde_window_size' (an int >= 1)")
+    if every is not None and every < 1:
+        raise ValueError(f"config: 'sampler.sde_window_every' must be >= 1, got {every}")
+    if window is not None:
+        sampler = make_sampler(name, num_steps=num_steps, **options)
+        try:
+            if mode is None:
+                sampler.check_window(window, "sampler.sde_window")
+            else:
+                sampler.window_starts(size, "sampler.sde_window_size")
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"config: {e}") from e
+    return {"sde_window": window, "sde_window_size": size, "sde_window_every": every}
+
+
+SAMPLER_SCHEDULES = ("engine", "diffusers")
+
+
+def _check_sampler_schedule(name: str, schedule: str, options: dict) -> str:
+    """sampler.schedule, checked against the sampler and its fields."""
+    if schedule not in SAMPLER_SCHEDULES:
+        raise ValueError(f"config: 'sampler.schedule' must be one of {SAMPLER_SCHEDULES}, got {schedule!r}")
+    if schedule == "diffusers":
+        if name != "rectified_flow_sde":
+            raise ValueError(f"config: sampler.schedule = 'diffusers' (a flow-matching pipeline's scheduler sigmas) "
+                             f"needs sampler.name = 'rectified_flow_sde', got {name!r}")
+        set_here = [k for k, default in (("shift", 1.0), ("sigmas", None)) if options.get(k, default) != default]
+        if set_here:
+            raise ValueError(f"config: {', '.join('sampler.' + k for k in set_here)} set with sampler.schedule = "
+                             "'diffusers': the levels come from the model folder's scheduler (they already include "
+                             "its shift); remove them, or use schedule = 'engine'")
+    return schedule
 
 
 @dataclass
@@ -345,8 +441,13 @@ class RewardWorkersConfig:
 @dataclass
 class TrainConfig:
     """A whole run. [rewards] maps reward names to weights: the built-in brightness, contrast,
-    class_confidence (digits), pickscore (a pipeline [model]), or "package.module:Name" for your own.
-    [reward_models] maps reward names to the local folders of their models (pickscore = "/models/pickscore")."""
+    class_confidence (digits), pickscore, clip_score, aesthetic (a pipeline [model]), or "package.module:Name"
+    for your own. [reward_models] maps reward names to the local folders of their models (pickscore =
+    "/models/pickscore": a transformers CLIP folder; clip_score, aesthetic: open_clip folders, the
+    aesthetic one with its head file; see ddrl_engine.rewards.clip).
+    A top-level `recipe = "flow_grpo"` ("dance_grpo", "cosmos_ddrl"; or [algorithm] method = that name)
+    fills the [algorithm], [sampler] and [rollout] fields the file does not set with that peer's recipe
+    (ddrl_engine.algorithms.RECIPES, docs/porting.md); config.json records the expanded values."""
 
     run: RunConfig = field(default_factory=RunConfig)
     model: DiTConfig | PipelineModelConfig = field(default_factory=DiTConfig)
@@ -468,7 +569,7 @@ def _build_sampler_section(values: dict) -> SamplerConfig:
     if not isinstance(values, dict):
         raise ValueError(f"config: [sampler] must be a table, got {values!r}")
     rest = dict(values)
-    head = {k: rest.pop(k) for k in ("name", "num_steps") if k in rest}
+    head = {k: rest.pop(k) for k in ("name", "num_steps", "schedule") + SDE_WINDOW_KEYS if k in rest}
     return SamplerConfig(**head, options=rest)
 
 
@@ -488,6 +589,9 @@ def _build_model_section(values: dict):
 
 
 def config_from_dict(data: dict) -> TrainConfig:
+    if not isinstance(data, dict):
+        raise ValueError(f"config: a config must be a table of sections, got {type(data).__name__}")
+    data = expand_recipe(data)  # a recipe (top-level `recipe`, or [algorithm] method/recipe) fills unset fields
     sections = {f.name: f for f in dataclasses.fields(TrainConfig)}
     hints = typing.get_type_hints(TrainConfig)
     kwargs = {}
@@ -510,12 +614,20 @@ def config_from_dict(data: dict) -> TrainConfig:
             kwargs[name] = _build_section(name, hints[name], values)
     cfg = TrainConfig(**kwargs)
     check_config(cfg)
+    try:  # the baseline forms against the configured sampler (the Trainer checks the one it is given)
+        BaselineForms.make(cfg.algorithm, make_sampler(cfg.sampler.name, num_steps=cfg.sampler.num_steps,
+                                                       **cfg.sampler.options))
+    except ValueError as e:
+        raise ValueError(f"config: {e}") from e
     return cfg
 
 
 def check_config(cfg: TrainConfig) -> None:
     """Checks that span fields or sections (also run by the Trainer on configs built in code)."""
+    from ddrl_engine.trainer.validate import check_values
+
     check_optim(cfg.optim, cfg.run.steps)
+    check_values(cfg)
     if cfg.eval.samples_per_class < 2:  # the evaluation's diversity is a distance between a condition's samples
         raise ValueError(f"config: 'eval.samples_per_class' must be >= 2 (the diversity metric compares samples of "
                          f"one condition), got {cfg.eval.samples_per_class}")
@@ -530,6 +642,10 @@ def check_config(cfg: TrainConfig) -> None:
             raise ValueError("config: 'model.lora_rank' and 'model.lora_alpha' must be >= 0")
         if cfg.model.guidance and cfg.model.kind != "flux":
             raise ValueError(f"config: 'model.guidance' is FLUX.1-dev's distilled guidance; it must be 0 for kind = {cfg.model.kind!r}")
+    elif cfg.sampler.schedule == "diffusers":
+        raise ValueError("config: sampler.schedule = 'diffusers' reads a diffusers pipeline folder's scheduler: it "
+                         "needs a pipeline [model] (kind = 'sd3', 'flux' or 'wan'), not the built-in DiT (kind = "
+                         "'dit'); use schedule = 'engine' (shift or sigmas)")
     elif cfg.data.dataset == "captioned" or cfg.data.prompts or cfg.data.eval_prompts:
         raise ValueError("config: 'data.prompts', 'data.eval_prompts' and data.dataset = 'captioned' need a pipeline "
                          "[model] (kind = 'sd3', 'flux' or 'wan')")
@@ -605,8 +721,8 @@ def defaults_as_toml() -> str:
     cfg = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         if f.name == "rewards":
-            lines += ["[rewards]", "# reward name = weight: brightness, contrast, class_confidence (digits), pickscore "
-                      "(a pipeline [model]), or \"package.module:Name\" = weight for your own reward class"]
+            lines += ["[rewards]", "# reward name = weight: brightness, contrast, class_confidence (digits), pickscore, "
+                      "clip_score, aesthetic (a pipeline [model]), or \"package.module:Name\" = weight for your own reward class"]
             lines += [f"{k} = {v}" for k, v in cfg.rewards.items()] + [""]
             continue
         if f.name == "reward_models":
@@ -634,7 +750,8 @@ def defaults_as_toml() -> str:
 def _sampler_toml(s: SamplerConfig) -> list[str]:
     """[sampler]: name and num_steps documented by SamplerConfig, the sampler's own fields by the
     "Fields:" block of its docstring."""
-    docs = _field_docs(SamplerConfig.__doc__, ["name", "num_steps"])
+    # every documented SamplerConfig field is named, so each entry ends where the next begins
+    docs = _field_docs(SamplerConfig.__doc__, ["name", "num_steps", "schedule", *SDE_WINDOW_KEYS])
     fields_doc = (SAMPLERS[s.name].__doc__ or "").partition("Fields:")[2]
     own = _field_docs(fields_doc, list(s.options))
     lines = ["[sampler]", f"# {docs['name']}",

@@ -10,10 +10,12 @@ import contextlib
 import copy
 import json
 import math
+import os
 import random
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,17 +26,23 @@ from tqdm.auto import tqdm
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from ddrl_engine.algorithms import clipped_policy_loss, combine, gaussian_kl, group_advantages, policy_data_loss
+from ddrl_engine.algorithms import (BaselineForms, clipped_policy_loss, combine, gaussian_kl, group_advantages,
+                                   policy_data_loss)
 from ddrl_engine.attention import attention_backend, available_backends
 from ddrl_engine.data import DataStream
 from ddrl_engine.models.trainable import select_trainable, trainable_keys
 from ddrl_engine.monitors import HeldoutLossMonitor
+from ddrl_engine.ops import selftest as ops_selftest
 from ddrl_engine.profiling import phase
+from ddrl_engine.rewards.async_rewards import RewardFailedError
 from ddrl_engine.sampling import Rollout, RolloutRunner, group_conditions, logprob_mismatch, recompute_log_probs, transition
 from ddrl_engine.sampling.guidance import Guided
 from ddrl_engine.sampling.step import draw_noise
 from ddrl_engine.trainer.checkpoint import OPTIMIZER_KEY, TRAINER_KEY, CheckpointManager
+from ddrl_engine.trainer.manifest import CheckpointError
+from ddrl_engine.trainer.manifest import verify as verify_checkpoint
 from ddrl_engine.trainer.config import TrainConfig, check_config
+from ddrl_engine.trainer.validate import check_runnable
 from ddrl_engine.trainer.distributed import Distributed
 from ddrl_engine.trainer.evaluate import Evaluator, decode
 from ddrl_engine.trainer.optim import build_optimizer
@@ -65,7 +73,8 @@ def micro_batches(rows: int, micro: int) -> list[tuple[slice, float]]:
 @dataclass
 class _UpdatePlan:
     """How one update splits into backwards: the micro-batches of the rollout and data rows, how many
-    data steps and trained steps, and the scales `combine` applies to each pass."""
+    data steps and trained steps, the scales `combine` applies to each pass, and the batch's trained
+    steps (`Trainer.batch_steps`: fixed, or its SDE window's)."""
 
     n_trained: int
     n_data: int
@@ -75,19 +84,22 @@ class _UpdatePlan:
     backwards: int
     scale: dict
     data_scale: dict
+    steps: list = field(default_factory=list)
 
     @classmethod
     def make(cls, trainer: "Trainer", batch: "RolloutBatch", data) -> "_UpdatePlan":
         algo, micro = trainer.algo, trainer.cfg.optim.micro_batch
-        n_trained = len(trainer.trained_steps)
+        steps = trainer.batch_steps(batch)
+        n_trained = len(steps)
         policy_pass = algo.use_reward or trainer.reference is not None
         roll_parts = micro_batches(batch.rollout.states.shape[0], micro)
         data_parts = micro_batches(data[0].shape[0], micro) if data is not None else []
         n_data = (n_trained if algo.data_loss_steps == "all" else 1) if data is not None else 0
         backwards = n_data * len(data_parts) + policy_pass * n_trained * len(roll_parts)
-        scale = dict(beta_data=algo.beta_data, beta_kl=algo.beta_kl, num_trained_steps=n_trained)
+        scale = dict(beta_data=algo.beta_data, beta_kl=algo.beta_kl, num_trained_steps=n_trained,
+                     loss_scale=algo.loss_scale)
         data_scale = dict(scale, num_trained_steps=max(n_data, 1))  # the data term: a mean over its steps
-        return cls(n_trained, n_data, policy_pass, roll_parts, data_parts, backwards, scale, data_scale)
+        return cls(n_trained, n_data, policy_pass, roll_parts, data_parts, backwards, scale, data_scale, steps)
 
 
 @dataclass
@@ -103,10 +115,14 @@ class RolloutBatch:
     """What one step trains on: the rollout, its old log-probs [B, K], the rollout's metrics, and the
     submitted rewards (`pending`, None for sft). With reward workers the rewards may still be
     computing: `Trainer.await_rewards(batch)` waits for them, and the trainer calls it as late as it can.
+    trained_steps: the steps this batch trains (its SDE window's with [sampler] sde_window); None: the
+    trainer's fixed `trained_steps` (or the rollout's window's steps).
     """
 
-    def __init__(self, rollout: Rollout, old_log_probs: torch.Tensor, metrics: dict, pending=None):
+    def __init__(self, rollout: Rollout, old_log_probs: torch.Tensor, metrics: dict, pending=None,
+                 trained_steps: list[int] | None = None):
         self.rollout, self.old_log_probs, self.metrics, self.pending = rollout, old_log_probs, metrics, pending
+        self.trained_steps = trained_steps
         self.rewards: RewardOutcome | None = None  # set by Trainer.await_rewards
 
 
@@ -118,6 +134,65 @@ class RewardOutcome:
 
     advantages: torch.Tensor
     metrics: dict
+
+
+class _SDEWindows:
+    """The SDE window (first, size) of each rollout batch, from [sampler] sde_window (see SamplerConfig):
+    fixed; "random" (start uniform over the valid starts, from a CPU generator seeded with run.seed + 3,
+    advanced once per batch on every rank alike; saved in the trainer's state); or "sliding" (start =
+    starts[(step // sde_window_every) % len(starts)], a function of the training step). Checked against
+    the sampler the Trainer runs (its ODE step, its stochastic steps) when the Trainer is built."""
+
+    def __init__(self, scfg, sampler, seed: int):
+        mode = scfg.sde_window
+        try:
+            if isinstance(mode, str):
+                self.mode, self.size = mode, scfg.sde_window_size
+                self.starts = sampler.window_starts(self.size, "sampler.sde_window_size")
+                self.fixed = None
+            else:
+                self.mode, self.fixed = "fixed", sampler.check_window(mode, "sampler.sde_window")
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config: {e}") from e
+        self.every = scfg.sde_window_every or 1
+        self.gen = torch.Generator().manual_seed(seed + 3) if self.mode == "random" else None
+
+    def next(self, step: int) -> tuple[int, int]:
+        """The window of the batch collected at training step `step` (draws from `gen` when random)."""
+        if self.fixed is not None:
+            return self.fixed
+        if self.gen is not None:
+            i = int(torch.randint(len(self.starts), (1,), generator=self.gen).item())
+        else:
+            i = (step // self.every) % len(self.starts)
+        return self.starts[i], self.size
+
+
+def _trained_steps(algo, sampler, windows: _SDEWindows | None) -> list[int] | None:
+    """The steps every batch trains (None when each batch's window decides: random/sliding). Without a
+    window: algorithm.train_steps, where "all" / "every_other" leave out the sampler's deterministic
+    steps (std 0, e.g. rectified_flow_cps's last) and a list naming one is an error. With a window: the
+    window's steps, and algorithm.train_steps must not be a list."""
+    name = f"{type(sampler).__name__} ({sampler.name!r})"
+    explicit = not isinstance(algo.train_steps, str)
+    if windows is not None:
+        if explicit:
+            shown = list(windows.fixed) if windows.fixed else repr(windows.mode)
+            raise ValueError(f"config: algorithm.train_steps = {algo.train_steps} cannot be combined with "
+                             f"sampler.sde_window = {shown}: with an SDE window the window's steps are the "
+                             "trained steps (leave train_steps 'all' or 'every_other')")
+        return None if windows.fixed is None else list(range(windows.fixed[0], sum(windows.fixed)))
+    steps = algo.trained_steps(sampler.num_steps)
+    stochastic = sampler.stochastic_steps
+    det = [k for k in steps if not stochastic[k]]
+    if det and explicit:
+        raise ValueError(f"config: algorithm.train_steps names deterministic step(s) {det} of {name} (std 0: the "
+                         "step has no log-density, so it cannot be trained); remove them")
+    steps = [k for k in steps if stochastic[k]]
+    if not steps:
+        raise ValueError(f"config: algorithm.train_steps = {algo.train_steps!r} leaves no stochastic step of {name} "
+                         f"to train (its {sampler.num_steps} step(s) are all deterministic)")
+    return steps
 
 
 def _condition_ids(policy, conditions) -> torch.Tensor:
@@ -169,6 +244,11 @@ class Trainer:
     graphed Rollout views the runner's buffers, valid until the next collect()).
     With cfg.distributed.parallel = "ddp" or "fsdp" (under torchrun) each rank rolls out and trains on
     its rows of the global batch (see ddrl_engine.trainer.distributed); `dist` is then set, else None.
+    trained_steps: the steps every batch trains (algorithm.train_steps without the sampler's
+        deterministic steps, or a fixed sampler.sde_window's steps); None with a random or sliding
+        window, where each RolloutBatch carries its own (`batch_steps`). Each step logs rollout_nfe
+        (network evaluations per sample of the rollout, doubled under guidance) and, with a window,
+        sde_window_first.
     The trainer's whole state is `state_dict()` / `load_state_dict()`; `save()` / `resume()` write and
     read it through one CheckpointManager (one process or distributed).
     """
@@ -176,6 +256,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, policy, sampler, rewards, dataset=None, evaluator: Evaluator | None = None,
                  *, conditions: torch.Tensor | None = None, log=print, sync_timing: bool = False, decode=decode):
         check_config(cfg)
+        check_runnable(cfg, built_from_config=False)  # the device and world size (the objects are given)
         self.sample_shape = _sample_shape(policy)
         self.condition_ids = _condition_ids(policy, conditions)
         if cfg.rollout.cuda_graph:
@@ -191,7 +272,8 @@ class Trainer:
             raise ValueError(f"config: 'rollout.attention_backend' = {cfg.rollout.attention_backend!r} is not "
                              f"usable on {self.device}: {why}")
         self.algo = cfg.algorithm
-        self.reward_requests = RewardRequests(rewards, cfg.run.on_invalid_reward) if self.algo.use_reward else None
+        self.reward_requests = (RewardRequests(rewards, cfg.run.on_invalid_reward, timeout_s=cfg.reward_workers.timeout_s)
+                                if self.algo.use_reward else None)
         self.rewards = self.reward_requests.rewards if self.reward_requests is not None else rewards
         self.rollout_batch = cfg.rollout.conditions_per_step * self.algo.group_size
         self.data = self._data_stream(dataset) if self.algo.beta_data > 0 else None
@@ -201,7 +283,16 @@ class Trainer:
         self.dataset = dataset
         self.evaluator = evaluator
         self.out = Path(cfg.run.out_dir)
-        self.trained_steps = self.algo.trained_steps(sampler.num_steps)
+        # SDE windows ([sampler] sde_window; None: every step as the sampler defines it) and the trained
+        # steps (per batch with a random/sliding window: then None here, see batch_steps).
+        self._windows = (_SDEWindows(cfg.sampler, sampler, cfg.run.seed) if cfg.sampler.sde_window is not None
+                         else None)
+        self.trained_steps = _trained_steps(self.algo, sampler, self._windows)
+        # algorithm.kl_form / logprob_form / data_weighting, checked against the sampler (defaults: no-ops).
+        self.forms = BaselineForms.make(self.algo, sampler)
+        # Network evaluations per sample of one rollout: guidance runs both branches in one forward on
+        # twice the rows (scale 0 and 1: one branch).
+        self._rollout_nfe = sampler.nfe * (1 if cfg.rollout.guidance_scale in (0.0, 1.0) else 2)
         self.reference = copy.deepcopy(policy).requires_grad_(False).eval() if self.algo.beta_kl > 0 else None
         self.ema = copy.deepcopy(policy).requires_grad_(False) if cfg.optim.ema_decay > 0 else None
         self._rollout_shard = self._data_shard = None
@@ -227,6 +318,7 @@ class Trainer:
             raise ValueError(f"Trainer: the policy ({type(policy).__name__}) has no parameter that requires grad")
         self.opt, self.scheduler = build_optimizer(trainable, cfg.optim, device=self.device, total_steps=cfg.run.steps)
         self.checkpoints = CheckpointManager(self.out / "checkpoints", dist=self.dist, keep=cfg.run.keep_checkpoints)
+        self.checkpoints.clean_stale_temps(log=self.log)
         self.rollout_gen = torch.Generator(self.device).manual_seed(cfg.run.seed)
         self.cond_gen = torch.Generator().manual_seed(cfg.run.seed + 1)
         self.data_gen = torch.Generator(self.device).manual_seed(cfg.run.seed + 2)
@@ -238,7 +330,8 @@ class Trainer:
         if grad_sync == "auto":
             grad_sync = "update" if cfg.distributed.parallel == "ddp" else "backward"
         self._defer_grad_sync = grad_sync == "update"
-        self._stop_signal = False
+        self._stop_signal = 0  # the number of a stop signal received (SIGTERM, SIGINT), else 0
+        self._resumed = False
 
     def _data_stream(self, dataset) -> DataStream:
         if dataset is None or not all(hasattr(dataset, a) for a in ("train_x", "train_y")):
@@ -290,10 +383,14 @@ class Trainer:
         cond = group_conditions(self.draw_conditions().to(dev), algo.group_size)
         if self.dist is not None:  # this rank's rows; the noise of the global batch, these rows kept
             cond = self.dist.rows(cond)
+        window = self._windows.next(self.step) if self._windows is not None else None
         with attention_backend(cfg.rollout.attention_backend):
-            ro = self.runner(cond, generator=self.rollout_gen, shard=self._rollout_shard)
+            ro = self.runner(cond, generator=self.rollout_gen, shard=self._rollout_shard, window=window)
         t_rollout = self._now()
-        metrics = {"time_rollout": t_rollout - t0}
+        metrics = {"time_rollout": t_rollout - t0, "rollout_nfe": self._rollout_nfe}
+        if window is not None:
+            metrics["sde_window_first"] = window[0]
+        steps = self.trained_steps if window is None else list(range(window[0], window[0] + window[1]))
         pending = None
         if algo.use_reward:
             with phase("reward"):  # in-process: the reward itself; with workers: handing the batch over
@@ -303,9 +400,21 @@ class Trainer:
         if cfg.rollout.recompute_old_logprobs:
             with phase("old_logprob"):
                 old_lp = old_lp.clone()
-                old_lp[:, self.trained_steps] = recompute_log_probs(self._rollout_policy, self.sampler, ro,
-                                                                    steps=self.trained_steps)
-        return RolloutBatch(ro, old_lp, metrics, pending)
+                old_lp[:, steps] = recompute_log_probs(self._rollout_policy, self.sampler, ro, steps=steps)
+        return RolloutBatch(ro, old_lp, metrics, pending, trained_steps=steps)
+
+    def batch_steps(self, batch: RolloutBatch) -> list[int]:
+        """The steps `batch` trains: its own (`batch.trained_steps`), else its rollout's SDE window's,
+        else the trainer's fixed `trained_steps`."""
+        if batch.trained_steps is not None:
+            return list(batch.trained_steps)
+        window = getattr(batch.rollout, "window", None)
+        if window is not None:
+            return list(range(window[0], window[0] + window[1]))
+        if self.trained_steps is None:
+            raise ValueError("Trainer: with a random or sliding sampler.sde_window each RolloutBatch must carry its "
+                             "trained steps (collect() sets them) or a rollout with its window")
+        return self.trained_steps
 
     def await_rewards(self, batch: RolloutBatch) -> RewardOutcome:
         """Waits for the rewards of `batch`, gathers them over ranks, and returns this rank's rows of the
@@ -321,11 +430,13 @@ class Trainer:
         with phase("reward/wait"):
             res = pending.result()
         batch, dropped = res.batch, int(res.dropped)
-        wait = res.wait_s
+        wait, invalid = res.wait_s, int(res.invalid)
         if self.dist is not None:  # the global batch's rewards, as on one process
             batch = self._gathered(batch)
             wait = self.dist.reduce({"wait": wait}, "max")["wait"]
-            dropped = round(self.dist.reduce({"dropped": dropped}, "sum")["dropped"])
+            counts = self.dist.reduce({"dropped": dropped, "invalid": invalid}, "sum")
+            dropped, invalid = round(counts["dropped"]), round(counts["invalid"])
+        self._report_dropped_rewards(res, invalid_anywhere=invalid > 0)
         n_bad = int((~batch.valid).sum())
         self.invalid_rewards += n_bad
         self.dropped_reward_batches += dropped
@@ -333,12 +444,28 @@ class Trainer:
             comps = torch.stack([batch.components[n] for n in self.reward_requests.names])
             weights = torch.tensor(self.reward_requests.weights, device=comps.device)
             adv = group_advantages(comps, algo.group_size, eps=algo.adv_eps, clip=algo.adv_clip,
-                                   lambda_transform=algo.adv_lambda, valid=batch.valid, weights=weights).to(self.device)
+                                   lambda_transform=algo.adv_lambda, valid=batch.valid, weights=weights,
+                                   std=algo.adv_std).to(self.device)
         reward = batch.total[batch.valid].mean().item() if bool(batch.valid.any()) else float("nan")
         metrics = dict(reward=reward, invalid_rewards=n_bad, reward_batches_dropped=dropped,
                        adv_abs=adv.abs().mean().item(), time_reward=res.compute_s, time_reward_wait=wait)
         # computed per group on the global batch; keep this rank's rows
         return RewardOutcome(adv if self.dist is None else self.dist.rows(adv), metrics)
+
+    def _report_dropped_rewards(self, res, *, invalid_anywhere: bool) -> None:
+        """A batch the reward workers dropped is never silent: a reward that broke its contract (NaN/inf,
+        wrong shape) stops the run under run.on_invalid_reward = "error" (on every rank, when any rank's
+        did); any other drop warns with the cause (and is counted in reward_batches_dropped)."""
+        if invalid_anywhere and self.cfg.run.on_invalid_reward == "error":
+            cause = res.cause if res.invalid else "(on another rank; its log has the cause)"
+            raise RewardFailedError(f"step {self.step + 1}: the reward workers got an invalid reward "
+                                    f"(run.on_invalid_reward = 'error'):\n{cause}")
+        if not res.dropped:
+            return
+        msg = (f"step {self.step + 1}: the reward workers dropped a batch (after its retries); its samples "
+               f"get advantage 0. Cause:\n{res.cause}")
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        self.log(f"WARNING {msg}")
 
     def _gathered(self, local):
         """This rank's RewardBatch, all-gathered into the global batch's (in rank order)."""
@@ -399,7 +526,7 @@ class Trainer:
     def _data_pass(self, data, ro: Rollout, plan: "_UpdatePlan", synced, acc: "_Accumulators") -> None:
         """The data loss (the forward-KL regulariser) at the update's data steps, with backward."""
         x0, y = data
-        for k in self._data_steps(plan.n_data):
+        for k in self._data_steps(plan.n_data, plan.steps):
             if self.algo.data_noise == "rollout":
                 eps, kd = ro.initial_noise, k
             else:
@@ -409,7 +536,8 @@ class Trainer:
             for part, share in plan.data_parts:
                 with phase("train/step", k), next(synced):
                     with phase("train/data_loss"):
-                        dat = policy_data_loss(self.policy, x0[part], y[part], eps[part], level) * share
+                        dat = policy_data_loss(self.policy, x0[part], y[part], eps[part], level,
+                                               **self.forms.data_kwargs) * share
                     acc.sums["data_loss"].append(dat.detach())
                     self._backward(combine(None, dat, None, **plan.data_scale))
 
@@ -418,17 +546,19 @@ class Trainer:
         """The clipped policy loss (with the rewards) and the KL to the reference, per trained step."""
         algo, ro, old_lp = self.algo, batch.rollout, batch.old_log_probs
         cond = ro.cond
-        for i, k in enumerate(self.trained_steps):
+        for i, k in enumerate(plan.steps):
             step_devs = []
             for part, share in plan.roll_parts:
                 with phase("train/step", k), next(synced):
                     x_k, x_next = ro.states[part, k], ro.states[part, k + 1]
+                    prev = None if ro.prev_outs is None else ro.prev_outs[part, k]  # a multistep solver's offset
                     pol = kl = None
                     with phase("train/forward"):
                         res = transition(self._rollout_policy, self.sampler, x_k, k, cond[part], x_next=x_next,
-                                         reduction=algo.logprob_reduction)
+                                         reduction=algo.logprob_reduction, prev_out=prev)
                     if algo.use_reward:
-                        pol, stats = clipped_policy_loss(res.log_prob, old_lp[part, k], adv[part], algo.clip_eps)
+                        pol, stats = clipped_policy_loss(res.log_prob, old_lp[part, k], adv[part], algo.clip_eps,
+                                                         log_ratio_scale=self.forms.log_ratio(k))
                         pol = pol * share
                         acc.sums["policy_loss"].append(pol.detach())
                         acc.sums["clip_frac"].append(stats.clip_frac * share)
@@ -440,9 +570,10 @@ class Trainer:
                     if self.reference is not None:
                         with torch.no_grad(), phase("train/reference"):
                             ref = transition(self._rollout_reference, self.sampler, x_k, k, cond[part], x_next=x_next,
-                                             reduction=algo.logprob_reduction)
+                                             reduction=algo.logprob_reduction, prev_out=prev)
                         std = self.sampler.coefs(k).std.to(self.device).expand(x_k.shape[0])
-                        kl = gaussian_kl(res.mean, ref.mean, std, algo.logprob_reduction).mean() * share
+                        kl = gaussian_kl(res.mean, ref.mean, std, algo.logprob_reduction)
+                        kl = self.forms.kl(kl, k).mean() * share  # kl_form: exact, or times |dt_k|
                         acc.sums["kl"].append(kl.detach())
                     self._backward(combine(pol, None, kl, **plan.scale))
             if step_devs:
@@ -462,14 +593,13 @@ class Trainer:
             self._update_ema()
         return grad_norm
 
-    def _data_steps(self, n_data: int) -> list[int]:
-        """The trained steps the data loss is computed at: all of them, or one drawn uniformly
-        (algorithm.data_loss_steps = "one"; from the data generator, so ranks agree)."""
-        if n_data in (0, len(self.trained_steps)):
-            return self.trained_steps[:n_data]
-        i = int(torch.randint(0, len(self.trained_steps), (1,), generator=self.data_gen,
-                              device=self.data_gen.device).item())
-        return [self.trained_steps[i]]
+    def _data_steps(self, n_data: int, steps: list[int]) -> list[int]:
+        """The trained steps (`steps`, the batch's) the data loss is computed at: all of them, or one
+        drawn uniformly (algorithm.data_loss_steps = "one"; from the data generator, so ranks agree)."""
+        if n_data in (0, len(steps)):
+            return steps[:n_data]
+        i = int(torch.randint(0, len(steps), (1,), generator=self.data_gen, device=self.data_gen.device).item())
+        return [steps[i]]
 
     def _backward(self, loss: torch.Tensor) -> None:
         with phase("train/backward"):
@@ -503,7 +633,9 @@ class Trainer:
 
     def train_step(self) -> dict:
         with phase("step"):
-            return self.update(self.collect())
+            metrics = self.update(self.collect())
+        metrics["ops_reference"] = int(ops_selftest.use_reference())  # 1: DDRL_ENGINE_OPS=reference ran
+        return metrics
 
     @torch.no_grad()
     def _update_ema(self):
@@ -569,6 +701,8 @@ class Trainer:
             "data_gen": self.data_gen.get_state(), "data": None if self.data is None else self.data.state_dict(),
             "heldout": self.heldout.state_dict(), "invalid_rewards": self.invalid_rewards,
             "dropped_reward_batches": self.dropped_reward_batches}
+        if self._windows is not None and self._windows.gen is not None:  # a random SDE window's draws
+            sd[TRAINER_KEY]["sde_window_gen"] = self._windows.gen.get_state()
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
@@ -601,6 +735,11 @@ class Trainer:
         self.heldout.load_state_dict(st["heldout"])
         self.invalid_rewards = st["invalid_rewards"]
         self.dropped_reward_batches = st.get("dropped_reward_batches", 0)  # absent before this counter existed
+        if self._windows is not None and self._windows.gen is not None:
+            if "sde_window_gen" not in st:
+                raise ValueError("load_state_dict: this run draws a random sampler.sde_window per batch, but the state "
+                                 "has no 'sde_window_gen' (it was saved by a run without one)")
+            self._windows.gen.set_state(st["sde_window_gen"])
 
     def save(self) -> Path:
         """A checkpoint of `state_dict()` at this step (every rank calls it in a distributed run)."""
@@ -608,25 +747,61 @@ class Trainer:
             return self.checkpoints.save(self.step, self.state_dict(), config=self.cfg.to_dict())
 
     def resume(self, path: str | Path | None = None) -> bool:
-        """Loads the given (or latest) checkpoint, of either kind; returns False when there is none."""
-        path = Path(path) if path else self.checkpoints.latest()
+        """Loads the given checkpoint, or the one to resume from (`CheckpointManager.resumable`: the one
+        `latest` names when whole, else the newest whole one, with a warning); returns False when there
+        is none. A damaged checkpoint given by path is an error naming the file."""
+        if path:
+            path = Path(path)
+            why = verify_checkpoint(path)
+            if why is not None:
+                raise CheckpointError(f"cannot resume from {path}: {why}")
+        else:
+            path = self.checkpoints.resumable(log=self.log)
         if path is None:
             return False
         self.load_state_dict(self.checkpoints.load(path, self.state_dict(), map_location=self.device))
+        self.checkpoints.adopt(path)
+        self._resumed = True
         self._truncate_metrics()
         self.log(f"resumed from {path} at step {self.step}")
         return True
 
     def _truncate_metrics(self):
-        """Drops metrics logged after the checkpoint, so a resumed log reads like an uninterrupted one."""
+        """Drops metrics logged after the checkpoint, so a resumed log reads like an uninterrupted one;
+        a line that does not parse (a write torn by a kill or a full disk) is dropped with a warning."""
         path = self.out / "metrics.jsonl"
-        if path.exists() and self._is_writer():
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-            # The checkpoint was taken after this step's eval line was written: keep it once.
-            path.write_text("".join(ln + "\n" for ln in keep))
+        if not (path.exists() and self._is_writer()):
+            return
+        keep = []
+        for i, ln in enumerate(path.read_text().splitlines(), 1):
+            if not ln.strip():
+                continue
+            try:
+                step = json.loads(ln)["step"]
+            except (ValueError, KeyError, TypeError):
+                self.log(f"WARNING {path}: dropped line {i}, which is not a whole metrics record "
+                         f"(a write cut short): {ln[:80]!r}")
+                continue
+            if step <= self.step:  # the checkpoint was taken after this step's eval line: keep it once
+                keep.append(ln)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, path)
+
+    def _set_aside_metrics(self):
+        """A run starting at step 0 moves an earlier metrics.jsonl (a run killed before its first
+        checkpoint, or one restarted) aside to metrics.jsonl.old-N, so the log holds one run only."""
+        path = self.out / "metrics.jsonl"
+        if self._resumed or not self._is_writer() or not path.exists() or path.stat().st_size == 0:
+            return
+        n = 1
+        while path.with_name(f"{path.name}.old-{n}").exists():
+            n += 1
+        os.replace(path, path.with_name(f"{path.name}.old-{n}"))
+        self.log(f"{path} of an earlier run moved to {path.name}.old-{n}")
 
     def _on_sigterm(self, signum, frame):
-        self._stop_signal = True
+        self._stop_signal = signum
 
     def train(self, steps: int | None = None) -> list[dict]:
         """Runs until `steps` (default cfg.run.steps) total steps; returns the eval metrics logged."""
@@ -635,9 +810,12 @@ class Trainer:
         if self._is_writer():
             (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, default=str))
         in_main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if in_main else None
+        # SIGTERM and Ctrl-C (SIGINT): finish the step, checkpoint, exit 128 + the signal's number.
+        previous = {s: signal.signal(s, self._on_sigterm) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
         evals = []
         try:
+            if self.step == 0:
+                self._set_aside_metrics()
             if self.step == 0 and self.evaluator is not None:
                 m = self.evaluate()
                 self._write_metrics("eval", m)
@@ -659,13 +837,14 @@ class Trainer:
                         self.save()
                         break
                 if self._stop_signal:
-                    self.log(f"SIGTERM: checkpoint at step {self.step}, exiting")
+                    name = signal.Signals(self._stop_signal).name
+                    self.log(f"{name}: checkpoint at step {self.step}, exiting")
                     self.save()
-                    raise SystemExit(143)
+                    raise SystemExit(128 + int(self._stop_signal))
                 if last or (self.cfg.run.ckpt_every and self.step % self.cfg.run.ckpt_every == 0):
                     self.save()
             bar.close()
         finally:
-            if in_main:
-                signal.signal(signal.SIGTERM, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
         return evals

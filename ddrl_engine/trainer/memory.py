@@ -6,7 +6,10 @@ the count is known; P without FSDP), Pb parameters of the largest block (one FSD
 parameters outside the blocks (the root unit), L blocks, h hidden size, f FFN width, N tokens per
 sample, K sampler steps, b_r rollout rows and b_d data rows per rank, b = max(b_r, b_d) (the trainer
 runs one backward per trained step for the data loss and another for the policy loss, so one batch's
-activations are alive at a time; ddrl_engine/trainer/loop.py `_update`), or min(b, optim.micro_batch), c compute bytes (2 under FSDP2 on CUDA, whose MixedPrecisionPolicy
+activations are alive at a time; ddrl_engine/trainer/loop.py `_update`), each side first bounded by
+optim.micro_batch, the rollout side doubled under classifier-free guidance (rollout.guidance_scale not
+1 or 0: the policy loss runs the guided forward, both branches of each row in one batch; the data loss
+stays unguided), c compute bytes (2 under FSDP2 on CUDA, whose MixedPrecisionPolicy
 computes in bf16; under DDP or one process the trainer computes in the weights' dtype, fp32: 4).
 
     weights        4 S                      fp32 master weights
@@ -22,6 +25,17 @@ computes in bf16; under DDP or one process the trainer computes in the weights' 
     activations    b N (L a + a_out)        a = alpha_h h + alpha_f f per token and block;
                    with activation checkpointing: b N (L c h + alpha_h h + alpha_f f + a_out): each block
                    keeps only its input, and one block's activations are rebuilt at a time in backward
+
+MMDiT models (SD3 / SD3.5, FLUX.1) run their T text tokens through every block beside the N image
+tokens, so their blocks' term is per block kind k: (beta_img,k N + beta_txt,k T) h, FFN (4 h) included,
+and a_out = beta_out h per image token; with activation checkpointing each block keeps its input,
+c h (N + T), and one block is rebuilt at a time. The betas (BLOCK_FACTORS, OUT_FACTORS) were counted
+the same way on tiny diffusers models at hidden 64 and 128 (they agree to 1%): bf16 / fp32
+    SD3 JointTransformerBlock (qk rms_norm)         58 / 100 per image and per text token
+    + SD3.5 dual attention (dual_attention_layers)  86 / 140 per image token (text as above)
+    FLUX double-stream block                        56 / 96
+    FLUX single-stream block                        50 / 84 per image token, 52 / 88 per text token
+    output layers                                   SD3 6 / 12, FLUX 8 / 14
 
 The activation factors are the bytes autograd saves per token for one diffusers WanTransformerBlock
 (self-attention through SDPA's flash kernel, which stores no attention matrix; cross-attention; FFN;
@@ -45,8 +59,16 @@ from torch import nn
 
 MASTER_BYTES = 4  # fp32 weights, gradients, optimizer states
 ACTIVATION_FACTORS = {2: (68, 4, 12), 4: (84, 8, 16)}  # compute bytes -> (alpha_h, alpha_f, alpha_out)
+# MMDiT blocks (module docstring): kind -> compute bytes -> (beta per image token, beta per text token), x hidden
+BLOCK_FACTORS = {"sd3": {2: (58, 58), 4: (100, 100)}, "sd3_dual": {2: (86, 58), 4: (140, 100)},
+                 "flux_double": {2: (56, 56), 4: (96, 96)}, "flux_single": {2: (50, 52), 4: (84, 88)}}
+OUT_FACTORS = {"sd3": {2: 6, 4: 12}, "flux": {2: 8, 4: 14}}  # family -> compute bytes -> beta_out, x hidden
+FAMILIES = ("wan", "sd3", "flux")
 PARALLEL = ("fsdp", "ddp", "none")
 GIB = 1024**3
+# Device memory as nvidia-smi reports it (MiB): what the totals are compared with (the CUDA context and
+# the allocator's reserve come out of it too: leave headroom).
+GPUS = {"H100 80GB": 81_559 * 2**20, "H200 141GB": 143_771 * 2**20}
 
 
 def _positive(name: str, value, minimum: int = 1) -> int:
@@ -61,9 +83,13 @@ class ModelShape:
 
     params: all parameters. block_params: parameters of the largest block. num_blocks: blocks.
     hidden, ffn_dim: token width and FFN width. latent_per_token: latent values per token (channels
-    x patch volume: 16 x 1 x 2 x 2 = 64 for Wan2.1). text_tokens, text_dim: the shape of one prompt
-    embedding (Wan2.1: 512 umT5 tokens x 4096). param_rows: (rows of dim 0, numel) per parameter, for
-    exact FSDP2 shard sizes; empty when only counts are known.
+    x patch volume: 16 x 1 x 2 x 2 = 64 for Wan2.1, SD3 and FLUX). text_tokens, text_dim: the shape of
+    one prompt embedding (Wan2.1: 512 umT5 tokens x 4096; SD3: 77 CLIP + 256 T5 tokens; FLUX: 512 T5
+    tokens); for SD3 / FLUX the text tokens also run through every block. param_rows: (rows of dim 0,
+    numel) per parameter, for exact FSDP2 shard sizes; empty when only counts are known.
+    family: "wan" (activation factors of ACTIVATION_FACTORS), "sd3" or "flux" (MMDiT: BLOCK_FACTORS).
+    block_kinds: MMDiT only: (kind in BLOCK_FACTORS, count) in block order, counts adding up to num_blocks.
+    blocks_total: parameters of all blocks together (0: num_blocks x block_params, blocks of one size).
     """
 
     params: int
@@ -75,19 +101,34 @@ class ModelShape:
     text_tokens: int = 512
     text_dim: int = 4096
     param_rows: tuple[tuple[int, int], ...] = field(default=(), repr=False)
+    family: str = "wan"
+    block_kinds: tuple[tuple[str, int], ...] = ()
+    blocks_total: int = 0
 
     def __post_init__(self) -> None:
         for name in ("params", "block_params", "num_blocks", "hidden", "ffn_dim", "latent_per_token",
                      "text_tokens", "text_dim"):
             _positive(f"ModelShape.{name}", getattr(self, name))
-        if self.block_params * self.num_blocks > self.params:
-            raise ValueError(f"memory estimate: num_blocks x block_params ({self.num_blocks} x {self.block_params}) "
-                             f"exceeds params ({self.params})")
+        _positive("ModelShape.blocks_total", self.blocks_total, 0)
+        if self.family not in FAMILIES:
+            raise ValueError(f"memory estimate: 'ModelShape.family' must be one of {FAMILIES}, got {self.family!r}")
+        if self.family == "wan" and self.block_kinds:
+            raise ValueError("memory estimate: 'ModelShape.block_kinds' is for the MMDiT families ('sd3', 'flux')")
+        if self.family != "wan":
+            bad = [k for k, _ in self.block_kinds if k not in BLOCK_FACTORS or not k.startswith(self.family)]
+            if not self.block_kinds or bad or sum(n for _, n in self.block_kinds) != self.num_blocks:
+                raise ValueError(f"memory estimate: a {self.family!r} ModelShape needs block_kinds, (kind, count) pairs "
+                                 f"of its own kinds ({', '.join(k for k in BLOCK_FACTORS if k.startswith(self.family))}) "
+                                 f"adding up to num_blocks = {self.num_blocks}, got {self.block_kinds}")
+        total = self.blocks_total or self.num_blocks * self.block_params
+        if total > self.params or self.block_params > total:
+            what = "blocks_total" if self.blocks_total else f"num_blocks x block_params ({self.num_blocks} x {self.block_params})"
+            raise ValueError(f"memory estimate: {what} = {total} exceeds params ({self.params}) or is below block_params")
 
     @property
     def root_params(self) -> int:
-        """Parameters outside the blocks (at least; blocks of unequal size make this a lower bound)."""
-        return self.params - self.num_blocks * self.block_params
+        """Parameters outside the blocks (blocks of unequal size without blocks_total make this a lower bound)."""
+        return self.params - (self.blocks_total or self.num_blocks * self.block_params)
 
     def shard(self, world_size: int) -> int:
         """Parameters held by the largest rank when every parameter is split by rows over world_size."""
@@ -95,28 +136,67 @@ class ModelShape:
             return math.ceil(self.params / world_size)
         return sum(math.ceil(rows / world_size) * (numel // rows) for rows, numel in self.param_rows)
 
+    def activation_bytes(self, tokens: int, compute_bytes: int, checkpointing: bool) -> int:
+        """Bytes autograd keeps for one sample of `tokens` image tokens (the module docstring's activations)."""
+        h, c = self.hidden, compute_bytes
+        if self.family == "wan":
+            alpha_h, alpha_f, alpha_out = ACTIVATION_FACTORS[c]
+            block_act = alpha_h * h + alpha_f * self.ffn_dim  # bytes per token and block
+            if checkpointing:
+                return tokens * (self.num_blocks * c * h + block_act + alpha_out * h)
+            return tokens * (self.num_blocks * block_act + alpha_out * h)
+        text = self.text_tokens
+        per_block = {k: (BLOCK_FACTORS[k][c][0] * tokens + BLOCK_FACTORS[k][c][1] * text) * h for k, _ in self.block_kinds}
+        out = OUT_FACTORS[self.family][c] * h * tokens
+        if checkpointing:
+            return self.num_blocks * c * h * (tokens + text) + max(per_block.values()) + out
+        return sum(n * per_block[k] for k, n in self.block_kinds) + out
+
     @classmethod
     def from_module(cls, module: nn.Module, *, hidden: int | None = None, ffn_dim: int | None = None,
-                    latent_per_token: int | None = None) -> "ModelShape":
-        """The shape of a model with a `blocks` list (our DiT, the diffusers policies). hidden / ffn_dim /
-        latent_per_token are read from a diffusers Wan config when not given (policy.model.config)."""
-        blocks = getattr(module, "blocks", None)
-        if not blocks:
-            raise ValueError(f"memory estimate: {type(module).__name__} has no `blocks` list of transformer blocks")
-        config = getattr(getattr(module, "model", module), "config", None)
-        if config is not None and hasattr(config, "ffn_dim"):  # WanTransformer3DModel
-            hidden = hidden or config.num_attention_heads * config.attention_head_dim
-            ffn_dim = ffn_dim or config.ffn_dim
-            latent_per_token = latent_per_token or config.in_channels * math.prod(config.patch_size)
+                    latent_per_token: int | None = None, text_tokens: int | None = None) -> "ModelShape":
+        """The shape of a model with a `blocks` list (our DiT, the diffusers policies) or a diffusers SD3 / FLUX /
+        Wan transformer. hidden / ffn_dim / latent_per_token (and the family and block kinds) are read from a
+        diffusers config when not given (policy.model.config); text_tokens: the prompt tokens (default 512)."""
+        model = getattr(module, "model", module)
+        config = getattr(model, "config", None)
+        get = (lambda k, d=None: config.get(k, d)) if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
+        family, kinds, groups = "wan", (), None
+        if config is not None and get("num_single_layers") is not None:  # FluxTransformer2DModel
+            family = "flux"
+            groups = [list(model.transformer_blocks), list(model.single_transformer_blocks)]
+            kinds = tuple((k, len(g)) for k, g in zip(("flux_double", "flux_single"), groups) if g)
+            latent_per_token = latent_per_token or get("in_channels")  # packed 2x2: 4 x 16 channels
+        elif config is not None and get("caption_projection_dim") is not None:  # SD3Transformer2DModel
+            family = "sd3"
+            groups = [list(model.transformer_blocks)]
+            dual = set(get("dual_attention_layers") or ())
+            n = len(groups[0])
+            kinds = tuple((k, c) for k, c in (("sd3_dual", len(dual & set(range(n)))), ("sd3", n - len(dual & set(range(n)))))
+                          if c)
+            latent_per_token = latent_per_token or get("in_channels") * get("patch_size") ** 2
+        if family != "wan":
+            hidden = hidden or get("num_attention_heads") * get("attention_head_dim")
+            ffn_dim = ffn_dim or 4 * hidden  # the blocks' FeedForward / MLP ratio 4
+            blocks = [b for g in groups for b in g]
+        else:
+            blocks = getattr(module, "blocks", None)
+            if not blocks:
+                raise ValueError(f"memory estimate: {type(module).__name__} has no `blocks` list of transformer blocks")
+            if config is not None and hasattr(config, "ffn_dim"):  # WanTransformer3DModel
+                hidden = hidden or config.num_attention_heads * config.attention_head_dim
+                ffn_dim = ffn_dim or config.ffn_dim
+                latent_per_token = latent_per_token or config.in_channels * math.prod(config.patch_size)
         if hidden is None or ffn_dim is None:
             raise ValueError(f"memory estimate: pass hidden= and ffn_dim= for {type(module).__name__} "
-                             "(they are read from the config of Wan models only)")
+                             "(they are read from the config of diffusers SD3, FLUX and Wan models only)")
         params = list(module.parameters())
         rows = tuple((p.shape[0] if p.dim() else 1, p.numel()) for p in params)
-        return cls(params=sum(p.numel() for p in params),
-                   block_params=max(sum(p.numel() for p in b.parameters()) for b in blocks),
-                   num_blocks=len(blocks), hidden=hidden, ffn_dim=ffn_dim,
-                   latent_per_token=latent_per_token or 64, param_rows=rows)
+        sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
+        return cls(params=sum(p.numel() for p in params), block_params=max(sizes), num_blocks=len(blocks), hidden=hidden,
+                   ffn_dim=ffn_dim, latent_per_token=latent_per_token or 64, text_tokens=text_tokens or 512,
+                   param_rows=rows, family=family, block_kinds=kinds,
+                   blocks_total=sum(sizes) if family != "wan" else 0)
 
 
 @dataclass(frozen=True)
@@ -135,14 +215,33 @@ class MemoryEstimate:
         lines = [f"{k:<{width}}{v / GIB:9.2f} GiB" for k, v in self.parts.items()]
         return "\n".join(lines + ["-" * (width + 13), f"{'total (estimate)':<{width}}{self.total / GIB:9.2f} GiB"])
 
+    def fits(self) -> str:
+        """One line per GPU of GPUS: whether the estimated total fits its memory, and the margin."""
+        lines = []
+        for gpu, capacity in GPUS.items():
+            margin = (capacity - self.total) / GIB
+            verdict = (f"fits, {margin:.1f} GiB left" if margin >= 0 else f"does NOT fit, {-margin:.1f} GiB over")
+            lines.append(f"  {gpu} ({capacity / GIB:.1f} GiB): {verdict}")
+        return "\n".join(lines)
+
+
+def guided_rows(guidance_scale: float) -> int:
+    """Rows of the policy's training forward per rollout sample under rollout.guidance_scale: 2 with
+    classifier-free guidance (both branches in one batch), 1 for scale 1 (no guidance) or 0 (unconditional)."""
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(
+            guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"memory estimate: 'guidance_scale' must be a finite number >= 0, got {guidance_scale!r}")
+    return 1 if guidance_scale in (0.0, 1.0) else 2
+
 
 def estimate_memory(model: ModelShape | nn.Module, *, tokens: int, world_size: int, rollout_per_rank: int = 1,
                     data_per_rank: int = 1, parallel: str = "fsdp", activation_checkpointing: bool = False,
                     kl_reference: bool = False, ema: bool = False, sampler_steps: int = 10,
-                    prompts: int = 0, micro_batch: int = 0) -> MemoryEstimate:
+                    prompts: int = 0, micro_batch: int = 0, guidance_scale: float = 1.0) -> MemoryEstimate:
     """Per-GPU bytes of one training step (see the module docstring for every term). `model` is a
     ModelShape or a module with `blocks` (see ModelShape.from_module). micro_batch: the trainer's
-    optim.micro_batch (rows per forward/backward; 0 = all of the rank's rows), which bounds b."""
+    optim.micro_batch (rows per forward/backward; 0 = all of the rank's rows), which bounds b.
+    guidance_scale: rollout.guidance_scale (not 1 or 0: the policy loss's forward has two rows per sample)."""
     shape = model if isinstance(model, ModelShape) else ModelShape.from_module(model)
     if parallel not in PARALLEL:
         raise ValueError(f"memory estimate: 'parallel' must be one of {PARALLEL}, got {parallel!r}")
@@ -153,6 +252,7 @@ def estimate_memory(model: ModelShape | nn.Module, *, tokens: int, world_size: i
     _positive("sampler_steps", sampler_steps)
     _positive("prompts", prompts, 0)
     _positive("micro_batch", micro_batch, 0)
+    rows_per_sample = guided_rows(guidance_scale)
     if rollout_per_rank + data_per_rank == 0:
         raise ValueError("memory estimate: 'rollout_per_rank' + 'data_per_rank' must be >= 1 (nothing is trained)")
     if parallel == "none" and world_size != 1:
@@ -160,15 +260,9 @@ def estimate_memory(model: ModelShape | nn.Module, *, tokens: int, world_size: i
     fsdp = parallel == "fsdp"
     held = shape.shard(world_size) if fsdp else shape.params
     c = 2 if fsdp else MASTER_BYTES
-    alpha_h, alpha_f, alpha_out = ACTIVATION_FACTORS[c]
-    block_act = alpha_h * shape.hidden + alpha_f * shape.ffn_dim  # bytes per token and block
-    b, n = max(rollout_per_rank, data_per_rank), tokens
-    if micro_batch:
-        b = min(b, micro_batch)
-    if activation_checkpointing:
-        per_token = shape.num_blocks * c * shape.hidden + block_act + alpha_out * shape.hidden
-    else:
-        per_token = shape.num_blocks * block_act + alpha_out * shape.hidden
+    bound = (lambda rows: min(rows, micro_batch)) if micro_batch else (lambda rows: rows)
+    b = max(rows_per_sample * bound(rollout_per_rank), bound(data_per_rank))
+    n = tokens
 
     parts = {"weights (fp32)": MASTER_BYTES * held,
              "gradients (fp32)": MASTER_BYTES * held + (MASTER_BYTES * shape.params if parallel == "ddp" else 0),
@@ -182,10 +276,12 @@ def estimate_memory(model: ModelShape | nn.Module, *, tokens: int, world_size: i
     parts["rollout states + data latents"] = 4 * (rollout_per_rank * (sampler_steps + 1) + data_per_rank) * n * shape.latent_per_token
     if fsdp:
         parts["FSDP2 unsharded in flight"] = c * (2 * shape.block_params + shape.root_params) + (c + MASTER_BYTES) * shape.block_params
-    parts["activations" + (" (checkpointed)" if activation_checkpointing else "")] = b * n * per_token
+    name = "activations" + (" (checkpointed)" if activation_checkpointing else "")
+    parts[name] = b * shape.activation_bytes(n, c, activation_checkpointing)
     inputs = dict(tokens=tokens, world_size=world_size, rollout_per_rank=rollout_per_rank, data_per_rank=data_per_rank,
                   parallel=parallel, activation_checkpointing=activation_checkpointing, kl_reference=kl_reference,
-                  ema=ema, sampler_steps=sampler_steps, prompts=prompts, micro_batch=micro_batch, compute_bytes=c)
+                  ema=ema, sampler_steps=sampler_steps, prompts=prompts, micro_batch=micro_batch,
+                  guidance_scale=guidance_scale, activation_rows=b, compute_bytes=c)
     return MemoryEstimate(parts, inputs)
 
 
@@ -206,28 +302,87 @@ def saved_tensor_bytes(fn: Callable[[], object], exclude: list[torch.Tensor] = (
     return sum(saved.values())
 
 
-# ---- presets: Wan2.1 text-to-video transformers (diffusers WanTransformer3DModel) ----------------
+
+
+# ---- presets: published transformers' dimensions -----------------------------------------------------
 
 @dataclass(frozen=True)
 class Preset:
-    """A published model's dimensions. `config` is the WanTransformer3DModel config; the counts were
-    taken from that model built on the meta device (tests/test_memory.py rebuilds it and compares)."""
+    """A published model's dimensions. `config` is the diffusers `model_class` config of the public
+    checkpoint (`source`: its repository's transformer/config.json); the counts in `shape` were taken
+    from that model built on the meta device (tests/test_memory.py rebuilds it and compares).
+    `video`: tokens from [frames, H, W] (video_tokens), else from [H, W] (image_tokens)."""
 
     config: dict
     shape: ModelShape
+    model_class: str = "WanTransformer3DModel"
+    source: str = ""
+    video: bool = True
 
 
-def _wan(heads: int, ffn: int, layers: int, params: int, block_params: int) -> Preset:
+def _wan(heads: int, ffn: int, layers: int, params: int, block_params: int, source: str) -> Preset:
     config = dict(num_attention_heads=heads, attention_head_dim=128, ffn_dim=ffn, num_layers=layers, in_channels=16,
                   out_channels=16, text_dim=4096, patch_size=(1, 2, 2))
     return Preset(config, ModelShape(params=params, block_params=block_params, num_blocks=layers, hidden=heads * 128,
-                                     ffn_dim=ffn, latent_per_token=64))
+                                     ffn_dim=ffn, latent_per_token=64), source=source)
+
+
+def _sd3(layers: int, heads: int, caption: int, pos_max: int, dual: int, params: int, block_params: int,
+         blocks_total: int, source: str) -> Preset:
+    config = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=layers, attention_head_dim=64,
+                  num_attention_heads=heads, joint_attention_dim=4096, caption_projection_dim=caption,
+                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=pos_max,
+                  dual_attention_layers=tuple(range(dual)), qk_norm="rms_norm")
+    kinds = tuple((k, n) for k, n in (("sd3_dual", dual), ("sd3", layers - dual)) if n)
+    # text tokens through every block: 77 CLIP + 256 T5 (the pipeline's max_sequence_length default)
+    shape = ModelShape(params=params, block_params=block_params, num_blocks=layers, hidden=heads * 64, ffn_dim=4 * heads * 64,
+                       latent_per_token=64, text_tokens=77 + 256, text_dim=4096, family="sd3", block_kinds=kinds,
+                       blocks_total=blocks_total)
+    return Preset(config, shape, "SD3Transformer2DModel", source, video=False)
+
+
+def _flux(guidance_embeds: bool, params: int, source: str) -> Preset:
+    config = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                  guidance_embeds=guidance_embeds, axes_dims_rope=(16, 56, 56))
+    double, single = 339_831_296, 141_591_808  # one FluxTransformerBlock, one FluxSingleTransformerBlock
+    shape = ModelShape(params=params, block_params=double, num_blocks=19 + 38, hidden=3072, ffn_dim=4 * 3072,
+                       latent_per_token=64, text_tokens=512, text_dim=4096, family="flux",
+                       block_kinds=(("flux_double", 19), ("flux_single", 38)), blocks_total=19 * double + 38 * single)
+    return Preset(config, shape, "FluxTransformer2DModel", source, video=False)
 
 
 PRESETS = {
-    "wan2.1-1.3b": _wan(heads=12, ffn=8960, layers=30, params=1_418_996_800, block_params=46_440_704),
-    "wan2.1-14b": _wan(heads=40, ffn=13824, layers=40, params=14_288_491_584, block_params=351_394_304),
+    # stabilityai/stable-diffusion-3.5-medium, transformer/config.json (MMDiT-X: dual attention in blocks 0-12)
+    "sd3.5-medium": _sd3(layers=24, heads=24, caption=1536, pos_max=384, dual=13, params=2_243_171_520,
+                         block_params=101_506_944, blocks_total=2_223_694_976,
+                         source="stabilityai/stable-diffusion-3.5-medium"),
+    # stabilityai/stable-diffusion-3.5-large, transformer/config.json
+    "sd3.5-large": _sd3(layers=38, heads=38, caption=2432, pos_max=192, dual=0, params=8_056_627_520,
+                        block_params=212_999_680, blocks_total=8_017_073_408,
+                        source="stabilityai/stable-diffusion-3.5-large"),
+    # black-forest-labs/FLUX.1-dev, transformer/config.json (19 double- and 38 single-stream blocks)
+    "flux.1-dev": _flux(guidance_embeds=True, params=11_901_408_320, source="black-forest-labs/FLUX.1-dev"),
+    # Wan-AI/Wan2.1-T2V-1.3B-Diffusers, transformer/config.json
+    "wan2.1-1.3b": _wan(heads=12, ffn=8960, layers=30, params=1_418_996_800, block_params=46_440_704,
+                        source="Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),
+    # Wan-AI/Wan2.1-T2V-14B-Diffusers, transformer/config.json
+    "wan2.1-14b": _wan(heads=40, ffn=13824, layers=40, params=14_288_491_584, block_params=351_394_304,
+                       source="Wan-AI/Wan2.1-T2V-14B-Diffusers"),
 }
+
+
+def image_tokens(height: int, width: int, *, vae_scale: int = 8, patch: int = 2) -> int:
+    """Transformer tokens of one SD3 / FLUX image: the VAE divides H and W by 8, the transformer cuts (SD3) or
+    packs (FLUX) 2 x 2 latent patches: (H / 16) (W / 16)."""
+    for name, v in (("height", height), ("width", width)):
+        _positive(name, v)
+    step = vae_scale * patch
+    bad = [f"{name} {v}" for name, v in (("height", height), ("width", width)) if v % step]
+    if bad:
+        raise ValueError(f"memory estimate: image {' and '.join(bad)} must be a multiple of {step} (VAE {vae_scale}x, "
+                         f"{patch}x{patch} patches)")
+    return (height // step) * (width // step)
 
 
 def video_tokens(frames: int, height: int, width: int, *, vae_stride=(4, 8, 8), patch=(1, 2, 2)) -> int:
@@ -245,20 +400,36 @@ def video_tokens(frames: int, height: int, width: int, *, vae_stride=(4, 8, 8), 
     return math.prod(s // p for s, p in zip(latent, patch))
 
 
-RESOLUTIONS = {"480p": (81, 480, 832), "720p": (81, 720, 1280)}  # frames, height, width
+
+RESOLUTIONS = {"480p": (81, 480, 832), "720p": (81, 720, 1280)}  # video: frames, height, width
+IMAGE_RESOLUTIONS = {"512px": (512, 512), "1024px": (1024, 1024)}  # image: height, width
+
+
+def preset_tokens(preset: Preset, resolution: str) -> tuple[int, str]:
+    """(tokens, a description) of `preset` at a named resolution (RESOLUTIONS for video presets,
+    IMAGE_RESOLUTIONS for image ones)."""
+    table = RESOLUTIONS if preset.video else IMAGE_RESOLUTIONS
+    if resolution not in table:
+        what = "video" if preset.video else "image"
+        raise ValueError(f"memory estimate: resolution {resolution!r} is not a {what} size; choose one of {sorted(table)}")
+    if preset.video:
+        frames, height, width = table[resolution]
+        return video_tokens(frames, height, width), f"{resolution} {frames}f {width}x{height}"
+    height, width = table[resolution]
+    return image_tokens(height, width), f"{resolution} {width}x{height}"
 
 
 def summary_table(world_sizes=(8, 32, 256), **options) -> str:
     """Markdown table of the estimated total per GPU (GiB) for every preset and resolution, without and
     with activation checkpointing; `options` go to estimate_memory (rollout_per_rank, kl_reference, ...)."""
-    head = ["model", "video", "tokens", "act. ckpt"] + [f"W={w}" for w in world_sizes]
+    head = ["model", "size", "tokens", "act. ckpt"] + [f"W={w}" for w in world_sizes]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, preset in PRESETS.items():
-        for res, (frames, height, width) in RESOLUTIONS.items():
-            n = video_tokens(frames, height, width)
+        for res in (RESOLUTIONS if preset.video else IMAGE_RESOLUTIONS):
+            n, what = preset_tokens(preset, res)
             for ckpt in (False, True):
                 totals = [estimate_memory(preset.shape, tokens=n, world_size=w, activation_checkpointing=ckpt,
                                           **options).total / GIB for w in world_sizes]
-                cells = [name, f"{res} {frames}f {width}x{height}", f"{n:,}", "yes" if ckpt else "no"]
+                cells = [name, what, f"{n:,}", "yes" if ckpt else "no"]
                 rows.append("| " + " | ".join(cells + [f"{t:,.1f}" for t in totals]) + " |")
     return "\n".join(rows)

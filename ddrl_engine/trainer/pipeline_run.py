@@ -2,8 +2,9 @@
 config: everything the Trainer takes, plus the bundle (VAE decode for rewards and pictures).
 
 Order of work (cheap checks first, nothing downloaded, ever):
-1. the prompt files, the captioned folder's metadata and the pipeline folder (pipelines.preflight) are
-   read and checked before any weight is loaded;
+1. the prompt files, the captioned folder's metadata and the pipeline folder (pipelines.preflight; with
+   sampler.schedule = "diffusers" also its scheduler, which gives the sampler's levels) are read and
+   checked before any weight is loaded;
 2. the rewards are built (their names and model folders checked first), then the pipeline (`load_bundle`);
 3. every prompt text (training prompts, held-out prompts, captions, the empty prompt) is encoded once
    into the on-disk prompt cache, and the captioned images once into the latent cache (both under
@@ -32,22 +33,31 @@ from ddrl_engine.trainer.evaluate import Evaluator
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def frames_mean(image_factory, ctx):
+    """An image reward's factory applied to every frame of a video, averaged (FrameAggregated "mean")."""
+    from ddrl_engine.rewards import FrameAggregated
+
+    return FrameAggregated(image_factory(ctx), "mean")
+
+
 def pickscore_frames(ctx):
     """PickScore of every frame of a video, averaged (the built-in "pickscore" of a video model)."""
-    from ddrl_engine.rewards import FrameAggregated
     from ddrl_engine.rewards.registry import pickscore_factory
 
-    return FrameAggregated(pickscore_factory(ctx), "mean")
+    return frames_mean(pickscore_factory, ctx)
 
 
 def pipeline_reward_factories(video: bool = False) -> dict:
-    """The built-in rewards a pipeline run can name in [rewards] (import paths work besides); for a
-    video model, "pickscore" scores every frame and averages."""
+    """The built-in rewards a pipeline run can name in [rewards] (import paths work besides): "pickscore"
+    (a transformers CLIP folder), "clip_score" and "aesthetic" (open_clip folders, rewards.clip),
+    "brightness", "contrast". For a video model the model-based ones score every frame and average."""
     from ddrl_engine.rewards import BrightnessReward, ContrastReward
-    from ddrl_engine.rewards.registry import pickscore_factory
+    from ddrl_engine.rewards.registry import aesthetic_factory, clip_score_factory, pickscore_factory
 
-    return {"pickscore": pickscore_frames if video else pickscore_factory, "brightness": BrightnessReward,
-            "contrast": ContrastReward}
+    models = {"pickscore": pickscore_factory, "clip_score": clip_score_factory, "aesthetic": aesthetic_factory}
+    if video:
+        models = {k: pickscore_frames if k == "pickscore" else functools.partial(frames_mean, f) for k, f in models.items()}
+    return {**models, "brightness": BrightnessReward, "contrast": ContrastReward}
 
 
 @dataclass
@@ -115,6 +125,32 @@ def load_policy(cfg: TrainConfig, *, log=print):
     return bundle
 
 
+def build_sampler(cfg: TrainConfig, pre=None):
+    """The run's sampler: `cfg.sampler.build()`, or with sampler.schedule = "diffusers" the rectified-flow
+    SDE whose levels are the folder's scheduler sigmas after set_timesteps(num_steps, ...) with the
+    arguments the kind's diffusers pipeline passes at [model] resolution (FLUX: its sigmas and the
+    resolution-dependent mu; see ddrl_engine.pipelines.schedule). Reads only the scheduler's config:
+    call it before any weight loads. `pre`: the folder's preflight (computed when not given)."""
+    s = cfg.sampler
+    if s.schedule != "diffusers":
+        return s.build()
+    m = cfg.model
+    if not isinstance(m, PipelineModelConfig):
+        raise ValueError("config: sampler.schedule = 'diffusers' needs a pipeline [model] (kind = 'sd3', 'flux' or 'wan')")
+    from ddrl_engine.pipelines import preflight
+    from ddrl_engine.pipelines.schedule import load_scheduler, set_timesteps_kwargs
+    from ddrl_engine.sampling import from_diffusers
+
+    pre = pre if pre is not None else preflight(m.kind, m.path, m.resolution)
+    scheduler = load_scheduler(pre)
+    kwargs = set_timesteps_kwargs(pre, scheduler, s.num_steps)
+    try:
+        return from_diffusers(scheduler, s.num_steps, noise_level=s.noise_level, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"config: sampler.schedule = 'diffusers': the folder's scheduler {type(scheduler).__name__} "
+                         f"({pre.path / 'scheduler'}) gives no rectified-flow chain: {e}") from e
+
+
 def build_pipeline_run(cfg: TrainConfig, *, log=print, progress: bool = True) -> PipelineRun:
     m = cfg.model
     if not isinstance(m, PipelineModelConfig):
@@ -128,6 +164,7 @@ def build_pipeline_run(cfg: TrainConfig, *, log=print, progress: bool = True) ->
         raise ValueError(f"config: a {m.kind!r} model is a flow-matching model: 'sampler.name' must be "
                          f"'rectified_flow_sde', got {cfg.sampler.name!r}")
     pre = preflight(m.kind, m.path, m.resolution)
+    sampler = build_sampler(cfg, pre)  # the folder's scheduler config only (schedule = "diffusers"): no weights
     texts = _texts(prompts, eval_prompts, [c for _, c in items])
     # Reward names and model folders are checked before any reward model (then the pipeline) loads.
     rewards = reward_factory(cfg, texts)()
@@ -150,7 +187,6 @@ def build_pipeline_run(cfg: TrainConfig, *, log=print, progress: bool = True) ->
     bundle.free_text_encoders()
     policy = bundle.policy
     policy.set_prompt_bank(bank)
-    sampler = cfg.sampler.build()
     conditions = torch.arange(len(prompts))
     if cfg.data.synthetic:
         from ddrl_engine.trainer.builders import synthetic_dataset

@@ -7,11 +7,17 @@ the step then still blocked on it (near zero when the reward finishes first). In
 computed at submit: the step blocks for all of it, and wait_s says so.
 
 A batch the workers dropped after its retries (AsyncReward on_failure="drop") comes back with every
-sample invalid: masked out of the group statistics, advantage 0, counted in `dropped`; never a
-reward of zero.
+sample invalid: masked out of the group statistics, advantage 0, counted in `dropped`, with the
+causes (the trainer warns with them, or stops when a reward broke its contract under
+run.on_invalid_reward = "error"); never a reward of zero.
+
+An in-process reward runs on a helper thread with a deadline (`timeout_s`, the run's
+reward_workers.timeout_s): a reward that hangs stops the run with an error naming it instead of
+hanging it forever (a thread cannot be killed: reward workers can, and replace a hung one).
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -25,12 +31,19 @@ from ddrl_engine.rewards.base import RewardBatch, WeightedReward
 @dataclass
 class RewardResult:
     """batch: the RewardBatch; wait_s: seconds the step blocked on it; compute_s: reward time
-    (in the workers for an AsyncReward); dropped: the workers gave up on this batch."""
+    (in the workers for an AsyncReward); dropped: the workers gave up on this batch; cause: why (each
+    attempt's error); invalid: a reward broke its contract (NaN/inf, wrong shape or type)."""
 
     batch: RewardBatch
     wait_s: float
     compute_s: float
     dropped: bool
+    cause: str = ""
+    invalid: bool = False
+
+
+class RewardTimeoutError(TimeoutError):
+    """An in-process reward did not return within the run's deadline."""
 
 
 class PendingReward:
@@ -49,7 +62,10 @@ class PendingReward:
                 batch = dropped_batch(self._names, self._batch_size)
             batch = RewardBatch({k: v.to(self._device) for k, v in batch.components.items()},
                                 batch.valid.to(self._device), batch.n_invalid, batch.total.to(self._device))
-            self._result = RewardResult(batch, self._handle.wait_s or 0.0, self._handle.compute_s or 0.0, dropped)
+            h = self._handle
+            cause = "\n".join(f"attempt {i + 1}: {c}" for i, c in enumerate(h.causes)) if dropped else ""
+            self._result = RewardResult(batch, h.wait_s or 0.0, h.compute_s or 0.0, dropped, cause,
+                                        dropped and h.invalid)
         return self._result
 
 
@@ -82,8 +98,8 @@ class RewardRequests:
     the order the advantages stack them.
     """
 
-    def __init__(self, rewards, on_invalid: str):
-        self.rewards, self.on_invalid = rewards, on_invalid
+    def __init__(self, rewards, on_invalid: str, timeout_s: float | None = None):
+        self.rewards, self.on_invalid, self.timeout_s = rewards, on_invalid, timeout_s
         if isinstance(rewards, AsyncReward):
             if rewards.on_invalid != on_invalid:
                 raise ValueError(f"the AsyncReward was built with on_invalid={rewards.on_invalid!r} but the run has "
@@ -102,6 +118,30 @@ class RewardRequests:
         if self.is_async:
             return PendingReward(self.names, b, dev, handle=self.rewards.submit(samples, cond))
         t0 = time.perf_counter()
-        batch = self.rewards.evaluate(samples, cond, on_invalid=self.on_invalid)  # warns or raises here
+        batch = self._evaluate_in_process(samples, cond)  # warns or raises here
         took = time.perf_counter() - t0
         return PendingReward(self.names, b, dev, ready=RewardResult(batch, took, took, False))
+
+    def _evaluate_in_process(self, samples: Tensor, cond) -> RewardBatch:
+        if not self.timeout_s:
+            return self.rewards.evaluate(samples, cond, on_invalid=self.on_invalid)
+        # A daemon thread per call (a pool's threads are joined at exit: a hung one would block it).
+        out: dict = {}
+
+        def call():
+            try:
+                out["batch"] = self.rewards.evaluate(samples, cond, on_invalid=self.on_invalid)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the trainer's thread
+                out["error"] = e
+
+        worker = threading.Thread(target=call, name="ddrl-reward", daemon=True)
+        worker.start()
+        worker.join(self.timeout_s)
+        if worker.is_alive():
+            raise RewardTimeoutError(
+                f"the reward(s) {', '.join(self.names)} did not return within {self.timeout_s:g} s "
+                "(reward_workers.timeout_s); stopping rather than hanging. Raise the timeout, or run the rewards "
+                "in worker processes (reward_workers.workers > 0), which replace a hung one")
+        if "error" in out:
+            raise out["error"]
+        return out["batch"]

@@ -56,7 +56,15 @@ constexpr int kBN = fp8attn::kKeyTile;         // keys per online-softmax step
 constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kStages = 3;
 constexpr int kProducerRegs = 24;
-constexpr int kConsumerRegs = 240;             // 128 * 24 + 256 * 240 <= 64K registers
+constexpr int kConsumerRegs = 240;
+// setmaxnreg moves registers within the CTA's own allocation: the threads x registers per thread that
+// __launch_bounds__(kThreads, 1) grants (65536 / kThreads, rounded down to the allocation granule of 8),
+// not the whole 64K file. A split beyond it makes every consumer spin in setmaxnreg.inc forever.
+constexpr int kRegsPerThreadGranted = (65536 / kThreads) / 8 * 8;
+static_assert(128 * kProducerRegs + 128 * kConsumers * kConsumerRegs <= kThreads * kRegsPerThreadGranted,
+              "the producer/consumer register split exceeds what the launch bound grants the CTA");
+static_assert(kProducerRegs % 8 == 0 && kConsumerRegs % 8 == 0 && kProducerRegs >= 24 && kConsumerRegs <= 256,
+              "setmaxnreg takes multiples of 8 in [24, 256]");
 static_assert(kBM == 128 && fp8attn::kKeyTile == 128, "the padding granule must be the CTA's row tile");
 
 template <int D>
@@ -445,6 +453,10 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_attention_sm90_kernel(const _
       out[(bh * p.sq + row) * D + c] = cuda::from_float<OutT>(o);
     }
   }
+#elif defined(__CUDA_ARCH__)
+  // An image for another architecture (e.g. TORCH_CUDA_ARCH_LIST="9.0;9.0a" picked sm_90): fail
+  // loudly instead of returning with `out` unwritten.
+  __trap();
 #endif
 }
 
@@ -460,7 +472,9 @@ bool tensor_map_encoder_available() {
 #else
   const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &status);
 #endif
-  if (err != cudaSuccess) cudaGetLastError();  // clear the (non-sticky) error
+  // The lookup's own (non-sticky) error is cleared; the caller made sure no earlier error was pending,
+  // so this clears nothing else.
+  if (err != cudaSuccess) cudaGetLastError();
   return err == cudaSuccess && status == cudaDriverEntryPointSuccess && fn != nullptr;
 }
 
@@ -469,6 +483,11 @@ int launch(const Fp8AttentionParams& p, cudaStream_t stream) {
   using T = Sm90Traits<D>;
   auto kernel = fp8_attention_sm90_kernel<D, OutT>;
   constexpr int smem = T::kSmemBytes;
+  cudaFuncAttributes attr{};
+  if (const cudaError_t e = cudaFuncGetAttributes(&attr, kernel); e != cudaSuccess) return static_cast<int>(e);
+  // The split must fit the registers the compiled image really got (the static_assert checks the bound).
+  if (128 * kProducerRegs + 128 * kConsumers * kConsumerRegs > kThreads * attr.numRegs)
+    return static_cast<int>(cudaErrorInvalidConfiguration);
   int dev = 0, smem_optin = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
@@ -515,6 +534,8 @@ int check_params(const Fp8AttentionParams& p) {
 int launch_fp8_attention_sm90(const Fp8AttentionParams& p, void* stream) {
   if (p.bh == 0 || p.sq == 0) return 0;
   if (const int err = check_params(p)) return err;
+  // An earlier launch's error is reported as it is, never cleared by the lookups below.
+  if (const cudaError_t prior = cudaPeekAtLastError(); prior != cudaSuccess) return static_cast<int>(prior);
   int dev = 0, major = 0, minor = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);

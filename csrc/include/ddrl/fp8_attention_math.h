@@ -73,6 +73,10 @@ DDRL_FP8_HD void fwht(float* x, int D) {
 }
 
 // ---- INT8 per token ---------------------------------------------------------------------------
+// max(a, b) that keeps a NaN (fmaxf drops it): a NaN (or, after the Hadamard mix, an inf) in a token
+// makes its amax and so its scale NaN, and the output NaN exactly where sdpa's is (the Q row; for K or
+// V, through their means, the whole head or channel), instead of a silently finite result.
+DDRL_FP8_HD float nan_max(float a, float b) { return b != b ? b : (a != a ? a : fmaxf(a, b)); }
 DDRL_FP8_HD float int8_inv_scale(float amax) { return amax > 0.f ? kInt8Max / amax : 0.f; }
 DDRL_FP8_HD float int8_scale(float amax) { return amax / kInt8Max; }
 DDRL_FP8_HD int8_t quant_int8(float x, float inv_scale) {
