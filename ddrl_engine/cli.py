@@ -189,6 +189,12 @@ def cmd_export(args):
     which = load_weights(ckpt, policy, map_location=cfg.run.device)
     out = export_lora(policy, args.out) if cfg.model.lora_rank else export_transformer(policy, args.out)
     _log(f"exported the {which!r} weights of {ckpt} to {out}")
+    if len(getattr(policy, "experts", ())) > 1:  # two-expert Wan2.2: transformer and transformer_2
+        from ddrl_engine.models.lora_export import LORA_WEIGHT_NAME_2
+
+        _log(f"load both experts with: pipe.load_lora_weights({str(args.out)!r}); pipe.load_lora_weights("
+             f"{str(args.out)!r}, weight_name={LORA_WEIGHT_NAME_2!r}, load_into_transformer_2=True)" if cfg.model.lora_rank
+             else f"the experts are {out}/transformer and {out}/transformer_2 (the pipeline's subfolders)")
     print(out)
 
 
@@ -201,6 +207,8 @@ def cmd_config(args):
 def cmd_memory(args):
     from ddrl_engine.trainer import memory as mem
 
+    GIB_ = mem.GIB
+
     custom = {k: getattr(args, k) for k in ("params", "block_params", "blocks", "hidden", "ffn_dim")}
     if args.preset and any(v is not None for v in custom.values()):
         raise ValueError("give --preset or the model's numbers (--params, --block-params, --blocks, "
@@ -208,6 +216,8 @@ def cmd_memory(args):
     options = dict(rollout_per_rank=args.rollout_per_rank, data_per_rank=args.data_per_rank, parallel=args.parallel,
                    kl_reference=args.kl_reference, ema=args.ema, sampler_steps=args.sampler_steps, prompts=args.prompts,
                    micro_batch=args.micro_batch, guidance_scale=args.guidance_scale)
+    if args.context_parallel != 1:
+        options["context_parallel"] = args.context_parallel
     if args.summary:
         print(mem.summary_table(tuple(args.world_size), **options))
         return
@@ -258,6 +268,16 @@ def cmd_memory(args):
                  "policy-loss forward)" if args.guidance_scale != 1.0 else ""))
         print(est.table())
         print(est.fits())
+        if args.context_parallel != 1:
+            comm = mem.cp_communication(shape, tokens=tokens, context_parallel=args.context_parallel,
+                                        rollout_rows=args.rollout_per_rank, data_rows=args.data_per_rank,
+                                        sampler_steps=args.sampler_steps, trained_steps=args.trained_steps,
+                                        compute_bytes=est.inputs["compute_bytes"],
+                                        activation_checkpointing=args.activation_checkpointing)
+            print(f"context parallelism {args.context_parallel} ({w // args.context_parallel} data ranks): "
+                  f"{comm['per forward row'] / GIB_:.2f} GiB sent per GPU per forward row; per step "
+                  f"{comm['rollout'] / GIB_:.1f} GiB (rollout, {args.sampler_steps} steps) + {comm['update'] / GIB_:.1f} "
+                  f"GiB (update, {args.trained_steps} trained steps) = {comm['step'] / GIB_:.1f} GiB")
         print("ESTIMATE from the formula in ddrl_engine/trainer/memory.py (not measured), for full fine-tuning "
               "(every parameter trained, fp32 master weights and AdamW states; LoRA runs are not modelled); CUDA "
               "context, NCCL buffers and fragmentation are not included\n")
@@ -296,6 +316,11 @@ def _add_memory_parser(sub):
     p.add_argument("--ema", action="store_true", help="EMA weights (optim.ema_decay > 0)")
     p.add_argument("--sampler-steps", type=int, default=10, help="sampler steps K (rollout states kept: K + 1)")
     p.add_argument("--prompts", type=int, default=0, help="prompts in the policy's prompt bank on the device")
+    p.add_argument("--context-parallel", type=int, default=1,
+                   help="distributed.context_parallel: GPUs splitting each sample's tokens (default 1); also prints "
+                        "the all-to-all volume per step")
+    p.add_argument("--trained-steps", type=int, default=5,
+                   help="trained sampling steps per update (for the context-parallel volume; default 5)")
     p.add_argument("--summary", action="store_true",
                    help="a markdown table of totals for every preset and resolution at each --world-size")
     p.set_defaults(fn=cmd_memory)

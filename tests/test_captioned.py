@@ -165,3 +165,31 @@ def test_videos(tmp_path):
             load_video(root / "clip.mp4", 8, num_frames=2)
         with pytest.raises(VideoDecodingUnavailable):
             cache.build(items[:1], PoolEncoder(), resolution=8, num_frames=2, progress=False)
+
+
+def write_video(path, frames, size=32, fps=8):
+    """An MPEG-4 video of `frames` flat grey frames (value 40 i for frame i), written with PyAV."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=fps)
+        s.width = s.height = size
+        s.pix_fmt = "yuv420p"
+        for i in range(frames):
+            f = av.VideoFrame.from_ndarray(np.full((size, size, 3), 40 * i, dtype=np.uint8), format="rgb24")
+            for packet in s.encode(f):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+
+
+def test_real_video_decodes_to_its_frames(tmp_path):
+    pytest.importorskip("av")
+    write_video(tmp_path / "clip.mp4", 6)
+    v = load_video(tmp_path / "clip.mp4", 16, num_frames=5)
+    assert v.shape == (3, 5, 16, 16) and v.dtype == torch.float32
+    want = torch.tensor([40 * i / 127.5 - 1 for i in range(5)])
+    torch.testing.assert_close(v.mean(dim=(0, 2, 3)), want, atol=0.03, rtol=0)  # a lossy codec
+    with pytest.raises(ValueError, match="6 frames, fewer than num_frames=9"):
+        load_video(tmp_path / "clip.mp4", 16, num_frames=9)

@@ -272,3 +272,155 @@ def test_zero_dim_coefficients_broadcast_to_every_row(seed):
     torch.testing.assert_close(got, ops.diffusion_loss(pred, x0, noise, noise_coef=1.0, data_coef=-1.0, reduction="none"))
     lp = ops.step_logprob(pred, x0, noise, x_coef=torch.tensor(0.9), out_coef=0.1, std=torch.tensor(0.5))
     torch.testing.assert_close(lp, ops.step_logprob(pred, x0, noise, x_coef=0.9, out_coef=0.1, std=0.5))
+
+
+# ---- the vectorised CPU kernels: reduction order, capabilities, buffer reuse ----------------
+
+# Column counts around the kernels' edges: the 16 lanes, the 32-element AVX-512 step, a chunk
+# (8192) and a chunk plus a partial vector.
+ORDER_COLS = [1, 15, 16, 17, 31, 33, 100, 8192, 8209, 16421]
+
+
+def _lane_order_sum(sq: "np.ndarray") -> "np.float32":
+    """Sum of float32 values in the documented fixed order (ddrl/row_math.h): chunks of 8192; in a
+    chunk lane l adds the elements at positions l mod 16 in order, the lanes fold pairwise
+    (l += l + w for w = 8, 4, 2, 1); chunk partials are added in order, starting from 0."""
+    import numpy as np
+
+    total = np.float32(0)
+    for start in range(0, sq.shape[0], 8192):
+        chunk = sq[start:start + 8192]
+        pad = (-chunk.shape[0]) % 16
+        lanes = np.concatenate([chunk, np.zeros(pad, np.float32)]).reshape(-1, 16)
+        acc = np.cumsum(lanes, axis=0, dtype=np.float32)[-1].copy()  # sequential per lane
+        w = 8
+        while w:
+            acc[:w] = acc[:w] + acc[w:2 * w]
+            w //= 2
+        total = np.float32(total + acc[0])
+    return total
+
+
+@pytest.mark.parametrize("cols", ORDER_COLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_sums_follow_the_documented_order_bitwise(cols, dtype, seed):
+    """The vector kernels must keep the scalar reference order exactly: an fp32 emulation of it
+    (numpy float32, no FMA) gives the same bits as the kernel for every row."""
+    import numpy as np
+
+    n = 3
+    p, d, e = (torch.randn(n, cols).to(dtype) for _ in range(3))
+    nc, dc = torch.rand(n) * 2 - 1, torch.rand(n) * 2 - 1
+    got = ops.diffusion_loss(p, d, e, noise_coef=nc, data_coef=dc, reduction="none")
+    std = torch.rand(n) + 0.2
+    xc, oc = torch.rand(n), torch.rand(n) - 0.5
+    off = torch.randn(n, cols).to(dtype)
+    got_lp = ops.step_logprob(p, d, e, offset=off, x_coef=xc, out_coef=oc, std=std, reduction="sum")
+    f32 = lambda t: t.float().numpy()  # noqa: E731  (exact: every storage dtype widens exactly)
+    for i in range(n):
+        a, b = np.float32(nc[i]), np.float32(dc[i])
+        r = f32(p[i]) - (a * f32(e[i]) + b * f32(d[i]))
+        want = _lane_order_sum(r * r) / np.float32(cols)
+        assert got[i].item() == want, (i, got[i].item(), float(want))
+        delta = f32(p[i]) - (np.float32(xc[i]) * f32(d[i]) + np.float32(oc[i]) * f32(e[i]) + f32(off[i]))
+        s = np.float32(std[i])
+        sum_sq = _lane_order_sum(delta * delta)
+        const = np.float32(np.log(s)) + np.float32(0.91893853320467274178)
+        want_lp = -(sum_sq / (np.float32(2) * s * s)) - const * np.float32(cols)
+        # logf may differ from numpy's log in the last bit: allow 1 ulp on the constant term only.
+        assert abs(got_lp[i].item() - float(want_lp)) <= 2 * np.spacing(np.float32(abs(want_lp))), (i, got_lp[i].item(), float(want_lp))
+
+
+def _capability_outputs(ins: dict) -> dict:
+    """Values, gradients (from the stored residuals) and scale_rows of every input set, on the CPU
+    capability this process runs (ATEN_CPU_CAPABILITY)."""
+    out = {"capability": torch.backends.cpu.get_cpu_capability()}
+    for key, (tensors, nc, dc, std) in ins.items():
+        p, d, e, off = (t.clone().requires_grad_() for t in tensors)
+        dl = ops.diffusion_loss(p, d, e, noise_coef=nc, data_coef=dc, reduction="none")
+        dl.sum().backward()
+        lp = ops.step_logprob(p.detach(), d, e, offset=off, x_coef=nc, out_coef=dc, std=std)
+        lp.sum().backward()
+        out[key] = [dl.detach(), lp.detach(), p.grad, d.grad, e.grad, off.grad,
+                    torch.ops.ddrl.scale_rows(p.detach(), std, torch.float16)]
+    return out
+
+
+_CAPABILITY_SCRIPT = (
+    "import sys, torch\n"
+    "from tests.test_ops_cpu import _capability_outputs\n"
+    "torch.save(_capability_outputs(torch.load(sys.argv[1])), sys.argv[2])\n"
+)
+
+
+def _capabilities_here() -> list[str]:
+    order = ["DEFAULT", "AVX2", "AVX512"]
+    best = torch.backends.cpu.get_cpu_capability()
+    return order[:order.index(best) + 1] if best in order else ["DEFAULT"]
+
+
+@pytest.mark.skipif(len(_capabilities_here()) < 2, reason="this CPU has no vector capability beyond DEFAULT")
+def test_every_cpu_capability_gives_the_same_bits(tmp_path, seed):
+    """DEFAULT, AVX2 and AVX-512 builds of the kernels (ATEN_CPU_CAPABILITY picks one, as for ATen's
+    own kernels) agree bitwise on values, stored residuals and gradients, and match float64."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ins = {}
+    for dtype in DTYPES:
+        for cols in (45, 8209):
+            tensors = [torch.randn(3, cols).to(dtype) for _ in range(4)]
+            ins[f"{dtype}/{cols}"] = (tensors, torch.rand(3) * 2 - 1, torch.rand(3) - 0.5, torch.rand(3) + 0.3)
+    torch.save(ins, tmp_path / "in.pt")
+    caps = _capabilities_here()
+    results = {caps[-1]: _capability_outputs(ins)}  # this process runs the best one
+    root = Path(__file__).resolve().parents[1]
+    for cap in caps[:-1]:
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=cap.lower(), OMP_NUM_THREADS="1")
+        subprocess.run([sys.executable, "-c", _CAPABILITY_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / f"{cap}.pt")],
+                       cwd=root, env=env, check=True, timeout=120)
+        results[cap] = torch.load(tmp_path / f"{cap}.pt")
+    for cap, res in results.items():
+        assert res["capability"] == cap
+    base = results["DEFAULT"]
+    for cap, res in results.items():
+        for key in ins:
+            for i, (x, y) in enumerate(zip(base[key], res[key])):
+                assert x.dtype == y.dtype and torch.equal(x.view(torch.uint8), y.view(torch.uint8)), (cap, key, i)
+    for key, (tensors, nc, dc, _) in ins.items():  # and the shared result is right
+        p, d, e, _ = (t.double() for t in tensors)
+        want = diffusion_loss_ref(p, d, e, noise_coef=nc.double(), data_coef=dc.double(), reduction="none")
+        torch.testing.assert_close(base[key][0].double(), want, **reduction_tol())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reused_buffers_hold_no_stale_values(dtype, seed):
+    """Large stored residuals and gradients come from a cache of freed blocks: a reused block must be
+    fully overwritten, resizable, and accumulate like any gradient."""
+    shape = (4, 1 << 17)  # >= 1 MiB per buffer in both dtypes: the cached path
+    for trial in range(3):
+        scale = 10.0 ** trial  # each trial's values differ in size from the block's old contents
+        pred = (torch.randn(shape) * scale).to(dtype).requires_grad_()
+        x0, noise = rand(shape, dtype, True), rand(shape, dtype, True)
+        loss = ops.diffusion_loss(pred, x0, noise, noise_coef=0.5, data_coef=-0.25)
+        loss.backward()
+        ins64 = [leaf64(t) for t in (pred, x0, noise)]
+        want = diffusion_loss_ref(*ins64, noise_coef=0.5, data_coef=-0.25)
+        want.backward()
+        torch.testing.assert_close(loss.double(), want, **reduction_tol())
+        for got_g, want_g in ((pred.grad, ins64[0].grad), (x0.grad, ins64[1].grad)):
+            torch.testing.assert_close(got_g.double() / scale, want_g / scale, **tol(dtype))
+    # gradients accumulate in place into a cached block
+    out = rand(shape, dtype, True)
+    x_next, x = rand(shape, dtype), rand(shape, dtype)
+    for _ in range(2):
+        ops.step_logprob(x_next, x, out, x_coef=0.9, out_coef=-0.1, std=0.7).sum().backward()
+    o64 = leaf64(out)
+    (2 * step_logprob_ref(x_next.double(), x.double(), o64, x_coef=0.9, out_coef=-0.1, std=0.7).sum()).backward()
+    scale = o64.grad.abs().max()
+    torch.testing.assert_close(out.grad.double() / scale, o64.grad / scale, **tol(dtype))
+    g = out.grad
+    g.resize_(2, 3)  # the cached storage is resizable like ATen's own
+    assert g.shape == (2, 3)

@@ -22,7 +22,8 @@ from ddrl_engine.trainer.checkpoint import latest_checkpoint, load_weights  # no
 from ddrl_engine.trainer.config import load_config  # noqa: E402
 from ddrl_engine.trainer.pipeline_run import build_pipeline_run, load_policy  # noqa: E402
 from tests.test_pickscore import save_tiny_clip  # noqa: E402
-from tests.tiny_pipelines import make_flux_pipeline, make_sd3_pipeline, make_wan_pipeline  # noqa: E402
+from tests.tiny_pipelines import (make_flux_pipeline, make_sd3_pipeline, make_wan22_ti2v_pipeline,  # noqa: E402
+                                  make_wan_pipeline)
 
 TRAIN_PROMPTS = ["a red car", "a blue bird", "a green tree"]
 EVAL_PROMPTS = ["a yellow sun"]
@@ -275,6 +276,49 @@ def test_wan_train_and_export(assets, tmp_path, capsys):
     for m in metrics(tmp_path / "run", "eval"):  # the built-in "pickscore" of a video model: per frame, averaged
         assert math.isfinite(m["reward/pickscore/frames_mean"]) and m["reward"] == m["reward/pickscore/frames_mean"]
     check_export_loads(capsys, tmp_path / "run", "wan", assets["wan"], tmp_path)
+
+
+def test_wan_with_a_captioned_video_folder(assets, tmp_path, capsys):
+    """Regularisation data from real videos (MPEG-4, decoded by PyAV): each clip's first frames are encoded
+    through the Wan VAE into the latent cache and paired with its caption; a 2-step run trains on them."""
+    pytest.importorskip("av")
+    from tests.test_captioned import write_video
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    with open(videos / "metadata.jsonl", "w") as f:
+        for i in range(3):
+            write_video(videos / f"{i}.mp4", 6)
+            f.write(json.dumps({"file_name": f"{i}.mp4", "text": CAPTIONS[i % 2]}) + "\n")
+    cfg = write(tmp_path / "run.toml", config(assets, tmp_path / "run", "wan", data__path=str(videos)))
+    rc, out, err = cli(capsys, "train", "--config", cfg)
+    assert rc == 0, err
+    check_run(tmp_path / "run", ".gif")
+    assert all(math.isfinite(m["data_loss"]) and m["data_loss"] > 0 for m in metrics(tmp_path / "run", "train"))
+
+
+def test_wan22_ti2v_text_to_video_trains_and_exports(assets, tmp_path, capsys):
+    """A Wan2.2-TI2V-5B-like folder (its VAE: 16x spatial, patchified pixels; expand_timesteps = true) in
+    text-to-video: trains, evaluates, exports, and the export loads into diffusers' WanPipeline bit-exact;
+    a per-sample timestep gives the transformer's per-token-timestep output bitwise (what the pipeline
+    passes under expand_timesteps without an image)."""
+    assets = dict(assets, wan22=make_wan22_ti2v_pipeline(assets["root"] / "models"))
+    pipe = diffusers.WanPipeline.from_pretrained(assets["wan22"], local_files_only=True)
+    assert pipe.config.expand_timesteps
+    g = torch.Generator().manual_seed(3)
+    x, emb = torch.randn(2, 8, 2, 2, 2, generator=g), torch.randn(2, 5, 32, generator=g)
+    t = torch.tensor([800.0, 150.0])
+    with torch.no_grad():
+        per_sample = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=emb, return_dict=False)[0]
+        per_token = pipe.transformer(hidden_states=x, timestep=t[:, None].expand(2, 2).contiguous(),
+                                     encoder_hidden_states=emb, return_dict=False)[0]
+    assert torch.equal(per_sample, per_token)
+    cfg = write(tmp_path / "run.toml", config(assets, tmp_path / "run", "wan", folder="wan22", synthetic=True,
+                                              model__resolution=[5, 32, 32]))
+    rc, out, err = cli(capsys, "train", "--config", cfg)
+    assert rc == 0, err
+    check_run(tmp_path / "run", ".gif")
+    check_export_loads(capsys, tmp_path / "run", "wan", assets["wan22"], tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["flux", "wan"])

@@ -343,14 +343,17 @@ def test_bad_inputs_fail_before_any_weight_is_loaded(folders, tmp_path, no_weigh
     assert preflight("sd3", folders["sd3"], 16).resolution == (16, 16)
 
 
-def test_unsupported_wan_variants_are_refused(folders, tmp_path, no_weights):
+def test_inconsistent_wan22_folders_are_refused_before_loading(folders, tmp_path, no_weights):
+    """Wan2.2 variants load (TI2V-5B: tests/test_pipeline_run.py; two experts: tests/test_wan22_experts.py);
+    a folder naming one half of the two-expert pair is one error naming the missing half."""
     import json
 
-    for key, value in (("transformer_2", ["diffusers", "WanTransformer3DModel"]), ("expand_timesteps", True)):
+    for key, value, missing in (("transformer_2", ["diffusers", "WanTransformer3DModel"], "boundary_ratio"),
+                                ("boundary_ratio", 0.875, "transformer_2")):
         folder = tmp_path / key
         shutil.copytree(folders["wan"], folder)
         index = json.loads((folder / "model_index.json").read_text())
         index[key] = value
         (folder / "model_index.json").write_text(json.dumps(index))
-        with pytest.raises(NotImplementedError, match=key):
+        with pytest.raises(ValueError, match=missing):
             load_bundle("wan", folder, resolution=RES["wan"], dtype=torch.float32, device="cpu")

@@ -165,6 +165,28 @@ def make_flux_pipeline(root, guidance_embeds: bool = False) -> Path:
     return _save(pipe, root, "flux_dev" if guidance_embeds else "flux")
 
 
+def make_wan22_ti2v_pipeline(root) -> Path:
+    """A tiny Wan2.2-TI2V-5B-like WanPipeline folder: the Wan2.2 VAE (residual, patchified pixels,
+    16x spatial compression, 48-channel latents in the real one), expand_timesteps = true (per-token
+    timesteps), a flow-matching Euler scheduler with shift 5."""
+    import diffusers
+
+    torch.manual_seed(SEED)
+    z = 8
+    transformer = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=z, out_channels=z,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32)
+    vae = diffusers.AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+                                     out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+                                     latents_mean=[0.1 * i for i in range(z)], latents_std=[1.0 + 0.1 * i for i in range(z)])
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0)
+    pipe = diffusers.WanPipeline(tokenizer=_t5_tokenizer(), text_encoder=_t5_encoder("UMT5EncoderModel", 32),
+                                 vae=vae.eval(), scheduler=scheduler, transformer=transformer.eval(),
+                                 expand_timesteps=True)
+    return _save(pipe, root, "wan22_ti2v")
+
+
 def make_wan_pipeline(root) -> Path:
     """A tiny WanPipeline folder (Wan2.1 text-to-video: umT5, the causal 3D VAE, UniPC flow scheduler)."""
     import diffusers
@@ -180,3 +202,27 @@ def make_wan_pipeline(root) -> Path:
     pipe = diffusers.WanPipeline(tokenizer=_t5_tokenizer(), text_encoder=_t5_encoder("UMT5EncoderModel", 32),
                                  vae=vae.eval(), scheduler=scheduler, transformer=transformer.eval())
     return _save(pipe, root, "wan")
+
+
+def make_wan22_a14b_pipeline(root, boundary_ratio: float = 0.875) -> Path:
+    """A tiny two-expert Wan2.2-T2V-A14B-like WanPipeline folder: `transformer` (high noise) and
+    `transformer_2` (low noise), random and distinct (seeds SEED and SEED + 1), boundary_ratio 0.875 (the
+    real T2V-A14B's), the Wan2.1 VAE and UniPC flow scheduler of `make_wan_pipeline`."""
+    import diffusers
+
+    def expert(seed):
+        torch.manual_seed(seed)
+        return diffusers.WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+            text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32).eval()
+
+    high, low = expert(SEED), expert(SEED + 1)
+    torch.manual_seed(SEED)
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True])
+    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  flow_shift=3.0, num_train_timesteps=1000)
+    pipe = diffusers.WanPipeline(tokenizer=_t5_tokenizer(), text_encoder=_t5_encoder("UMT5EncoderModel", 32),
+                                 vae=vae.eval(), scheduler=scheduler, transformer=high, transformer_2=low,
+                                 boundary_ratio=boundary_ratio)
+    return _save(pipe, root, f"wan22_a14b_{boundary_ratio:g}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 import statistics
 
 import torch
@@ -39,6 +40,19 @@ def timer(fn, warmup: int, iters: int, budget_ms: float) -> float:
         if sum(times) > budget_ms:
             break
     return statistics.median(times)
+
+
+def host_us(fn, calls: int = 50) -> float:
+    """Host microseconds per call of fn(): the CPU time until the call returns, the GPU work only
+    enqueued (a few small shapes' worth, so the launch queue never fills and blocks the host)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) * 1e6 / calls
+    torch.cuda.synchronize()
+    return host
 
 
 def sdpa_with(backend):
@@ -85,7 +99,11 @@ def bench_shape(B, H, S, D, args) -> list[dict]:
     except RuntimeError as e:
         add("ddrl_fp8", None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
         return rows
-    add("ddrl_fp8 (quant+attn)", t_quant + t_attn, quant_ms=t_quant, attn_ms=t_attn,
+    # Host cost of one whole call at a small shape (same B*H, S = 256): what a call costs the CPU
+    # when the GPU work is short (issue 16 item 2: one launch pair, no per-call lookups).
+    qs, ks, vs = (x[:, :, :256].contiguous() for x in (q, k, v))
+    t_host = host_us(lambda: fp8_attention_quantized(fp8_attention_quantize(qs, ks, vs), 256, 256, q.dtype))
+    add("ddrl_fp8 (quant+attn)", t_quant + t_attn, quant_ms=t_quant, attn_ms=t_attn, host_us_per_call=t_host,
         attn_only_tflops=flops / t_attn / 1e9, rel_l2_vs_fp32_head0=err)
     del qkv, out
     return rows
@@ -124,7 +142,8 @@ def main() -> None:
                 if "quant_ms" in r:
                     r["speedup_vs_best_bf16"] = r["tflops"] / best_bf16 if best_bf16 else None
                     extra = (f"  [quant {r['quant_ms']:.2f} ms + attn {r['attn_ms']:.2f} ms = {r['attn_only_tflops']:.0f} TFLOP/s attn only;"
-                             f" x{r['speedup_vs_best_bf16'] or 0:.2f} vs best bf16; rel L2 {r['rel_l2_vs_fp32_head0']:.4f}]")
+                             f" x{r['speedup_vs_best_bf16'] or 0:.2f} vs best bf16; rel L2 {r['rel_l2_vs_fp32_head0']:.4f};"
+                             f" host {r['host_us_per_call']:.0f} us/call]")
                 print(f"D={D:4d} S={S:6d} H={H:3d} {r['impl']:24s} {r['ms']:9.2f} ms {r['tflops']:7.1f} TFLOP/s "
                       f"({r['pct_peak']:4.1f}% of peak){extra}")
             rows += shape_rows

@@ -31,6 +31,17 @@ def parse_count(s: str) -> int:
     return int(float(s[:-1]) * mult[s[-1].upper()]) if s[-1].upper() in mult else int(s)
 
 
+def cpu_name() -> str:
+    """The CPU model, the threads torch uses and ATen's CPU capability (what the CPU kernels run)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def _time_once(device: str, fn) -> float:
     if device == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -44,8 +55,9 @@ def _time_once(device: str, fn) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def timer(device: str, fns: dict, warmup: int, iters: int) -> dict:
-    """Median milliseconds of each fn, run round-robin so machine noise hits every one alike."""
+def timer(device: str, fns: dict, warmup: int, iters: int, spread: dict | None = None) -> dict:
+    """Median milliseconds of each fn, run round-robin so machine noise hits every one alike; when
+    given, `spread` receives each fn's (25th, 75th) percentile."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -55,6 +67,10 @@ def timer(device: str, fns: dict, warmup: int, iters: int) -> dict:
     for _ in range(iters):
         for name, fn in fns.items():
             times[name].append(_time_once(device, fn))
+    if spread is not None:
+        for name, t in times.items():
+            q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3
+            spread[name] = (q[0], q[2])
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -106,25 +122,28 @@ def main():
     elems = cols * args.rows
     min_bytes = 4 * elems * dtype.itemsize  # 3 inputs read + 1 gradient written
     ceiling = copy_bandwidth(device, min_bytes, args.warmup, args.iters)
-    machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    machine = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
     print(f"# bench_ops: {device} ({machine}), {args.dtype}, {args.rows} x {cols} = {elems / 2**20:.1f}M elements, "
           f"forward+backward, torch {torch.__version__}")
     print(f"# copy ceiling measured here: {ceiling:.1f} GB/s (copy_ of {min_bytes / 2**20:.0f} MiB in total)"
           + ("; a lent H200's device copy was seen at ~4300 GB/s" if device == "cuda" else ""))
-    print(f"{'op':16s} {'impl':10s} {'ms':>9s} {'GB/s':>9s} {'%copy':>7s} {'engine x':>9s}")
+    print(f"{'op':16s} {'impl':10s} {'ms':>9s} {'p25-p75 ms':>17s} {'GB/s':>9s} {'%copy':>7s} {'engine x':>9s}")
     rows = []
     for name, leaf, inputs, kw, engine, eager, run in cases(args.rows, cols, dtype, device):
         impls = {"engine": engine, "eager": eager}
         if not args.no_compile:
             impls["compile"] = torch.compile(eager)
-        times = timer(device, {impl: run(fn, leaf, *inputs, **kw) for impl, fn in impls.items()}, args.warmup, args.iters)
+        spread = {}
+        times = timer(device, {impl: run(fn, leaf, *inputs, **kw) for impl, fn in impls.items()}, args.warmup, args.iters,
+                      spread)
         for impl, ms in times.items():
             gbs = min_bytes / ms / 1e6
             speed = times[impl] / times["engine"]
-            row = dict(op=name, impl=impl, ms=ms, gbs=gbs, pct_copy=100 * gbs / ceiling, engine_speedup=speed,
+            row = dict(op=name, impl=impl, ms=ms, ms_p25=spread[impl][0], ms_p75=spread[impl][1], gbs=gbs, pct_copy=100 * gbs / ceiling, engine_speedup=speed,
                        device=device, machine=machine, dtype=args.dtype, elems=elems, rows=args.rows)
             rows.append(row)
-            print(f"{name:16s} {impl:10s} {ms:9.3f} {gbs:9.1f} {row['pct_copy']:6.1f}% {speed:8.2f}x")
+            lo, hi = spread[impl]
+            print(f"{name:16s} {impl:10s} {ms:9.3f} {lo:8.2f}-{hi:<8.2f} {gbs:9.1f} {row['pct_copy']:6.1f}% {speed:8.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(ceiling_gbs=ceiling, rows=rows), f, indent=2)

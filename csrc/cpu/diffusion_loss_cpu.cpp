@@ -5,6 +5,8 @@
 #include <torch/library.h>
 
 #include "../row_inputs.h"
+#include "row_buffer_cpu.h"
+#include "row_kernels.h"
 #include "row_reduce_cpu.h"
 
 namespace ddrl::cpu {
@@ -23,6 +25,7 @@ void run(const at::Tensor& pred, const at::Tensor& x0, const at::Tensor& noise,
   const int64_t nc_s = noise_coef.stride(0), dc_s = data_coef.stride(0);
   float* out = row_loss.data_ptr<float>();
   const float gscale = diffusion_grad_scale(cols);
+  const DiffusionChunkFn<scalar_t> chunk = row_kernels().of<scalar_t>().diffusion;
 
   reduce_rows(
       rows, cols,
@@ -31,11 +34,7 @@ void run(const at::Tensor& pred, const at::Tensor& x0, const at::Tensor& noise,
         const float a = coef_at(nc, nc_s, row), b = coef_at(dc, dc_s, row);
         const scalar_t *pp = p + base, *dd = d + base, *ee = e + base;
         scalar_t* gg = kGrad ? g + base : nullptr;
-        return sum_chunk(count, [&](int64_t j) {
-          const float r = diffusion_residual(float(pp[j]), float(dd[j]), float(ee[j]), a, b);
-          if constexpr (kGrad) gg[j] = scalar_t(r * gscale);
-          return r * r;
-        });
+        return chunk(pp, dd, ee, gg, a, b, gscale, count);
       },
       [&](int64_t row, float sum_sq) { out[row] = diffusion_row_loss(sum_sq, cols); });
 }
@@ -43,10 +42,12 @@ void run(const at::Tensor& pred, const at::Tensor& x0, const at::Tensor& noise,
 std::tuple<at::Tensor, at::Tensor> diffusion_loss_rows_cpu(
     const at::Tensor& pred, const at::Tensor& x0, const at::Tensor& noise,
     const at::Tensor& noise_coef, const at::Tensor& data_coef, bool write_grad) {
-  RowCall call = prepare_diffusion_loss(pred, x0, noise, noise_coef, data_coef, write_grad);
+  // The stored residual comes from the op buffer cache (row_buffer_cpu.h), not a fresh allocation.
+  RowCall call = prepare_diffusion_loss(pred, x0, noise, noise_coef, data_coef, /*write_grad=*/false);
   const RowInputs& in = call.in;
   at::Tensor &row_loss = call.rows_out, &grad = call.grad;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.dtype, "diffusion_loss_cpu", [&] {
+  if (write_grad) grad = empty_row_buffer(pred.sizes(), in.dtype);
+  DDRL_DISPATCH_ROW_TYPES(in.dtype, "diffusion_loss_cpu", [&] {
     if (write_grad) {
       run<scalar_t, true>(in.dense[0], in.dense[1], in.dense[2], noise_coef, data_coef, in.rows,
                           in.cols, row_loss, grad);

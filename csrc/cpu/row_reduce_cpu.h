@@ -3,6 +3,7 @@
 // short rows do too, while a row's sum never depends on the thread count or the batch.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -10,24 +11,17 @@
 
 #include "ddrl/row_math.h"
 
+// The storage dtypes of the row ops (row_inputs.h admits exactly these): float32, bfloat16, float16.
+#define DDRL_DISPATCH_ROW_TYPES(TYPE, NAME, ...)                \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                 \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)   \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
 namespace ddrl::cpu {
 
-// Sum of f(j) for j in [0, n): lane l accumulates positions l mod kLanes, then the lanes fold
-// pairwise. The fixed-width inner loop is what the compiler turns into SIMD.
-template <typename ElemFn>
-inline float sum_chunk(int64_t n, ElemFn&& f) {
-  float acc[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-#pragma GCC unroll 16
-    for (int l = 0; l < kLanes; ++l) acc[l] += f(j + l);
-  }
-  for (int l = 0; j + l < n; ++l) acc[l] += f(j + l);
-  for (int w = kLanes / 2; w > 0; w /= 2) {
-    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
-  }
-  return acc[0];
-}
+// Inside a chunk the lanes are walked by the vector kernels (row_kernels.h): lane l accumulates
+// positions l mod kLanes in order, then the lanes fold pairwise, on every CPU capability.
 
 // chunk_fn(row, begin, count) -> fp32 partial of that chunk; row_fn(row, row_sum) finishes a
 // row. Partials are summed in chunk order.

@@ -7,6 +7,9 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <array>
+#include <atomic>
+
 #include "../fp8_attention_inputs.h"
 #include "../row_inputs.h"
 #include "ddrl/fp8_attention_math.h"
@@ -16,6 +19,22 @@ namespace ddrl::cuda {
 namespace {
 
 void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+#ifdef DDRL_WITH_FP8_SM90
+// (major, minor) of a device, read from the runtime once per device (a call's check is then free).
+std::pair<int, int> compute_capability(int dev) {
+  constexpr int kMaxDevices = 64;
+  static std::array<std::atomic<int>, kMaxDevices> cached{};  // 0 = not read yet, else 1 + 10 * major + minor
+  if (dev >= 0 && dev < kMaxDevices) {
+    if (const int c = cached[dev].load(std::memory_order_acquire); c != 0) return {(c - 1) / 10, (c - 1) % 10};
+  }
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  if (dev >= 0 && dev < kMaxDevices && major > 0) cached[dev].store(1 + 10 * major + minor, std::memory_order_release);
+  return {major, minor};
+}
+#endif
 
 // The quantized tensors' pointers, for the pre-pass (writes them) and the attention (reads them).
 template <class Params>
@@ -63,9 +82,7 @@ at::Tensor fp8_attention_quantized_cuda(const at::Tensor& q8, const at::Tensor& 
   const Fp8AttentionShape s = check_fp8_quantized(op, q8, qs, k8, ks, v8t, vs, vm, q_len, kv_len, out_dtype);
   c10::cuda::CUDAGuard guard(q8.device());
 #ifdef DDRL_WITH_FP8_SM90
-  int major = 0, minor = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q8.get_device());
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q8.get_device());
+  const auto [major, minor] = compute_capability(q8.get_device());
   TORCH_CHECK(major == 9 && minor == 0, op, ": the CUDA kernel needs an sm_90 (Hopper) GPU; device ",
               q8.get_device(), " is sm_", major, minor, ". Use the CPU emulation or backend='sdpa'");
   at::Tensor out = at::empty({s.B, s.H, s.Sq, s.D}, q8.options().dtype(out_dtype));

@@ -66,17 +66,25 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, *, backend: Optional[str] = None, scale: Optional[float] = None
+    q: Tensor, k: Tensor, v: Tensor, *, backend: Optional[str] = None, scale: Optional[float] = None,
+    cp_group=None,
 ) -> Tensor:
     """Softmax attention over q, k, v of shape [B, H, S, D]; returns [B, H, S_q, D].
 
     backend: "sdpa" or "fp8"; None uses `current_attention_backend()`.
     scale: softmax scale; None means 1/sqrt(D).
+    cp_group: a torch.distributed process group over which the sequence is sharded (context
+        parallelism): q, k, v hold this rank's tokens [B, H, S/N, D] and the backend sees whole
+        sequences for H/N heads (Ulysses all-to-all, `attention.context_parallel`); None: no sharding.
     """
     name = current_attention_backend() if backend is None else _check_backend_name(backend, "backend")
     _check_qkv(q, k, v)
     if scale is not None and not scale > 0:
         raise ValueError(f"scale must be positive, got {scale!r}")
+    if cp_group is not None:
+        from .context_parallel import ulysses_attention
+
+        return ulysses_attention(q, k, v, cp_group, lambda q_, k_, v_: BACKENDS[name](q_, k_, v_, scale))
     return BACKENDS[name](q, k, v, scale)
 
 

@@ -31,6 +31,9 @@ Distribution. `policy.blocks` lists the transformer blocks (SD3: transformer_blo
 double- then single-stream blocks; Wan: blocks), the units FSDP2 shards one by one and activation
 checkpointing recomputes (ddrl_engine.trainer.distributed).
 
+Two-expert Wan2.2 (A14B). `WanExpertsPolicy` holds `transformer` (high noise) and `transformer_2` (low
+noise) and routes each row by its level as WanPipeline does (boundary_ratio * num_train_timesteps).
+
 LoRA. `enable_lora(rank=..., alpha=..., target_modules=..., seed=...)` adds peft LoRA adapters and
 freezes every other parameter (with a seed, the adapter does not depend on the global RNG).
 `trainable_state_dict()` / `load_trainable_state_dict(sd)` are the adapter tensors alone (the whole
@@ -63,6 +66,7 @@ __all__ = [
     "FluxPolicy",
     "SD3Policy",
     "TextCondition",
+    "WanExpertsPolicy",
     "WanPolicy",
     "require_diffusers",
 ]
@@ -336,23 +340,37 @@ class DiffusersPolicy(Policy):
 
     # -- attention and LoRA --------------------------------------------------------------------------------
 
+    @property
+    def experts(self) -> tuple[nn.Module, ...]:
+        """The diffusers models this policy runs: (model,) here; (model, model_2) for two-expert Wan2.2."""
+        return (self.model,)
+
     def use_ddrl_attention(self, enabled: bool = True) -> None:
         """Route every attention module's attention through ddrl_engine.attention (or restore diffusers')."""
-        procs = self.model.attn_processors
-        if enabled:
-            new = {name: DDRLAttnProcessor.wrap(p) for name, p in procs.items()}
-        else:
-            new = {name: p.inner if isinstance(p, DDRLAttnProcessor) else p for name, p in procs.items()}
-        self.model.set_attn_processor(new)
+        for model in self.experts:
+            procs = model.attn_processors
+            if enabled:
+                new = {name: DDRLAttnProcessor.wrap(p) for name, p in procs.items()}
+            else:
+                new = {name: p.inner if isinstance(p, DDRLAttnProcessor) else p for name, p in procs.items()}
+            model.set_attn_processor(new)
 
     @property
     def ddrl_attention(self) -> bool:
-        procs = self.model.attn_processors
-        return bool(procs) and all(isinstance(p, DDRLAttnProcessor) for p in procs.values())
+        procs = [p for model in self.experts for p in model.attn_processors.values()]
+        return bool(procs) and all(isinstance(p, DDRLAttnProcessor) for p in procs)
 
     @property
     def lora_enabled(self) -> bool:
-        return bool(getattr(self.model, "peft_config", None))
+        return any(bool(getattr(model, "peft_config", None)) for model in self.experts)
+
+    @staticmethod
+    def expert_seed(seed: int, index: int) -> int:
+        """The LoRA seed of expert `index`: `seed` itself for the first (so a one-transformer policy is
+        unchanged), a distinct 63-bit value derived from (seed, index) for the others."""
+        if index == 0:
+            return seed
+        return (seed * 1_000_003 + 7919 * index) % (2 ** 63)
 
     def enable_lora(self, rank: int = 16, alpha: Optional[float] = None,
                     target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
@@ -371,6 +389,8 @@ class DiffusersPolicy(Policy):
             embeddings (peft: A = 0, B ~ N(0, 1)) redraws B the same way.
         The result does not depend on the device or on the global RNG state, so every rank of a
         distributed run and every resume builds the same initial adapter (and the same reference).
+        A policy with several experts (two-expert Wan2.2) gets the same adapter config on each, expert i
+        seeded by `expert_seed(seed, i)`; the count returned is over all of them.
         """
         try:
             from peft import LoraConfig
@@ -380,23 +400,24 @@ class DiffusersPolicy(Policy):
             raise ValueError(f"enable_lora: rank must be an int >= 1, got {rank!r}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError(f"enable_lora: seed must be an int or None, got {seed!r}")
-        config = LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha),
-                            target_modules=list(target_modules), init_lora_weights=True)
-        self.model.requires_grad_(False)
-        if seed is None:
-            self.model.add_adapter(config, adapter_name=adapter_name)
-        else:
-            cuda = sorted({p.device.index or 0 for p in self.model.parameters() if p.device.type == "cuda"})
-            with torch.random.fork_rng(devices=cuda):
-                self.model.add_adapter(config, adapter_name=adapter_name)
-            self._seed_lora(adapter_name, seed)
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        for index, model in enumerate(self.experts):
+            config = LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha),
+                                target_modules=list(target_modules), init_lora_weights=True)
+            model.requires_grad_(False)
+            if seed is None:
+                model.add_adapter(config, adapter_name=adapter_name)
+            else:
+                cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+                with torch.random.fork_rng(devices=cuda):
+                    model.add_adapter(config, adapter_name=adapter_name)
+                self._seed_lora(adapter_name, self.expert_seed(seed, index), model)
+        return sum(p.numel() for model in self.experts for p in model.parameters() if p.requires_grad)
 
     @torch.no_grad()
-    def _seed_lora(self, adapter_name: str, seed: int) -> None:
+    def _seed_lora(self, adapter_name: str, seed: int, model: Optional[nn.Module] = None) -> None:
         gen = torch.Generator().manual_seed(seed)
         drawn = 0
-        for _, module in self.model.named_modules():
+        for _, module in (self.model if model is None else model).named_modules():
             lora_a = getattr(module, "lora_A", None)
             if isinstance(lora_a, nn.ModuleDict) and adapter_name in lora_a:
                 w = lora_a[adapter_name].weight
@@ -539,3 +560,132 @@ class WanPolicy(DiffusersPolicy):
 
     def _velocity(self, x: Tensor, t: Tensor, cond: TextCondition) -> Tensor:
         return self.model(hidden_states=x, timestep=t * 1000.0, encoder_hidden_states=cond.embeds, return_dict=False)[0]
+
+
+class WanExpertsPolicy(WanPolicy):
+    """Two-expert Wan2.2 (A14B) text-to-video: `model` (diffusers' `transformer`, the high-noise expert)
+    and `model_2` (`transformer_2`, the low-noise expert), routed as WanPipeline routes them.
+
+    boundary_timestep = boundary_ratio * num_train_timesteps (the folder's model_index.json and
+    scheduler); a row whose timestep t * 1000 is >= boundary_timestep runs `model`, the others
+    `model_2`. A rollout step's rows share t (one expert, the whole batch: bitwise the pipeline's call);
+    the trainer's recomputation and the data loss may mix levels in a batch, then the rows are split
+    by expert (index_select), each expert runs on its rows and the outputs are put back in place
+    (index_copy). The split reads the routing on the host (one sync per forward), so this policy
+    cannot be captured in a CUDA graph (a data-dependent split): it raises under capture. Under FSDP2
+    the ranks agree on which experts run (`_experts_needed`), so levels that differ across ranks
+    cannot leave one rank waiting in another expert's collectives.
+
+    Both experts are held, LoRA'd (`enable_lora`: one config, distinct seeds via `expert_seed`) and
+    trained; state-dict keys are "model.*" (transformer) and "model_2.*" (transformer_2). FSDP2 shards
+    the blocks of both (`blocks`).
+    """
+
+    def __init__(self, model: nn.Module, model_2: nn.Module, sample_shape: Sequence[int],
+                 prompts: Optional[TextCondition] = None, *, boundary_ratio: float, num_train_timesteps: int = 1000,
+                 ddrl_attention: bool = True) -> None:
+        if isinstance(boundary_ratio, bool) or not isinstance(boundary_ratio, (int, float)) or not 0 < boundary_ratio <= 1:
+            raise ValueError(f"WanExpertsPolicy: boundary_ratio must be a number in (0, 1] (model_index.json's "
+                             f"boundary_ratio), got {boundary_ratio!r}")
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+            raise ValueError(f"WanExpertsPolicy: num_train_timesteps must be an int >= 1, got {num_train_timesteps!r}")
+        super().__init__(model, sample_shape, prompts, ddrl_attention=False)
+        cls = getattr(require_diffusers(), self.model_class_name)
+        if not isinstance(model_2, cls):
+            raise TypeError(f"WanExpertsPolicy: model_2 (transformer_2) must be a {self.model_class_name}, got "
+                            f"{type(model_2).__name__}")
+        if model_2 is model:
+            raise ValueError("WanExpertsPolicy: model and model_2 are the same module; pass the two experts")
+        for key in ("in_channels", "out_channels", "patch_size", "text_dim"):
+            a, b = model.config.get(key), model_2.config.get(key)
+            if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+                raise ValueError(f"WanExpertsPolicy: the experts disagree on {key}: transformer {a}, transformer_2 {b}")
+        if model_2.dtype != model.dtype:
+            raise ValueError(f"WanExpertsPolicy: the experts' dtypes differ ({model.dtype} vs {model_2.dtype})")
+        self.model_2 = model_2
+        self.boundary_ratio = float(boundary_ratio)
+        self.num_train_timesteps = num_train_timesteps
+        self.boundary_timestep = self.boundary_ratio * num_train_timesteps  # WanPipeline's own formula
+        self.use_ddrl_attention(ddrl_attention)
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike], path_2: Union[str, os.PathLike], sample_shape: Sequence[int],
+                        prompts: Optional[TextCondition] = None, *, boundary_ratio: float, num_train_timesteps: int = 1000,
+                        torch_dtype: Optional[torch.dtype] = None, ddrl_attention: bool = True,
+                        **kwargs) -> "WanExpertsPolicy":
+        """Loads both experts from local folders (<pipeline>/transformer, <pipeline>/transformer_2)."""
+        model_cls = getattr(require_diffusers(), cls.model_class_name)
+        path = _check_dir(path, f"{cls.__name__}.from_pretrained")
+        path_2 = _check_dir(path_2, f"{cls.__name__}.from_pretrained (transformer_2)")
+        model = model_cls.from_pretrained(path, local_files_only=True, torch_dtype=torch_dtype, **kwargs)
+        model_2 = model_cls.from_pretrained(path_2, local_files_only=True, torch_dtype=torch_dtype, **kwargs)
+        return cls(model, model_2, sample_shape, prompts, boundary_ratio=boundary_ratio,
+                   num_train_timesteps=num_train_timesteps, ddrl_attention=ddrl_attention)
+
+    def save_pretrained(self, path: Union[str, os.PathLike], **kwargs) -> None:
+        """Writes path/transformer and path/transformer_2 (the pipeline's subfolders)."""
+        self.model.save_pretrained(os.path.join(os.fspath(path), "transformer"), safe_serialization=True, **kwargs)
+        self.model_2.save_pretrained(os.path.join(os.fspath(path), "transformer_2"), safe_serialization=True, **kwargs)
+
+    @property
+    def experts(self) -> tuple[nn.Module, ...]:
+        if "model_2" not in self._modules:  # during __init__, before model_2 is set
+            return (self.model,)
+        return (self.model, self.model_2)
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The blocks of both experts (transformer's, then transformer_2's): FSDP2 and activation
+        checkpointing units."""
+        return [block for model in self.experts for attr in self.block_attrs for block in getattr(model, attr)]
+
+    def _experts_needed(self, high: bool, low: bool, device) -> tuple[bool, bool]:
+        """Which experts run in this forward: those this batch needs, or under FSDP2 those any rank needs
+        (an all-reduce of two flags), so every rank joins the same all-gathers / reduce-scatters even when
+        levels differ across ranks (algorithm.data_noise = "fresh"); a rank that needs no row of an
+        expert runs it on one row and adds 0 x its output (bitwise the same result, zero gradients)."""
+        import torch.distributed as dist
+
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:  # pragma: no cover - older torch
+            return high, low
+        sharded = isinstance(self, FSDPModule) or any(isinstance(m, FSDPModule) for m in self.experts)
+        if not (sharded and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return high, low
+        flags = torch.tensor([float(high), float(low)], device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def high_noise(self, t: Tensor) -> Tensor:
+        """[B] bool: the rows (levels t in [0, 1]) that WanPipeline runs with `transformer`."""
+        return t.float() * 1000.0 >= self.boundary_timestep
+
+    def _velocity(self, x: Tensor, t: Tensor, cond: TextCondition) -> Tensor:
+        timestep = t * 1000.0
+        high = timestep >= self.boundary_timestep
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("WanExpertsPolicy: the two-expert routing splits the batch by level on the host, "
+                               "which a CUDA graph cannot capture; set rollout.cuda_graph = false")
+        n_high = int(high.sum())  # host sync: the split is data-dependent
+        batch = x.shape[0]
+        need_high, need_low = self._experts_needed(n_high > 0, n_high < batch, x.device)
+
+        def run(model, rows):
+            if rows is None:
+                return model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.embeds, return_dict=False)[0]
+            return model(hidden_states=x.index_select(0, rows), timestep=timestep.index_select(0, rows),
+                         encoder_hidden_states=cond.embeds.index_select(0, rows), return_dict=False)[0]
+
+        if n_high in (0, batch):
+            model, other, other_needed = ((self.model, self.model_2, need_low) if n_high else
+                                          (self.model_2, self.model, need_high))
+            out = run(model, None)
+            if other_needed:  # another rank runs the other expert: join its collectives, add an exact 0
+                out = out + 0.0 * run(other, torch.zeros(1, dtype=torch.long, device=x.device)).sum()
+            return out
+        rows_high = high.nonzero().squeeze(1)
+        rows_low = (~high).nonzero().squeeze(1)
+        out_high, out_low = run(self.model, rows_high), run(self.model_2, rows_low)
+        out = out_high.new_empty((batch, *out_high.shape[1:]))
+        return out.index_copy(0, rows_high, out_high).index_copy(0, rows_low, out_low)

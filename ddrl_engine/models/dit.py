@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import attention
+from ..attention.context_parallel import check_context_parallel, gather_sequence, split_sequence
 from .policy import Policy
 
 
@@ -117,6 +118,7 @@ class DiTBlock(nn.Module):
     def __init__(self, hidden: int, heads: int, mlp_ratio: float) -> None:
         super().__init__()
         self.heads = heads
+        self.cp_group = None  # context parallelism: the group this block's tokens are sharded over (DiT.set_context_parallel)
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
@@ -132,7 +134,7 @@ class DiTBlock(nn.Module):
         b, n, d = x.shape
         h = _modulate(self.norm1(x), shift1, scale1)
         q, k, v = self.qkv(h).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        a = attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        a = attention(q, k, v, cp_group=self.cp_group).transpose(1, 2).reshape(b, n, d)
         x = x + gate1 * self.proj(a)
         return x + gate2 * self.mlp(_modulate(self.norm2(x), shift2, scale2))
 
@@ -172,7 +174,25 @@ class DiT(Policy):
             DiTBlock(config.hidden, config.heads, config.mlp_ratio) for _ in range(config.depth)
         )
         self.final = FinalLayer(config.hidden, patch_numel)
+        self._cp_group = None
         self.reset_parameters()
+
+    def set_context_parallel(self, group) -> None:
+        """Shards every sample's tokens over the ranks of `group` (a torch.distributed process group;
+        None: off). Each rank embeds its contiguous slice of the patch tokens (position embedding by
+        global index), runs the blocks on it (attention through the Ulysses all-to-all), and the
+        final layer's tokens are all-gathered, so the output is the whole sample on every rank.
+        Needs heads and the configured sample's token count divisible by the group size (checked)."""
+        if group is not None:
+            import torch.distributed as dist
+
+            size = dist.get_world_size(group)
+            check_context_parallel(self.config.heads, math.prod(self.config.grid), size, "DiT")
+            if size == 1:
+                group = None
+        self._cp_group = group
+        for blk in self.blocks:
+            blk.cp_group = group
 
     def reset_parameters(self) -> None:
         for m in self.modules():
@@ -218,9 +238,27 @@ class DiT(Policy):
         t = self.check_inputs(x, t, cond)
         grid = self._grid(x)
         dtype = self.patch_embed.weight.dtype
+        group = self._cp_group
+        if group is not None:
+            return self._forward_context_parallel(x, t, cond, grid, group)
         h = self.patch_embed(self.patchify(x.to(dtype)))
         h = h + sincos_position_embedding(grid, self.config.hidden, device=x.device).to(dtype)
         c = self.t_embed(timestep_features(t, self.config.timestep_freq_dim).to(dtype)) + self.class_embed(cond)
         for blk in self.blocks:
             h = blk(h, c)
         return self.unpatchify(self.final(h, c), grid).to(x.dtype)
+
+    def _forward_context_parallel(self, x: Tensor, t: Tensor, cond: Tensor, grid: tuple[int, ...], group) -> Tensor:
+        """`forward` with this rank's slice of the tokens (see set_context_parallel)."""
+        import torch.distributed as dist
+
+        check_context_parallel(self.config.heads, math.prod(grid), dist.get_world_size(group), "DiT")
+        dtype = self.patch_embed.weight.dtype
+        h = self.patch_embed(split_sequence(self.patchify(x.to(dtype)), group))
+        pos = sincos_position_embedding(grid, self.config.hidden, device=x.device).to(dtype)
+        h = h + split_sequence(pos, group, dim=0)
+        c = self.t_embed(timestep_features(t, self.config.timestep_freq_dim).to(dtype)) + self.class_embed(cond)
+        for blk in self.blocks:
+            h = blk(h, c)
+        out = gather_sequence(self.final(h, c), group)
+        return self.unpatchify(out, grid).to(x.dtype)

@@ -9,7 +9,9 @@
 
 What comes from diffusers and what is ours:
   - The transformer is loaded into our adapter (`SD3Policy`, `FluxPolicy`, `WanPolicy`), with
-    sample_shape = the latent shape of `resolution` (FLUX: the unpacked [C, h, w] latents).
+    sample_shape = the latent shape of `resolution` (FLUX: the unpacked [C, h, w] latents). A
+    two-expert Wan2.2 folder (transformer_2, boundary_ratio) loads both into `WanExpertsPolicy`
+    (policy.model is the pipeline's transformer, policy.model_2 its transformer_2).
   - Text encoding is the pipeline's own `encode_prompt`, called on a pipeline object built from the
     loaded components (the same transformer object as the policy's), so the embeddings are exactly
     the pipeline's, including its padding, truncation and prompt cleaning.
@@ -33,7 +35,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..models.diffusers import FluxPolicy, SD3Policy, TextCondition, WanPolicy, require_diffusers
+from ..models.diffusers import FluxPolicy, SD3Policy, TextCondition, WanExpertsPolicy, WanPolicy, require_diffusers
 from .specs import Preflight, preflight
 
 __all__ = ["ModelBundle", "load_bundle"]
@@ -206,6 +208,15 @@ class ModelBundle:
 _POLICIES = {"sd3": SD3Policy, "flux": FluxPolicy, "wan": WanPolicy}
 
 
+def _num_train_timesteps(pre: Preflight) -> int:
+    """The folder's scheduler num_train_timesteps (WanPipeline's boundary is boundary_ratio times it)."""
+    import json
+
+    path = pre.path / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    return int(config.get("num_train_timesteps", 1000))
+
+
 def load_bundle(kind: str, path: Union[str, os.PathLike], *, resolution: Sequence[int], dtype: torch.dtype,
                 device: Union[str, torch.device], vae_dtype: Optional[torch.dtype] = None,
                 max_sequence_length: Optional[int] = None, guidance: Optional[float] = None,
@@ -240,13 +251,21 @@ def load_bundle(kind: str, path: Union[str, os.PathLike], *, resolution: Sequenc
                          f"input; {pre.path / 'transformer'} does not")
 
     diffusers = require_diffusers()
-    policy = _POLICIES[kind].from_pretrained(pre.path / "transformer", pre.latent_shape, torch_dtype=dtype,
-                                             ddrl_attention=ddrl_attention)
+    experts = {}
+    if pre.two_experts:  # Wan2.2 A14B: both experts in one policy, the pipeline built around the same modules
+        policy = WanExpertsPolicy.from_pretrained(
+            pre.path / "transformer", pre.path / "transformer_2", pre.latent_shape, boundary_ratio=pre.boundary_ratio,
+            num_train_timesteps=_num_train_timesteps(pre), torch_dtype=dtype, ddrl_attention=ddrl_attention)
+        experts = {"transformer_2": policy.model_2}
+    else:
+        policy = _POLICIES[kind].from_pretrained(pre.path / "transformer", pre.latent_shape, torch_dtype=dtype,
+                                                 ddrl_attention=ddrl_attention)
     pipeline_cls = getattr(diffusers, pre.spec.pipeline_class)
     pipeline = pipeline_cls.from_pretrained(os.fspath(pre.path), transformer=policy.model, local_files_only=True,
-                                            dtype=dtype)
+                                            dtype=dtype, **experts)
     pipeline.to(device)
-    policy.model.eval()
+    for model in policy.experts:
+        model.eval()
     if vae_dtype is not None:
         pipeline.vae.to(dtype=vae_dtype)
     for name in ("vae",) + _TEXT_ENCODERS[kind]:

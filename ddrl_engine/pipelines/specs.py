@@ -10,6 +10,9 @@ Resolution rules (the pipelines' own `check_inputs`):
   flux: [H, W], each divisible by vae_scale_factor * 2 (FLUX packs 2x2 latent patches; 16 real).
   wan:  [frames, H, W], frames = 4n + 1 (the VAE's temporal factor), H and W divisible by
         scale_factor_spatial * patch_size (8 * 2 = 16 real).
+
+Two-expert Wan2.2 (A14B): a Wan folder naming `transformer_2` must set `boundary_ratio` (and the
+reverse); both experts must agree on channels, patch size and text width (`Preflight.two_experts`).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 __all__ = ["KINDS", "KindSpec", "Preflight", "preflight"]
 
@@ -72,6 +75,13 @@ class Preflight:
     model_index: dict
     transformer_config: dict
     vae_config: dict
+    boundary_ratio: Optional[float] = None  # two-expert Wan2.2 (A14B) only: model_index.json's boundary_ratio
+    transformer_2_config: Optional[dict] = None  # two-expert Wan2.2 only: transformer_2/config.json
+
+    @property
+    def two_experts(self) -> bool:
+        """A two-expert Wan2.2 folder (transformer_2 + boundary_ratio): loads as WanExpertsPolicy."""
+        return self.transformer_2_config is not None
 
 
 def _read_json(path: Path, field: str) -> dict:
@@ -126,20 +136,50 @@ def preflight(kind: str, path: Union[str, os.PathLike], resolution: Sequence[int
         sub = root / name
         if not sub.is_dir() or not any(sub.iterdir()):
             raise FileNotFoundError(f"model.path: {str(root)!r} has no {name}/ subfolder ({what}, which {kind} needs)")
+    boundary, t2cfg = None, None
     if kind == "wan":
-        if isinstance(index.get("transformer_2"), list) and index["transformer_2"][1] is not None:
-            raise NotImplementedError(f"model.path: {str(root)!r} is a two-expert Wan2.2 pipeline (transformer_2, "
-                                      "boundary_ratio); only single-transformer Wan pipelines are supported yet")
-        if index.get("expand_timesteps"):
-            raise NotImplementedError(f"model.path: {str(root)!r} uses per-token timesteps (expand_timesteps, Wan2.2 "
-                                      "TI2V); only Wan pipelines with one timestep per sample are supported yet")
+        boundary, t2cfg = _experts(root, index, index_path)
+        # expand_timesteps (Wan2.2 TI2V-5B): per-token timesteps, which differ only under an image mask; in
+        # text-to-video every token has its sample's timestep, and the transformer's output for a per-sample
+        # timestep is bitwise the same (tests/test_pipeline_run.py), so the policy passes that.
     for name in ("transformer", "vae"):
         if not (root / name / "config.json").is_file():
             raise FileNotFoundError(f"model.path: {str(root / name)!r} has no config.json")
     tcfg = _read_json(root / "transformer" / "config.json", "model.path")
     vcfg = _read_json(root / "vae" / "config.json", "model.path")
     res = _resolution(spec, resolution)
-    return Preflight(spec, root, res, _latent_shape(spec, res, tcfg, vcfg), index, tcfg, vcfg)
+    if t2cfg is not None:
+        for key in ("in_channels", "out_channels", "patch_size", "text_dim"):
+            if tcfg.get(key) != t2cfg.get(key):
+                raise ValueError(f"model.path: the two experts of {str(root)!r} disagree on {key}: transformer "
+                                 f"{tcfg.get(key)!r}, transformer_2 {t2cfg.get(key)!r}")
+    return Preflight(spec, root, res, _latent_shape(spec, res, tcfg, vcfg), index, tcfg, vcfg, boundary, t2cfg)
+
+
+def _experts(root: Path, index: dict, index_path: Path) -> tuple[Optional[float], Optional[dict]]:
+    """(boundary_ratio, transformer_2 config) of a two-expert Wan2.2 folder (A14B: `transformer` runs the
+    timesteps >= boundary_ratio * num_train_timesteps, `transformer_2` the others), (None, None) for a
+    one-transformer Wan folder; a half-configured folder raises."""
+    entry = index.get("transformer_2")
+    has_2 = isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
+    ratio = index.get("boundary_ratio")
+    if not has_2:
+        if ratio is not None:
+            raise ValueError(f"model.path: {index_path} sets boundary_ratio = {ratio!r} but has no transformer_2 "
+                             "(the low-noise expert of a two-expert Wan2.2 pipeline); WanPipeline could not run it")
+        return None, None
+    if ratio is None:
+        raise ValueError(f"model.path: {index_path} names a transformer_2 but no boundary_ratio; a two-expert Wan2.2 "
+                         "pipeline needs boundary_ratio (e.g. 0.875 for Wan2.2-T2V-A14B) to choose the expert per step")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(f"model.path: {index_path}: boundary_ratio must be a number in (0, 1], got {ratio!r}")
+    if entry[1] != "WanTransformer3DModel":
+        raise ValueError(f"model.path: {index_path}: transformer_2 must be a WanTransformer3DModel, got {entry[1]!r}")
+    sub = root / "transformer_2"
+    if not (sub / "config.json").is_file():
+        raise FileNotFoundError(f"model.path: {str(root)!r} has no transformer_2/config.json (the low-noise expert "
+                                "of this two-expert Wan2.2 pipeline)")
+    return float(ratio), _read_json(sub / "config.json", "model.path")
 
 
 def _divisible(res: tuple[int, ...], multiple: int, why: str) -> None:

@@ -45,11 +45,13 @@ PHASES: dict[str, str] = {
     "optimizer": "gradient clipping, AdamW step and EMA update",
     "checkpoint": "writing a checkpoint",
     "eval": "the held-out evaluation",
+    "cp/all_to_all": "context parallelism: one Ulysses all-to-all (q, k, v to whole sequences, or the output back)",
+    "cp/all_gather": "context parallelism: gathering a cp group's token slices into whole sequences",
 }
 
 _COLORS = {"step": "white", "collect": "blue", "rollout": "green", "reward": "orange", "advantage": "yellow",
            "old_logprob": "cyan", "update": "red", "train": "purple", "optimizer": "rapids",
-           "checkpoint": "grey", "eval": "darkgreen"}
+           "checkpoint": "grey", "eval": "darkgreen", "cp": "magenta"}
 
 _domain = None
 _attributes: dict[tuple[str, int | None], object] = {}

@@ -410,12 +410,18 @@ class DistributedConfig:
     shard_size: with fsdp, shard each model over groups of this many ranks and replicate across the
         groups (HSDP: e.g. the GPUs of one node, so parameter all-gathers stay inside a node and only
         gradients cross nodes); 0 = shard over all ranks. Must divide the world size.
+    context_parallel: ranks per context-parallel group (1 = off). With N > 1 the N consecutive ranks of
+        a group hold the same samples and split each sample's tokens (the DiT's; attention by a
+        Ulysses all-to-all, so heads and tokens must be divisible by N); the batches are split over
+        the world size / N data ranks; the run reproduces the one-process run and its checkpoints
+        resume at any N (docs/distributed.md). Needs parallel = "ddp" or "fsdp".
     """
 
     parallel: str = "none"
     activation_checkpointing: bool = False
     grad_sync: str = "auto"
     shard_size: int = 0
+    context_parallel: int = 1
 
 
 @dataclass
@@ -661,6 +667,15 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.distributed.activation_checkpointing and cfg.distributed.parallel == "none":
         raise ValueError("config: 'distributed.activation_checkpointing' = true needs distributed.parallel = "
                          "'ddp' or 'fsdp'")
+    cp = cfg.distributed.context_parallel
+    if isinstance(cp, bool) or not isinstance(cp, int) or cp < 1:
+        raise ValueError(f"config: 'distributed.context_parallel' must be an integer >= 1, got {cp!r}")
+    if cp > 1 and cfg.distributed.parallel == "none":
+        raise ValueError("config: 'distributed.context_parallel' > 1 needs distributed.parallel = 'ddp' or 'fsdp' "
+                         "(a torchrun launch)")
+    if cp > 1 and cfg.rollout.cuda_graph:
+        raise ValueError("config: 'rollout.cuda_graph' = true is not supported with distributed.context_parallel > 1 "
+                         "(untested: the capture would contain the all-to-alls)")
     if cfg.rollout.cuda_graph and cfg.distributed.parallel == "fsdp":
         # A captured FSDP2 forward would hold its all-gathers, side streams and storage resizes: never
         # tried, so refused rather than risked. DDP rolls out with the unwrapped module: fine.

@@ -8,6 +8,14 @@ How a step is split (DistributedConfig.parallel = "ddp" or "fsdp", world size W)
 - rewards are all-gathered so advantages are computed per group on the global batch, as on one process;
 - every loss is a mean over the rank's rows and gradients are averaged over ranks (DDP all-reduce or
   FSDP2 reduce-scatter), which is the one-process gradient when the shards have equal sizes.
+With context_parallel = N > 1 the W ranks form W / N data-parallel ranks of N ranks each (a cp group:
+consecutive ranks, mesh ("dp", "cp")): the rows above are split over the W / N data ranks, the N ranks
+of a cp group hold the same samples, and the model shards each sample's tokens over them
+(models.DiT.set_context_parallel; attention through a Ulysses all-to-all, attention.context_parallel).
+The model's output is all-gathered, so each cp rank holds whole samples and computes the same losses;
+the gather's backward (a reduce-scatter) makes each rank's gradient N times its tokens' part, and the
+average over all W ranks (DDP / FSDP2 over the world, which also shards the weights over the cp ranks)
+is then the one-process gradient. Rewards and metrics reduce over the data ranks only.
 Since generator states are rank-invariant, a checkpoint's non-tensor state is saved once (rank 0)
 and the weights and optimizer go through DCP (trainer.checkpoint), which reshards: a checkpoint resumes
 at any world size.
@@ -29,19 +37,23 @@ from torch.utils.checkpoint import checkpoint
 class Distributed:
     """One rank's view of a torchrun job. mode: "ddp" or "fsdp"; device: this rank's device;
     shard_size: FSDP2 shards over groups of this many ranks and replicates across the groups (HSDP;
-    0 or the world size: shard over all ranks)."""
+    0 or the world size: shard over all ranks).
+    context_parallel: ranks per cp group (1: off); see the module doc."""
 
     mode: str
     rank: int
     world_size: int
     device: str
     shard_size: int = 0
+    context_parallel: int = 1
     _mesh: object = field(default=None, init=False, repr=False, compare=False)
+    _cp_mesh: object = field(default=None, init=False, repr=False, compare=False)
 
     # ---- setup ------------------------------------------------------------------------------
 
     @classmethod
-    def from_env(cls, mode: str, device: str, timeout_s: float = 600, shard_size: int = 0) -> "Distributed":
+    def from_env(cls, mode: str, device: str, timeout_s: float = 600, shard_size: int = 0,
+                 context_parallel: int = 1) -> "Distributed":
         """Joins the torchrun job described by RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR (gloo on CPU,
         NCCL on CUDA; "cuda" becomes cuda:LOCAL_RANK). Raises with the cause outside torchrun."""
         missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -58,10 +70,15 @@ class Distributed:
             timeout = timedelta(seconds=timeout_s)
             dist.init_process_group(backend, store=_attempt_store(timeout), rank=int(os.environ["RANK"]),
                                     world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
-        ctx = cls(mode, dist.get_rank(), dist.get_world_size(), device, shard_size)
+        ctx = cls(mode, dist.get_rank(), dist.get_world_size(), device, shard_size, context_parallel)
         if shard_size and (mode != "fsdp" or ctx.world_size % shard_size):
             raise ValueError(f"distributed.shard_size = {shard_size} needs parallel = 'fsdp' and a world size "
                              f"divisible by it (world size {ctx.world_size}, parallel {mode!r})")
+        if context_parallel < 1 or ctx.world_size % context_parallel:
+            raise ValueError(f"distributed.context_parallel = {context_parallel} must be >= 1 and divide the world "
+                             f"size ({ctx.world_size})")
+        if context_parallel > 1:
+            ctx.cp_mesh()  # every rank creates the groups together, now
         return ctx
 
     @staticmethod
@@ -71,37 +88,70 @@ class Distributed:
 
     # ---- sharding by sample index --------------------------------------------------------------
 
+    @property
+    def data_size(self) -> int:
+        """Data-parallel ranks: the world size / context_parallel (ranks holding different samples)."""
+        return self.world_size // self.context_parallel
+
+    @property
+    def data_rank(self) -> int:
+        return self.rank // self.context_parallel
+
+    @property
+    def data_group(self):
+        """The process group of this rank's data-parallel peers (None: the whole world)."""
+        return None if self.context_parallel == 1 else self.cp_mesh().get_group("dp")
+
+    @property
+    def cp_group(self):
+        """The process group of this rank's cp group (None without context parallelism)."""
+        return None if self.context_parallel == 1 else self.cp_mesh().get_group("cp")
+
+    def cp_mesh(self):
+        """The 2-D mesh ("dp", "cp") of context parallelism: cp groups of consecutive ranks."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if self._cp_mesh is None:
+            kind = "cuda" if self.device.startswith("cuda") else "cpu"
+            self._cp_mesh = init_device_mesh(kind, (self.data_size, self.context_parallel),
+                                             mesh_dim_names=("dp", "cp"))
+        return self._cp_mesh
+
     def shard(self, total: int, what: str = "batch") -> tuple[int, int]:
-        """(first row, rows) of this rank's share of a global batch of `total` rows."""
-        if total % self.world_size:
+        """(first row, rows) of this rank's share of a global batch of `total` rows (the ranks of a cp
+        group share the same rows)."""
+        size = self.data_size
+        if total % size:
+            cp = f" / distributed.context_parallel = {self.context_parallel}" if self.context_parallel > 1 else ""
             raise ValueError(f"distributed: the {what} ({total}) must be divisible by the world size "
-                             f"({self.world_size}) so that every rank holds the same number of samples")
-        n = total // self.world_size
-        return self.rank * n, n
+                             f"({self.world_size}{cp}) so that every rank holds the same number of samples")
+        n = total // size
+        return self.data_rank * n, n
 
     def rows(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
         first, n = self.shard(t.shape[dim])
         return t.narrow(dim, first, n)
 
     def gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        """Concatenates every rank's `t` (equal shapes) along `dim`, in rank order."""
+        """Concatenates every data rank's `t` (equal shapes) along `dim`, in rank order."""
         src = t.to(torch.uint8) if t.dtype == torch.bool else t.contiguous()
-        parts = [torch.empty_like(src) for _ in range(self.world_size)]
-        dist.all_gather(parts, src)
+        parts = [torch.empty_like(src) for _ in range(self.data_size)]
+        dist.all_gather(parts, src, group=self.data_group)
         out = torch.cat(parts, dim=dim)
         return out.bool() if t.dtype == torch.bool else out
 
     def reduce(self, values: dict[str, float], op: str = "mean") -> dict[str, float]:
-        """Averages (op="mean"), sums (op="sum") or maximises (op="max") scalar metrics over ranks."""
+        """Averages (op="mean"), sums (op="sum") or maximises (op="max") scalar metrics over the data
+        ranks (a cp group's ranks hold the same values)."""
         if op not in ("mean", "sum", "max"):
             raise ValueError(f"reduce: op must be 'mean', 'sum' or 'max', got {op!r}")
         if not values:
             return {}
         keys = sorted(values)
         t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=self.data_group)
         if op == "mean":
-            t /= self.world_size
+            t /= self.data_size
         return dict(zip(keys, t.tolist()))
 
     def barrier(self) -> None:
@@ -112,11 +162,22 @@ class Distributed:
     def wrap(self, policy: nn.Module, reference: nn.Module | None, ema: nn.Module | None, *,
              activation_checkpointing: bool = False):
         """(policy, reference, ema) ready for training: rank 0's weights broadcast, then FSDP2 (each of
-        them sharded per block) or DDP (the policy wrapped; reference and EMA replicated)."""
+        them sharded per block) or DDP (the policy wrapped; reference and EMA replicated). With
+        context_parallel > 1 each model first shards its tokens over the cp group
+        (`set_context_parallel(group)`, which the model must have)."""
         for m in (policy, reference, ema):
             if m is not None:
                 for t in list(m.parameters()) + list(m.buffers()):
                     dist.broadcast(t.data, src=0)
+        if self.context_parallel > 1:
+            for m in (policy, reference, ema):
+                if m is None:
+                    continue
+                if not callable(getattr(m, "set_context_parallel", None)):
+                    raise ValueError(f"distributed.context_parallel = {self.context_parallel}: the model "
+                                     f"({type(m).__name__}) cannot shard its tokens (no set_context_parallel); "
+                                     "context parallelism supports the built-in DiT")
+                m.set_context_parallel(self.cp_group)
         if activation_checkpointing:
             checkpoint_blocks(policy)
         if self.mode == "ddp":

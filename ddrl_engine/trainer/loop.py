@@ -264,7 +264,8 @@ class Trainer:
         self.cfg, self.log = cfg, log
         self.sync_timing = sync_timing
         par = cfg.distributed.parallel
-        self.dist = (Distributed.from_env(par, cfg.run.device, shard_size=cfg.distributed.shard_size)
+        self.dist = (Distributed.from_env(par, cfg.run.device, shard_size=cfg.distributed.shard_size,
+                                          context_parallel=cfg.distributed.context_parallel)
                      if par != "none" else None)
         self.device = cfg.run.device if self.dist is None else self.dist.device
         usable, why = available_backends(self.device).get(cfg.rollout.attention_backend, (False, "unknown backend"))

@@ -47,6 +47,18 @@ are left out. Not included at all: the CUDA context, NCCL buffers, allocator fra
 transient kernel workspaces, and the unsharded gradients FSDP2 accumulates when
 distributed.grad_sync = "update" defers the reduce-scatter; leave headroom. Nothing here was measured
 on a GPU.
+
+Context parallelism (distributed.context_parallel = n_cp; the engine's scheme, docs/distributed.md): the
+blocks run on N / n_cp tokens per sample, so the activations term becomes
+    b (activation_bytes(N / n_cp) + c N v)   the blocks on this rank's tokens, plus the gathered output
+while the rollout states and data latents stay whole samples on every rank (4 (b_r (K + 1) + b_d) N v:
+small next to the activations, 256 bytes a token for Wan's v = 64 against ~0.2 MB a token of block
+activations for Wan2.1-14B in bf16). The weights are sharded by FSDP2 over all W ranks, cp ranks included.
+b_r, b_d are rows per data rank (the global batch over W / n_cp). The communication the cp group adds,
+bytes SENT per GPU (`cp_communication`): per block and per row of a forward, four all-to-alls (q, k, v
+and the attention output) of (N / n_cp) h c bytes each, of which a share (n_cp - 1) / n_cp leaves the GPU,
+plus the output all-gather ((n_cp - 1) / n_cp of N v c); a backward sends the same again (a third time
+when activation checkpointing recomputes the forward).
 """
 from __future__ import annotations
 
@@ -104,6 +116,7 @@ class ModelShape:
     family: str = "wan"
     block_kinds: tuple[tuple[str, int], ...] = ()
     blocks_total: int = 0
+    heads: int = 0  # attention heads (0: unknown); context parallelism needs them divisible by n_cp
 
     def __post_init__(self) -> None:
         for name in ("params", "block_params", "num_blocks", "hidden", "ffn_dim", "latent_per_token",
@@ -237,11 +250,15 @@ def guided_rows(guidance_scale: float) -> int:
 def estimate_memory(model: ModelShape | nn.Module, *, tokens: int, world_size: int, rollout_per_rank: int = 1,
                     data_per_rank: int = 1, parallel: str = "fsdp", activation_checkpointing: bool = False,
                     kl_reference: bool = False, ema: bool = False, sampler_steps: int = 10,
-                    prompts: int = 0, micro_batch: int = 0, guidance_scale: float = 1.0) -> MemoryEstimate:
+                    prompts: int = 0, micro_batch: int = 0, guidance_scale: float = 1.0,
+                    context_parallel: int = 1) -> MemoryEstimate:
     """Per-GPU bytes of one training step (see the module docstring for every term). `model` is a
     ModelShape or a module with `blocks` (see ModelShape.from_module). micro_batch: the trainer's
     optim.micro_batch (rows per forward/backward; 0 = all of the rank's rows), which bounds b.
-    guidance_scale: rollout.guidance_scale (not 1 or 0: the policy loss's forward has two rows per sample)."""
+    guidance_scale: rollout.guidance_scale (not 1 or 0: the policy loss's forward has two rows per sample).
+    context_parallel: distributed.context_parallel (n_cp ranks split each sample's tokens; must divide
+    world_size, tokens and, when known, the heads); rollout_per_rank / data_per_rank are then rows per
+    data rank (per cp group)."""
     shape = model if isinstance(model, ModelShape) else ModelShape.from_module(model)
     if parallel not in PARALLEL:
         raise ValueError(f"memory estimate: 'parallel' must be one of {PARALLEL}, got {parallel!r}")
@@ -257,6 +274,7 @@ def estimate_memory(model: ModelShape | nn.Module, *, tokens: int, world_size: i
         raise ValueError("memory estimate: 'rollout_per_rank' + 'data_per_rank' must be >= 1 (nothing is trained)")
     if parallel == "none" and world_size != 1:
         raise ValueError(f"memory estimate: parallel = 'none' runs one process; 'world_size' must be 1, got {world_size}")
+    cp = _check_cp(shape, tokens, world_size, context_parallel)
     fsdp = parallel == "fsdp"
     held = shape.shard(world_size) if fsdp else shape.params
     c = 2 if fsdp else MASTER_BYTES
@@ -277,12 +295,48 @@ def estimate_memory(model: ModelShape | nn.Module, *, tokens: int, world_size: i
     if fsdp:
         parts["FSDP2 unsharded in flight"] = c * (2 * shape.block_params + shape.root_params) + (c + MASTER_BYTES) * shape.block_params
     name = "activations" + (" (checkpointed)" if activation_checkpointing else "")
-    parts[name] = b * shape.activation_bytes(n, c, activation_checkpointing)
+    if cp == 1:
+        parts[name] = b * shape.activation_bytes(n, c, activation_checkpointing)
+    else:  # the blocks on this rank's tokens; the gathered output is whole
+        parts[name] = b * (shape.activation_bytes(n // cp, c, activation_checkpointing) + c * n * shape.latent_per_token)
     inputs = dict(tokens=tokens, world_size=world_size, rollout_per_rank=rollout_per_rank, data_per_rank=data_per_rank,
+                  context_parallel=cp,
                   parallel=parallel, activation_checkpointing=activation_checkpointing, kl_reference=kl_reference,
                   ema=ema, sampler_steps=sampler_steps, prompts=prompts, micro_batch=micro_batch,
                   guidance_scale=guidance_scale, activation_rows=b, compute_bytes=c)
     return MemoryEstimate(parts, inputs)
+
+
+def _check_cp(shape: ModelShape, tokens: int, world_size: int, cp) -> int:
+    _positive("context_parallel", cp)
+    if world_size % cp:
+        raise ValueError(f"memory estimate: 'context_parallel' = {cp} must divide 'world_size' ({world_size})")
+    if tokens % cp:
+        raise ValueError(f"memory estimate: 'context_parallel' = {cp} must divide the tokens per sample ({tokens:,})")
+    if shape.heads and shape.heads % cp:
+        raise ValueError(f"memory estimate: 'context_parallel' = {cp} must divide the model's attention heads "
+                         f"({shape.heads}; Ulysses all-to-all)")
+    return cp
+
+
+def cp_communication(model: ModelShape, *, tokens: int, context_parallel: int, rollout_rows: int = 1,
+                     data_rows: int = 1, sampler_steps: int = 10, trained_steps: int = 5,
+                     compute_bytes: int = 2, activation_checkpointing: bool = False) -> dict[str, int]:
+    """Bytes one GPU SENDS per training step for context parallelism (the module docstring's count):
+    the rollout (sampler_steps forwards of rollout_rows, no grad) and the update (per trained step a
+    forward and backward of the data rows and of the rollout rows). Rows per data rank. Returns
+    {"per forward row": ..., "rollout": ..., "update": ..., "step": ...}; all 0 at context_parallel = 1.
+    FSDP2's parameter all-gathers and gradient reduce-scatters are not counted here."""
+    cp = _positive("context_parallel", context_parallel)
+    if tokens % cp:
+        raise ValueError(f"memory estimate: 'context_parallel' = {cp} must divide the tokens per sample ({tokens:,})")
+    leave = (cp - 1) / cp
+    c, n = compute_bytes, tokens
+    per_row = round(leave * (4 * model.num_blocks * (n // cp) * model.hidden * c + n * model.latent_per_token * c))
+    rollout = sampler_steps * rollout_rows * per_row
+    passes = 3 if activation_checkpointing else 2  # forward + backward (+ the recomputed forward)
+    update = trained_steps * (rollout_rows + data_rows) * passes * per_row
+    return {"per forward row": per_row, "rollout": rollout, "update": update, "step": rollout + update}
 
 
 def saved_tensor_bytes(fn: Callable[[], object], exclude: list[torch.Tensor] = ()) -> int:
@@ -324,7 +378,7 @@ def _wan(heads: int, ffn: int, layers: int, params: int, block_params: int, sour
     config = dict(num_attention_heads=heads, attention_head_dim=128, ffn_dim=ffn, num_layers=layers, in_channels=16,
                   out_channels=16, text_dim=4096, patch_size=(1, 2, 2))
     return Preset(config, ModelShape(params=params, block_params=block_params, num_blocks=layers, hidden=heads * 128,
-                                     ffn_dim=ffn, latent_per_token=64), source=source)
+                                     ffn_dim=ffn, latent_per_token=64, heads=heads), source=source)
 
 
 def _sd3(layers: int, heads: int, caption: int, pos_max: int, dual: int, params: int, block_params: int,

@@ -11,6 +11,10 @@ Order of work (cheap checks first, nothing downloaded, ever):
    the engine's cache folder, keyed by the model), then the text encoders are freed;
 4. the policy resolves prompt ids from the on-disk bank (device memory follows the batch), gets its
    LoRA adapters seeded by run.seed, and synthetic data (if asked) is drawn from it before training.
+Two-expert Wan2.2 (A14B: transformer_2, boundary_ratio): the policy is a `WanExpertsPolicy` routing each
+row to its expert by level; both experts get LoRA (distinct seeds derived from run.seed) or are both
+fully trained; `[rollout] guidance_scale` guides both experts (WanPipeline's default when
+guidance_scale_2 is not given; no separate low-noise scale is exposed); rollout.cuda_graph is refused.
 Prompt ids: ids 0..len(prompts)-1 are the training prompts (the rollout conditions), then the held-out
 prompts and captions not among them, then the empty prompt.
 """
@@ -164,6 +168,10 @@ def build_pipeline_run(cfg: TrainConfig, *, log=print, progress: bool = True) ->
         raise ValueError(f"config: a {m.kind!r} model is a flow-matching model: 'sampler.name' must be "
                          f"'rectified_flow_sde', got {cfg.sampler.name!r}")
     pre = preflight(m.kind, m.path, m.resolution)
+    if pre.two_experts and cfg.rollout.cuda_graph:
+        raise ValueError(f"config: 'rollout.cuda_graph' = true cannot run the two-expert Wan2.2 folder {m.path!r}: "
+                         "which expert a row runs depends on its level (a data-dependent split, read on the host), "
+                         "which a CUDA graph cannot capture; set rollout.cuda_graph = false")
     sampler = build_sampler(cfg, pre)  # the folder's scheduler config only (schedule = "diffusers"): no weights
     texts = _texts(prompts, eval_prompts, [c for _, c in items])
     # Reward names and model folders are checked before any reward model (then the pipeline) loads.

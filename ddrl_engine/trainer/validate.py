@@ -104,13 +104,19 @@ def check_runnable(cfg, *, built_from_config: bool = True) -> None:
     dev = _device(cfg)
     if cfg.distributed.parallel != "none" and "WORLD_SIZE" in os.environ:
         world = int(os.environ["WORLD_SIZE"])
+        cp = getattr(cfg.distributed, "context_parallel", 1) or 1
+        if world % cp:
+            raise ValueError(f"config: 'distributed.context_parallel' = {cp} must divide the world size ({world})")
+        data_ranks = world // cp  # the ranks of a context-parallel group hold the same samples
+        what = f"the number of data ranks ({data_ranks} = world size {world} / context_parallel {cp})" if cp > 1 \
+            else f"the world size ({world})"
         rollout_batch = cfg.rollout.conditions_per_step * cfg.algorithm.group_size
-        if rollout_batch % world:
+        if rollout_batch % data_ranks:
             raise ValueError(f"config: the rollout batch ({rollout_batch} = rollout.conditions_per_step x "
-                             f"algorithm.group_size) must be divisible by the world size ({world})")
+                             f"algorithm.group_size) must be divisible by {what}")
         data_batch = cfg.data.batch_size or rollout_batch
-        if cfg.algorithm.beta_data > 0 and data_batch % world:
-            raise ValueError(f"config: 'data.batch_size' = {data_batch} must be divisible by the world size ({world})")
+        if cfg.algorithm.beta_data > 0 and data_batch % data_ranks:
+            raise ValueError(f"config: 'data.batch_size' = {data_batch} must be divisible by {what}")
     if not built_from_config or not isinstance(cfg.model, DiTConfig):
         return  # objects given to the Trainer; pipeline rewards, folders, sizes: pipelines.preflight
     from ddrl_engine.trainer.builders import REWARD_NAMES

@@ -30,6 +30,10 @@
 // CUDA/CUTLASS headers only (no torch).
 #include <cuda_runtime.h>
 
+#include <array>
+#include <atomic>
+#include <mutex>
+
 #include <cute/tensor.hpp>
 #include <cute/atom/copy_atom.hpp>
 #include <cute/atom/copy_traits_sm90_tma.hpp>
@@ -478,8 +482,39 @@ bool tensor_map_encoder_available() {
   return err == cudaSuccess && status == cudaDriverEntryPointSuccess && fn != nullptr;
 }
 
+// ---- per-call host work, done once ----------------------------------------------------------
+// A call with the shapes (and buffers) of an earlier one costs cudaGetDevice, the launch and the
+// error checks around it: the device checks, the kernel's register check and shared-memory opt-in
+// are made once per device (and kernel), and the tensor maps are reused while they would encode
+// the same thing (same device, base addresses and extents: PyTorch's caching allocator hands the
+// same blocks back to a loop of same-shaped calls).
+constexpr int kMaxDevices = 64;
+
+// Per device: 0 = not checked yet, else 1 + the cudaError_t of the check (1 = usable).
+using DeviceFlags = std::array<std::atomic<int>, kMaxDevices>;
+
+int once_per_device(DeviceFlags& flags, int dev, int (*check)(int)) {
+  if (dev < 0 || dev >= kMaxDevices) return check(dev);  // beyond the table: check every call
+  const int cached = flags[dev].load(std::memory_order_acquire);
+  if (cached != 0) return cached - 1;
+  const int err = check(dev);  // idempotent: two threads racing here do the same calls
+  flags[dev].store(err + 1, std::memory_order_release);
+  return err;
+}
+
+int check_device(int dev) {
+  int major = 0, minor = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  if (err != cudaSuccess) return static_cast<int>(err);
+  if (major != 9 || minor != 0) return static_cast<int>(cudaErrorNotSupported);
+  if (!tensor_map_encoder_available()) return static_cast<int>(cudaErrorNotSupported);
+  return 0;
+}
+
+// The kernel's checks and attribute, on the current device (`dev`).
 template <int D, typename OutT>
-int launch(const Fp8AttentionParams& p, cudaStream_t stream) {
+int check_kernel(int dev) {
   using T = Sm90Traits<D>;
   auto kernel = fp8_attention_sm90_kernel<D, OutT>;
   constexpr int smem = T::kSmemBytes;
@@ -488,26 +523,77 @@ int launch(const Fp8AttentionParams& p, cudaStream_t stream) {
   // The split must fit the registers the compiled image really got (the static_assert checks the bound).
   if (128 * kProducerRegs + 128 * kConsumers * kConsumerRegs > kThreads * attr.numRegs)
     return static_cast<int>(cudaErrorInvalidConfiguration);
-  int dev = 0, smem_optin = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  int smem_optin = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err != cudaSuccess) return static_cast<int>(err);
   if (smem_optin < smem) return static_cast<int>(cudaErrorInvalidConfiguration);
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return static_cast<int>(err);
-  const KernelParams<D> kp{make_tma_q<D>(p.q8, p.sq_pad, p.bh), make_tma_k<D>(p.k8, p.sk_pad, p.bh),
-                           make_tma_v<D>(p.v8t, p.sk_pad, p.bh), p};
+  return static_cast<int>(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+}
+
+// What a set of tensor maps encodes; equal keys give identical descriptors.
+struct TensorMapKey {
+  int dev;
+  const void* q8;
+  const void* k8;
+  const void* v8t;
+  int64_t sq_pad, sk_pad, bh;
+  bool operator==(const TensorMapKey& o) const {
+    return dev == o.dev && q8 == o.q8 && k8 == o.k8 && v8t == o.v8t && sq_pad == o.sq_pad &&
+           sk_pad == o.sk_pad && bh == o.bh;
+  }
+};
+
+// The kernel parameters for p: the tensor maps from a small most-recently-used table (encoded on a
+// miss), the rest of p as given.
+template <int D>
+KernelParams<D> kernel_params(int dev, const Fp8AttentionParams& p) {
+  struct Entry {
+    TensorMapKey key;
+    KernelParams<D> kp;
+  };
+  constexpr int kEntries = 8;
+  static std::mutex mutex;
+  static std::array<Entry*, kEntries> table{};  // most recent first; entries are never freed
+  const TensorMapKey key{dev, p.q8, p.k8, p.v8t, p.sq_pad, p.sk_pad, p.bh};
+  std::lock_guard<std::mutex> lock(mutex);
+  int hit = -1;
+  for (int i = 0; i < kEntries && table[i] != nullptr; ++i) {
+    if (table[i]->key == key) { hit = i; break; }
+  }
+  Entry* e = nullptr;
+  if (hit >= 0) {
+    e = table[hit];
+  } else {
+    e = table[kEntries - 1];  // reuse the least recent slot's storage
+    const KernelParams<D> fresh{make_tma_q<D>(p.q8, p.sq_pad, p.bh), make_tma_k<D>(p.k8, p.sk_pad, p.bh),
+                                make_tma_v<D>(p.v8t, p.sk_pad, p.bh), p};
+    if (e == nullptr) e = new Entry{key, fresh};
+    else *e = Entry{key, fresh};
+    hit = kEntries - 1;
+  }
+  for (int i = hit; i > 0; --i) table[i] = table[i - 1];  // move to the front
+  table[0] = e;
+  KernelParams<D> kp = e->kp;
+  kp.p = p;  // scales, v_mean and the output change from call to call
+  return kp;
+}
+
+template <int D, typename OutT>
+int launch(const Fp8AttentionParams& p, int dev, cudaStream_t stream) {
+  static DeviceFlags kernel_ready{};
+  if (const int err = once_per_device(kernel_ready, dev, &check_kernel<D, OutT>)) return err;
+  const KernelParams<D> kp = kernel_params<D>(dev, p);
   const int64_t blocks = p.bh * (p.sq_pad / kBM);
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(kp);
+  fp8_attention_sm90_kernel<D, OutT><<<static_cast<unsigned>(blocks), kThreads, Sm90Traits<D>::kSmemBytes, stream>>>(kp);
   return static_cast<int>(cudaGetLastError());
 }
 
 template <int D>
-int launch_out(const Fp8AttentionParams& p, cudaStream_t stream) {
+int launch_out(const Fp8AttentionParams& p, int dev, cudaStream_t stream) {
   switch (p.out_dtype) {
-    case DType::kFloat32: return launch<D, float>(p, stream);
-    case DType::kBFloat16: return launch<D, __nv_bfloat16>(p, stream);
-    case DType::kFloat16: return launch<D, __half>(p, stream);
+    case DType::kFloat32: return launch<D, float>(p, dev, stream);
+    case DType::kBFloat16: return launch<D, __nv_bfloat16>(p, dev, stream);
+    case DType::kFloat16: return launch<D, __half>(p, dev, stream);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }
@@ -536,15 +622,12 @@ int launch_fp8_attention_sm90(const Fp8AttentionParams& p, void* stream) {
   if (const int err = check_params(p)) return err;
   // An earlier launch's error is reported as it is, never cleared by the lookups below.
   if (const cudaError_t prior = cudaPeekAtLastError(); prior != cudaSuccess) return static_cast<int>(prior);
-  int dev = 0, major = 0, minor = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-  if (err != cudaSuccess) return static_cast<int>(err);
-  if (major != 9 || minor != 0) return static_cast<int>(cudaErrorNotSupported);
-  if (!tensor_map_encoder_available()) return static_cast<int>(cudaErrorNotSupported);
+  int dev = 0;
+  if (const cudaError_t err = cudaGetDevice(&dev); err != cudaSuccess) return static_cast<int>(err);
+  static DeviceFlags device_ready{};
+  if (const int err = once_per_device(device_ready, dev, &check_device)) return err;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return p.d == 64 ? launch_out<64>(p, s) : launch_out<128>(p, s);
+  return p.d == 64 ? launch_out<64>(p, dev, s) : launch_out<128>(p, dev, s);
 }
 
 }  // namespace ddrl

@@ -28,8 +28,10 @@ DDRL_HD int64_t num_chunks(int64_t cols) { return cols == 0 ? 0 : (cols + kChunk
 
 // ---- fused diffusion loss ----------------------------------------------------------------
 // residual = pred - (noise_coef * noise + data_coef * x0); the target is never materialised.
-DDRL_HD float diffusion_residual(float pred, float x0, float noise, float noise_coef,
-                                 float data_coef) {
+// F is float, or a SIMD vector of floats (the CPU path's at::vec::Vectorized<float>) with the
+// same IEEE operations in the same order, so both give the same bits per element.
+template <typename F>
+DDRL_HD F diffusion_residual(F pred, F x0, F noise, F noise_coef, F data_coef) {
   return pred - (noise_coef * noise + data_coef * x0);
 }
 // The forward pass stores the residual itself (grad_scale 1); backward applies 2 / cols in fp32.
@@ -42,8 +44,9 @@ DDRL_HD float diffusion_row_loss(float sum_sq, int64_t cols) {
 
 // ---- Gaussian step log-probability ---------------------------------------------------------
 // delta = x_next - mu,  mu = x_coef * x + out_coef * model_out (+ offset).
-DDRL_HD float step_delta(float x_next, float x, float model_out, float offset, float x_coef,
-                         float out_coef) {
+// F as for diffusion_residual.
+template <typename F>
+DDRL_HD F step_delta(F x_next, F x, F model_out, F offset, F x_coef, F out_coef) {
   return x_next - (x_coef * x + out_coef * model_out + offset);
 }
 // The forward pass stores delta / std, the standardised residual (O(1) on-policy, so well

@@ -1,0 +1,31 @@
+// The row kernels built for ATen's AVX2 capability (row_kernels_impl.h), like ATen's own
+// per-capability kernel builds. The target pragma (and the ISA macros it implies) come before
+// every include so the vector headers see the ISA; this file includes only the vector headers, and
+// it runs only when at::get_cpu_capability() says AVX2 (row_kernels_default.cpp chooses).
+// Like ATen's AVX2 kernels, the header inline functions compiled here carry the ISA too.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#pragma GCC target("avx2,fma,f16c")
+// GCC's target pragma does not define the ISA macros the headers test (sleef.h, ATen's vec
+// headers), so they are set here to what the pragma enables.
+#ifndef __AVX__
+#define __AVX__ 1
+#endif
+#ifndef __AVX2__
+#define __AVX2__ 1
+#endif
+#ifndef __FMA__
+#define __FMA__ 1
+#endif
+#ifndef __F16C__
+#define __F16C__ 1
+#endif
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#include "row_kernels_impl.h"
+DDRL_DEFINE_ROW_KERNELS(avx2, "AVX2")
+#else
+#include "row_kernels.h"
+namespace ddrl::cpu {
+const RowKernels& row_kernels_avx2() { return row_kernels_default(); }  // not built for this compiler/ISA
+}  // namespace ddrl::cpu
+#endif
