@@ -21,6 +21,7 @@ from ddrl_engine.models.diffusers import TextCondition  # noqa: E402
 from ddrl_engine.trainer.checkpoint import latest_checkpoint, load_weights  # noqa: E402
 from ddrl_engine.trainer.config import load_config  # noqa: E402
 from ddrl_engine.trainer.pipeline_run import build_pipeline_run, load_policy  # noqa: E402
+from tests.trainer_helpers import torchrun_train  # noqa: E402
 from tests.test_pickscore import save_tiny_clip  # noqa: E402
 from tests.tiny_pipelines import (make_flux_pipeline, make_sd3_pipeline, make_wan22_ti2v_pipeline,  # noqa: E402
                                   make_wan_pipeline)
@@ -441,20 +442,10 @@ def test_export_of_a_full_fine_tune_is_a_transformer_folder(assets, tmp_path, ca
 def test_sd3_two_rank_fsdp_matches_one_process(assets, sd3_run, tmp_path, capsys):
     """torchrun, 2 CPU ranks (gloo), FSDP2: the same metrics as the one-process run to float rounding (the
     2 ranks also fill one empty prompt / latent cache together), and its DCP checkpoint exports."""
-    import os
-    import subprocess
-    import sys
-
     cfg = config(assets, tmp_path / "run")
     cfg["distributed"] = {"parallel": "fsdp"}
     path = write(tmp_path / "run.toml", cfg)
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, DDRL_ENGINE_CACHE=str(tmp_path / "cache"),
-               PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "ddrl_engine.cli", "train", "--config", path], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun_train(path, tmp_path / "cache")
     got, want = metrics(tmp_path / "run", "train"), metrics(sd3_run[0], "train")
     assert [m["step"] for m in got] == [m["step"] for m in want] == [1, 2]
     for g, w in zip(got, want):
@@ -482,10 +473,6 @@ def test_sd3_two_rank_fsdp_matches_one_process(assets, sd3_run, tmp_path, capsys
 def test_sd3_full_fine_tune_under_two_rank_fsdp_matches_one_process_and_exports(assets, tmp_path, capsys):
     """Full fine-tuning (lora_rank = 0) of a pipeline transformer under 2-rank FSDP2 (gloo): the same
     metrics as one process, and its sharded DCP checkpoint exports the same transformer folder."""
-    import os
-    import subprocess
-    import sys
-
     def full_ft(out):
         return config(assets, out, model__lora_rank=0, run__steps=1, eval__heldout_loss_levels=1)
 
@@ -495,13 +482,7 @@ def test_sd3_full_fine_tune_under_two_rank_fsdp_matches_one_process_and_exports(
     cfg = full_ft(tmp_path / "two")
     cfg["distributed"] = {"parallel": "fsdp"}
     path = write(tmp_path / "two.toml", cfg)
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, DDRL_ENGINE_CACHE=str(tmp_path / "cache"),
-               PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "ddrl_engine.cli", "train", "--config", path], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun_train(path, tmp_path / "cache")
     for g, w in zip(metrics(tmp_path / "two", "train"), metrics(tmp_path / "one", "train")):
         for k, v in untimed(w).items():
             if not isinstance(v, str):

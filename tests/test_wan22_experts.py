@@ -22,6 +22,7 @@ from ddrl_engine.models.lora_export import LORA_WEIGHT_NAME, LORA_WEIGHT_NAME_2 
 from ddrl_engine.pipelines import load_bundle, preflight  # noqa: E402
 from ddrl_engine.trainer.config import load_config  # noqa: E402
 from ddrl_engine.trainer.pipeline_run import build_pipeline_run  # noqa: E402
+from tests.trainer_helpers import torchrun_train  # noqa: E402
 from tests.test_pickscore import save_tiny_clip  # noqa: E402
 from tests.test_pipeline_run import (EVAL_PROMPTS, TRAIN_PROMPTS, check_run, cli, config, metrics,  # noqa: E402
                                      trained_policy, untimed, write)
@@ -280,10 +281,6 @@ def test_two_rank_fsdp_matches_one_process_and_exports(assets, tmp_path, capsys)
     to float rounding, and its DCP checkpoint exports the same two LoRA files. The reward is brightness:
     the tiny CLIP reward's group spreads are ~1e-4, where a reward's last bit (other batch sizes per rank)
     moves the advantages by ~1e-3 and can flip the sign of near-zero gradients, i.e. of Adam's first step."""
-    import os
-    import subprocess
-    import sys
-
     bright = {"brightness": 1.0}
     one = write(tmp_path / "one.toml", config(assets, tmp_path / "one", "wan", folder="a14b", synthetic=True, rewards=bright))
     rc, _, err = cli(capsys, "train", "--config", one)
@@ -291,13 +288,7 @@ def test_two_rank_fsdp_matches_one_process_and_exports(assets, tmp_path, capsys)
     cfg = config(assets, tmp_path / "two", "wan", folder="a14b", synthetic=True, rewards=bright)
     cfg["distributed"] = {"parallel": "fsdp"}
     path = write(tmp_path / "two.toml", cfg)
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, DDRL_ENGINE_CACHE=str(tmp_path / "cache"),
-               PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "ddrl_engine.cli", "train", "--config", path], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun_train(path, tmp_path / "cache")
     got, want = metrics(tmp_path / "two", "train"), metrics(tmp_path / "one", "train")
     assert [m["step"] for m in got] == [m["step"] for m in want] == [1, 2]
     for g, w in zip(got, want):

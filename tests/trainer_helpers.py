@@ -72,3 +72,21 @@ def make_trainer(cfg, evaluator=False, policy=None, rewards=None):
 
 def with_run(cfg, **kw):
     return replace(cfg, run=replace(cfg.run, **kw))
+
+
+def torchrun_train(config_path, cache_dir, nproc: int = 2, timeout: int = 300):
+    """`ddrl-engine train --config config_path` under torchrun (CPU ranks, gloo) with its own cache
+    folder; asserts it succeeded (showing the end of stderr otherwise)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, DDRL_ENGINE_CACHE=str(cache_dir),
+               PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                           "-m", "ddrl_engine.cli", "train", "--config", str(config_path)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
