@@ -39,21 +39,21 @@ def build_rewards(cfg: TrainConfig) -> WeightedReward:
     return named_rewards(cfg.rewards, cfg.data.dataset == "digits")
 
 
+def check_reward_names(weights: dict[str, float], digits: bool) -> None:
+    """The built-in reward names are known and usable with this data (also checked at config load)."""
+    for name in weights:
+        if name not in REWARD_NAMES:
+            raise ValueError(f"config: unknown reward 'rewards.{name}' (known: {', '.join(REWARD_NAMES)})")
+        if name == "class_confidence" and not digits:
+            raise ValueError("config: reward 'class_confidence' uses the digits classifier; it needs data.dataset = 'digits'")
+
+
 def named_rewards(weights: dict[str, float], digits: bool) -> WeightedReward:
     """The built-in rewards by name (a top-level function: reward workers build them from it)."""
-    rewards = []
-    for name in weights:
-        if name == "brightness":
-            rewards.append(BrightnessReward())
-        elif name == "contrast":
-            rewards.append(ContrastReward())
-        elif name == "class_confidence":
-            if not digits:
-                raise ValueError("config: reward 'class_confidence' uses the digits classifier; it needs data.dataset = 'digits'")
-            rewards.append(ClassConfidenceReward(reward_classifier()))
-        else:
-            raise ValueError(f"config: unknown reward 'rewards.{name}' (known: {', '.join(REWARD_NAMES)})")
-    return WeightedReward(rewards, list(weights.values()))
+    check_reward_names(weights, digits)
+    make = {"brightness": BrightnessReward, "contrast": ContrastReward,
+            "class_confidence": lambda: ClassConfidenceReward(reward_classifier())}
+    return WeightedReward([make[name]() for name in weights], list(weights.values()))
 
 
 def build_trainer_rewards(cfg: TrainConfig, in_process: WeightedReward):

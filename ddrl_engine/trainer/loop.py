@@ -342,10 +342,7 @@ class Trainer:
         if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != self.sample_shape:
             raise ValueError(f"Trainer: dataset.train_x must be [N, *{self.sample_shape}] (the policy's sample_shape), "
                              f"got {tuple(getattr(x, 'shape', ()))}")
-        batch = self.cfg.data.batch_size or self.rollout_batch
-        if self.algo.data_noise == "rollout" and batch != self.rollout_batch:
-            raise ValueError(f"config: data.batch_size = {batch} must equal the rollout batch ({self.rollout_batch}) "
-                             "when algorithm.data_noise = 'rollout' (each data sample is paired with a rollout's noise)")
+        batch = self.cfg.data.batch_size or self.rollout_batch  # equal to the rollout's with data_noise = "rollout" (validate.check_values)
         return DataStream(x, y, batch, seed=self.cfg.run.seed)
 
     def _module(self):

@@ -43,11 +43,10 @@ def check_values(cfg) -> None:
     for name, w in cfg.rewards.items():
         if not math.isfinite(w):
             raise ValueError(f"config: 'rewards.{name}' (a weight) must be finite, got {w}")
-    if isinstance(cfg.algorithm.train_steps, list):
-        bad = [k for k in cfg.algorithm.train_steps if k >= cfg.sampler.num_steps]
-        if bad:
-            raise ValueError(f"config: 'algorithm.train_steps' {bad} out of range for sampler.num_steps = "
-                             f"{cfg.sampler.num_steps} (steps are 0..{cfg.sampler.num_steps - 1})")
+    try:
+        cfg.algorithm.trained_steps(cfg.sampler.num_steps)  # the Trainer's own check, made at load
+    except ValueError as e:
+        raise ValueError(f"config: {e} (sampler.num_steps = {cfg.sampler.num_steps})") from None
     rollout_batch = cfg.rollout.conditions_per_step * cfg.algorithm.group_size
     batch = cfg.data.batch_size or rollout_batch
     if cfg.algorithm.beta_data > 0 and cfg.algorithm.data_noise == "rollout" and batch != rollout_batch:
@@ -119,14 +118,9 @@ def check_runnable(cfg, *, built_from_config: bool = True) -> None:
             raise ValueError(f"config: 'data.batch_size' = {data_batch} must be divisible by {what}")
     if not built_from_config or not isinstance(cfg.model, DiTConfig):
         return  # objects given to the Trainer; pipeline rewards, folders, sizes: pipelines.preflight
-    from ddrl_engine.trainer.builders import REWARD_NAMES
+    from ddrl_engine.trainer.builders import check_reward_names
 
-    unknown = [n for n in cfg.rewards if n not in REWARD_NAMES]
-    if unknown:
-        raise ValueError(f"config: unknown reward 'rewards.{unknown[0]}' (known: {', '.join(REWARD_NAMES)})")
-    if "class_confidence" in cfg.rewards and cfg.data.dataset != "digits":
-        raise ValueError("config: reward 'rewards.class_confidence' uses the digits classifier; it needs "
-                         "data.dataset = 'digits'")
+    check_reward_names(cfg.rewards, cfg.data.dataset == "digits")
     need_states, need_model = _dit_bytes(cfg)
     have = _available_bytes(dev)
     if have is not None and need_states + need_model > have:
