@@ -56,6 +56,14 @@ Fp8AttentionShape check_fp8_attention_inputs(const char* op, const at::Tensor& q
   return s;
 }
 
+at::Tensor fp8_unit_channel_stride(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
+
+Fp8TokenStrides fp8_token_strides(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 4 && t.stride(3) == 1, op, ": '", name, "' must have channel stride 1 (its last dim, D, ",
+              "adjacent in memory), got strides ", t.strides());
+  return {t.stride(0), t.stride(1), t.stride(2)};
+}
+
 Fp8AttentionShape check_fp8_quantized(const char* op, const at::Tensor& q8, const at::Tensor& q_scale,
                                       const at::Tensor& k8, const at::Tensor& k_scale,
                                       const at::Tensor& v8t, const at::Tensor& v_scale,

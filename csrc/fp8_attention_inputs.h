@@ -6,6 +6,8 @@
 
 #include <tuple>
 
+#include "ddrl/fp8_attention_params.h"
+
 namespace ddrl {
 
 struct Fp8AttentionShape {
@@ -17,6 +19,13 @@ struct Fp8AttentionShape {
 // at least one key; k and v share their length; softmax_scale positive and finite. Returns the sizes.
 Fp8AttentionShape check_fp8_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
                                              const at::Tensor& v, double softmax_scale);
+
+// q, k or v as the pre-pass reads it: `t` itself when its channels (last dim) are adjacent, whatever
+// its batch, head and token strides (views are read in place); else a contiguous copy.
+at::Tensor fp8_unit_channel_stride(const at::Tensor& t);
+
+// The batch, head and token strides (elements) of a [B, H, S, D] input; its channel stride must be 1.
+Fp8TokenStrides fp8_token_strides(const char* op, const char* name, const at::Tensor& t);
 
 // The seven tensors fp8_attention_quantize returns (layouts in ddrl/fp8_attention_params.h).
 struct Fp8Quantized {

@@ -60,6 +60,30 @@ def cmd_demo(args):
     print(json.dumps(summary, indent=2))
 
 
+def cmd_study(args):
+    from ddrl_engine.trainer.study import GRIDS, run_study
+
+    names = [n for g in args.grid.split(",") for n in [g.strip()] if n]
+    unknown = [n for n in names if n not in GRIDS]
+    if unknown or not names:
+        raise ValueError(f"--grid: unknown grid(s) {unknown or names} (known: {', '.join(GRIDS)})")
+    variants = [v for n in names for v in GRIDS[n]]
+    if args.variants:
+        keep = [v.strip() for v in args.variants.split(",")]
+        missing = sorted(set(keep) - {v.name for v in variants})
+        if missing:
+            raise ValueError(f"--variants: {missing} not in grid(s) {names} ({', '.join(v.name for v in variants)})")
+        variants = [v for v in variants if v.name in keep]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    study = run_study(args.out, config=args.config, variants=variants, seeds=seeds, steps=args.steps,
+                      eval_every=args.eval_every, reward=args.reward, probe_steps=args.probe_steps,
+                      progress=not args.no_progress)
+    print(f"{len(study['runs'])} runs; report: {args.out}/report.md")
+
+
 def cmd_pretrain(args):
     from ddrl_engine.trainer.builders import build_dataset
     from ddrl_engine.trainer.pretrain import base_cache_path, pretrain_base
@@ -110,8 +134,13 @@ def cmd_train(args):
         if not args.restart:
             trainer.resume()  # the newest whole checkpoint; an error when all are damaged (never a silent restart)
         evals = trainer.train()
-        if trainer._is_writer():
-            _plot_run(trainer.out, cfg.algorithm.method)
+        writer, out = trainer._is_writer(), trainer.out
+        del trainer  # it holds the process groups (FSDP2 state, meshes): dropped before they are freed
+    if writer:
+        _plot_run(out, cfg.algorithm.method)
+    from ddrl_engine.trainer.distributed import Distributed
+
+    Distributed.close()  # under torchrun: joins gloo's worker threads while the interpreter is alive
     if evals:
         print(json.dumps(evals[-1], indent=2))
 
@@ -206,6 +235,7 @@ def cmd_config(args):
 
 def cmd_memory(args):
     from ddrl_engine.trainer import memory as mem
+    from ddrl_engine.trainer.throughput import PEAK_TFLOPS, step_seconds
 
     GIB_ = mem.GIB
 
@@ -218,8 +248,24 @@ def cmd_memory(args):
                    micro_batch=args.micro_batch, guidance_scale=args.guidance_scale)
     if args.context_parallel != 1:
         options["context_parallel"] = args.context_parallel
+    if args.lora_rank or args.dtype != "fp32":
+        options.update(lora_rank=args.lora_rank, dtype=args.dtype)
+    trained = args.trained_steps if args.trained_steps is not None else -(-args.sampler_steps // 2)  # every other
+    steps = dict(trained_steps=trained, data_loss_steps=args.data_loss_steps, ppo_epochs=args.ppo_epochs,
+                 recompute_old_logprobs=args.recompute_old_logprobs)
+    plan = mem.step_plan(activation_checkpointing=args.activation_checkpointing, **steps, **options)  # checks them
+    step_seconds(0, mfu=args.mfu)  # checks --mfu before any output
     if args.summary:
         print(mem.summary_table(tuple(args.world_size), **options))
+        return
+    if args.notes:
+        options.update(lora_rank=args.lora_rank or 32, dtype=args.dtype)
+        for w in args.world_size:
+            print(mem.notes_table(world_size=w, mfu=args.mfu, activation_checkpointing=args.activation_checkpointing,
+                                  **steps, **options))
+        print(f"ESTIMATES from formulas (ddrl_engine/trainer/memory.py, throughput.py), not measured: {args.dtype} "
+              f"policy weights, LoRA rank {options['lora_rank']} or full fine-tuning; s/step at an ASSUMED MFU of "
+              f"{args.mfu:g} of the {PEAK_TFLOPS['H100 SXM']:g} TFLOP/s bf16 dense peak (H100 SXM = H200 SXM)")
         return
     preset = mem.PRESETS[args.preset] if args.preset else None
     if preset is not None:
@@ -258,6 +304,8 @@ def cmd_memory(args):
             frames, height, width = mem.RESOLUTIONS[args.resolution or "480p"]
         tokens = mem.video_tokens(frames, height, width)
         what = f"{frames} frames {width}x{height} = {tokens:,} tokens"
+    tp = mem.throughput_estimate(preset or shape, tokens=tokens, plan=plan, lora_rank=args.lora_rank, mfu=args.mfu,
+                                 context_parallel=args.context_parallel)
     for w in args.world_size:
         est = mem.estimate_memory(shape, tokens=tokens, world_size=w, activation_checkpointing=args.activation_checkpointing,
                                   **options)
@@ -271,23 +319,35 @@ def cmd_memory(args):
         if args.context_parallel != 1:
             comm = mem.cp_communication(shape, tokens=tokens, context_parallel=args.context_parallel,
                                         rollout_rows=args.rollout_per_rank, data_rows=args.data_per_rank,
-                                        sampler_steps=args.sampler_steps, trained_steps=args.trained_steps,
+                                        sampler_steps=args.sampler_steps, trained_steps=trained,
                                         compute_bytes=est.inputs["compute_bytes"],
                                         activation_checkpointing=args.activation_checkpointing)
             print(f"context parallelism {args.context_parallel} ({w // args.context_parallel} data ranks): "
                   f"{comm['per forward row'] / GIB_:.2f} GiB sent per GPU per forward row; per step "
                   f"{comm['rollout'] / GIB_:.1f} GiB (rollout, {args.sampler_steps} steps) + {comm['update'] / GIB_:.1f} "
-                  f"GiB (update, {args.trained_steps} trained steps) = {comm['step'] / GIB_:.1f} GiB")
-        print("ESTIMATE from the formula in ddrl_engine/trainer/memory.py (not measured), for full fine-tuning "
-              "(every parameter trained, fp32 master weights and AdamW states; LoRA runs are not modelled); CUDA "
-              "context, NCCL buffers and fragmentation are not included\n")
+                  f"GiB (update, {trained} trained steps) = {comm['step'] / GIB_:.1f} GiB")
+        phases = " + ".join(f"{k} {v / 1e12:,.1f}" for k, v in tp["phases"].items() if v and k != "step")
+        print(f"compute per GPU per step{'' if preset else ' (custom model: every block weight on every token)'}: "
+              f"{phases} = {tp['phases']['step'] / 1e12:,.1f} TFLOP (one row's forward "
+              f"{tp['forward'] / 1e12:,.2f} TFLOP, "
+              f"{tp['attention'] / tp['forward']:.0%} attention); at an ASSUMED MFU of {args.mfu:g} of the "
+              f"{PEAK_TFLOPS['H100 SXM']:g} TFLOP/s bf16 dense peak (H100 SXM = H200 SXM): {tp['seconds']:,.2f} s/step, "
+              f"{tp['samples_per_s']:.3g} rollout samples/s per GPU ({tp['samples_per_s'] * w:.3g} over {w} GPUs)")
+        tuning = (f"LoRA rank {args.lora_rank} (frozen {args.dtype} base; adapters, their gradients and AdamW states in "
+                  f"{args.dtype})" if args.lora_rank else
+                  f"full fine-tuning (every parameter trained; {args.dtype} weights, gradients and AdamW states)")
+        print(f"ESTIMATE from the formulas in ddrl_engine/trainer/memory.py and throughput.py (not measured), for {tuning}; "
+              "CUDA context, NCCL buffers and fragmentation are not included; the time leaves out rewards, evaluation, "
+              "communication and the optimizer\n")
 
 
 def _add_memory_parser(sub):
     from ddrl_engine.trainer.memory import IMAGE_RESOLUTIONS, PRESETS, RESOLUTIONS
+    from ddrl_engine.trainer.throughput import DEFAULT_MFU
 
-    p = sub.add_parser("memory", help="estimated memory per GPU of a training step (FSDP2/DDP)",
-                       description="Per-GPU memory ESTIMATE (formula in ddrl_engine/trainer/memory.py; not measured).")
+    p = sub.add_parser("memory", help="estimated memory per GPU and time of a training step (FSDP2/DDP)",
+                       description="Per-GPU memory and step-time ESTIMATES (formulas in ddrl_engine/trainer/memory.py "
+                                   "and throughput.py; not measured; the time at an assumed MFU).")
     p.add_argument("--preset", "--model", dest="preset", choices=list(PRESETS),
                    help="a published model's dimensions: " + ", ".join(
                        f"{k} ({v.source}, {v.shape.params / 1e9:.1f}B)" for k, v in PRESETS.items()))
@@ -319,10 +379,23 @@ def _add_memory_parser(sub):
     p.add_argument("--context-parallel", type=int, default=1,
                    help="distributed.context_parallel: GPUs splitting each sample's tokens (default 1); also prints "
                         "the all-to-all volume per step")
-    p.add_argument("--trained-steps", type=int, default=5,
-                   help="trained sampling steps per update (for the context-parallel volume; default 5)")
+    p.add_argument("--trained-steps", type=int,
+                   help="trained sampling steps per update (algorithm.train_steps; default every other sampler step)")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="model.lora_rank: adapters on the default lora_targets over a frozen base (default 0: full)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="the policy's parameter dtype (a pipeline run's model.dtype, default there bf16; default here "
+                        "fp32, the built-in DiT's)")
+    p.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+                   help=f"ASSUMED model FLOP utilisation for the step time (default {DEFAULT_MFU})")
+    p.add_argument("--data-loss-steps", choices=("all", "one"), default="all", help="algorithm.data_loss_steps")
+    p.add_argument("--ppo-epochs", type=int, default=1, help="algorithm.ppo_epochs")
+    p.add_argument("--recompute-old-logprobs", action="store_true", help="rollout.recompute_old_logprobs")
     p.add_argument("--summary", action="store_true",
                    help="a markdown table of totals for every preset and resolution at each --world-size")
+    p.add_argument("--notes", action="store_true",
+                   help="a markdown table per preset and resolution: LoRA (--lora-rank, default 32) and full "
+                        "fine-tuning, memory per GPU, fits, TFLOP and seconds per step at --mfu")
     p.set_defaults(fn=cmd_memory)
 
 
@@ -336,6 +409,22 @@ def main(argv=None):
     p.add_argument("--steps", type=int, help="training steps per method")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("study", help="every method over regulariser strengths and seeds (resumable): fronts, "
+                                     "matched-reward table, report")
+    p.add_argument("--out", required=True, help="study folder (rerun the same command to resume)")
+    p.add_argument("--config", help="TOML config (default: the packaged configs/demo.toml)")
+    p.add_argument("--grid", default="default", help="variant grids, comma-separated: default (the methods and "
+                   "the references' forms), investigate (DDRL with one setting changed at a time)")
+    p.add_argument("--variants", help="only these variants of the grid(s), comma-separated")
+    p.add_argument("--seeds", default="0,1,2", help="run.seed values (default 0,1,2)")
+    p.add_argument("--steps", type=int, help="training steps per run (default: the config's)")
+    p.add_argument("--eval-every", type=int, default=40, help="evaluation (and checkpoint) period (default 40)")
+    p.add_argument("--reward", help="train on this built-in reward instead of the config's (e.g. class_margin)")
+    p.add_argument("--probe-steps", type=int, default=12, help="updates of the per-step gradient probe of each "
+                   "DDRL variant (0 = none; default 12)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_study)
 
     for name, fn, help_ in (("pretrain", cmd_pretrain, "pretrain and cache the base model"),
                             ("train", cmd_train, "train one method from the config"),

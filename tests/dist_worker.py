@@ -9,6 +9,8 @@ and records metrics.jsonl instead. --fail-at STEP runs Trainer.train() (resuming
 checkpoint, as `ddrl-engine train` does) and kills rank 1 of the first attempt when it reaches STEP:
 run under `torchrun --max-restarts 1`, the second attempt must finish the run; RESULT then holds the
 attempts seen and metrics.jsonl.
+Each mode returns with its trainer gone before Distributed.close() (see there: the models hold the
+process groups, whose gloo threads must be joined before interpreter exit).
 """
 import argparse
 import json
@@ -18,6 +20,7 @@ from dataclasses import replace
 import torch
 
 from ddrl_engine.trainer.config import DistributedConfig, OptimConfig, RewardWorkersConfig
+from ddrl_engine.trainer.distributed import Distributed
 from tests.trainer_helpers import make_trainer, tiny_config
 
 
@@ -38,18 +41,26 @@ def main():
     p.add_argument("--reward-workers", type=int, default=0)
     p.add_argument("--shard-size", type=int, default=0)
     a = p.parse_args()
-    steps = int(a.steps)
     if a.fail_at is not None:
-        return train_with_failure(a.out, a.parallel, steps, a.result, a.fail_at)
-    if a.full:
-        trainer = make_trainer(full_config(a.out, steps, a.parallel), evaluator=True)
-        trainer.train()
-        if trainer.dist.rank == 0:
-            lines = (trainer.out / "metrics.jsonl").read_text().splitlines()
-            with open(a.result, "w") as f:
-                json.dump({"world_size": trainer.dist.world_size, "metrics": [json.loads(ln) for ln in lines]}, f)
-        trainer.dist.close()
-        return
+        train_with_failure(a.out, a.parallel, int(a.steps), a.result, a.fail_at)
+    elif a.full:
+        train_full(a)
+    else:
+        train_steps(a)
+    Distributed.close()
+
+
+def train_full(a):
+    trainer = make_trainer(full_config(a.out, int(a.steps), a.parallel), evaluator=True)
+    trainer.train()
+    if trainer.dist.rank == 0:
+        lines = (trainer.out / "metrics.jsonl").read_text().splitlines()
+        with open(a.result, "w") as f:
+            json.dump({"world_size": trainer.dist.world_size, "metrics": [json.loads(ln) for ln in lines]}, f)
+
+
+def train_steps(a):
+    steps = int(a.steps)
     cfg = replace(tiny_config(a.out, steps=steps), distributed=DistributedConfig(parallel=a.parallel, grad_sync=a.grad_sync,
                                                                                 shard_size=a.shard_size),
                   reward_workers=RewardWorkersConfig(workers=a.reward_workers, timeout_s=60))
@@ -78,7 +89,6 @@ def main():
             json.dump({"world_size": trainer.dist.world_size, "records": records, "placements": placements}, f)
     if rewards is not None:
         rewards.close()
-    trainer.dist.close()
 
 
 def count_allreduces(ddp_model):
@@ -112,7 +122,6 @@ def train_with_failure(out, parallel, steps, result, fail_at):
         lines = (trainer.out / "metrics.jsonl").read_text().splitlines()
         with open(result, "w") as f:
             json.dump({"attempt": attempt, "resumed_at": resumed_at, "metrics": [json.loads(ln) for ln in lines]}, f)
-    trainer.dist.close()
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@
   FSDP2 (weights sharded over the cp ranks) for the video config.
 - A checkpoint written at context_parallel = 2 resumes in one process.
 - Heads or tokens not divisible by N, and sequences shorter than N, are clear errors.
-The multi-process tests (torchrun, ~10 s each on 2 cores) are marked slow. cp x FSDP2 over 4 processes
-(2 data ranks x 2 cp ranks) is not run here (2-core machine): see docs/distributed.md.
+- cp x FSDP2 over 4 processes (2 data ranks x 2 cp ranks, weights sharded over all 4) for the video
+  config reproduces one process.
+The multi-process tests (torchrun, gloo, one thread per rank) are marked slow.
 """
 import json
 import os
@@ -90,10 +91,12 @@ def run_records(trainer, gather=None, save_every: int = 0) -> list[dict]:
     return records
 
 
-def _torchrun(nproc: int, *args) -> subprocess.CompletedProcess:
+def _torchrun(nproc: int, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """tests/cp_worker.py ARGS on `nproc` gloo ranks (one thread each; `env` added to the environment)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "tests.cp_worker", *map(str, args)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               **(env or {}))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
@@ -121,6 +124,20 @@ def test_bad_shapes_are_clear_errors(heads, tokens, size, match):
     with pytest.raises(ValueError, match="distributed.context_parallel") as e:
         check_context_parallel(heads, tokens, size, "DiT")
     assert e.match(match)
+
+
+@pytest.mark.parametrize("text_tokens", [-1, 6, 7])
+def test_joint_text_must_leave_image_tokens(monkeypatch, text_tokens):
+    """Joint Ulysses (SD3 / FLUX) refuses a text length that leaves no image tokens, before communicating."""
+    import torch.distributed as dist
+
+    from ddrl_engine.attention.context_parallel import ulysses_attention
+
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    q = torch.zeros(1, 4, 6, 8)
+    with pytest.raises(ValueError, match=rf"text_tokens = {text_tokens} must leave image tokens"):
+        ulysses_attention(q, q, q, object(), lambda *a: None, text_tokens=text_tokens)
 
 
 def test_good_shapes_pass():
@@ -201,7 +218,7 @@ def _assert_weights(got, want):
 @pytest.mark.slow
 def test_cp2_training_reproduces_one_process(image_runs):
     run = image_runs["cp2"]
-    assert run["world_size"] == 2 and run["data_size"] == 1
+    assert run["world_size"] == 2 and run["data_size"] == 1 and run["cp_size"] == 2
     _assert_same(run["records"], image_runs["plain"])
     _assert_weights(image_runs["cp2_weights"], image_runs["plain_weights"])
     # the runs move: a regression that froze training would not pass as "equal"
@@ -226,6 +243,22 @@ def test_cp2_fsdp_video_reproduces_one_process(tmp_path):
     _torchrun(2, "train", tmp_path / "cp2", tmp_path / "cp2.json", "--video", "--steps", 2, "--cp", 2,
               "--parallel", "fsdp")
     run = json.loads((tmp_path / "cp2.json").read_text())
+    assert run["cp_size"] == 2
+    _assert_same(run["records"], records)
+    _assert_weights(torch.load(str(tmp_path / "cp2.json") + ".weights.pt"), plain._module().state_dict())
+
+
+@pytest.mark.slow
+def test_cp2_x_fsdp_over_4_processes_reproduces_one_process(tmp_path):
+    """4 processes = 2 data ranks x 2 cp ranks (mesh ("dp", "cp")), FSDP2 sharding the weights over all
+    4: each data rank holds half of the batch, each cp rank half of every sample's tokens; the rewards
+    and metrics reduce over the data ranks, the gradients over all 4."""
+    plain = make_cp_trainer(cp_config(tmp_path / "plain", True, 2))
+    records = run_records(plain)
+    _torchrun(4, "train", tmp_path / "cp2", tmp_path / "cp2.json", "--video", "--steps", 2, "--cp", 2,
+              "--parallel", "fsdp")
+    run = json.loads((tmp_path / "cp2.json").read_text())
+    assert run["world_size"] == 4 and run["data_size"] == 2 and run["cp_size"] == 2
     _assert_same(run["records"], records)
     _assert_weights(torch.load(str(tmp_path / "cp2.json") + ".weights.pt"), plain._module().state_dict())
 

@@ -1,5 +1,6 @@
 """ddrl::fp8_attention: the CPU emulation against float64 attention (Gaussian and outlier inputs,
-odd lengths, both head dims), the quantised tensors against their definition, bad inputs, opcheck,
+odd lengths, both head dims), strided views (bitwise their copies, read without a copy), the
+quantised tensors against their definition, bad inputs, opcheck,
 torch.compile; the SASS of the built extension (IGMMA/QGMMA/TMA loads) and no link-time libcuda;
 on a GPU, CUDA vs the emulation."""
 from __future__ import annotations
@@ -80,6 +81,85 @@ def test_non_contiguous_inputs():
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv(2, 3, 70, 90, 64, seed=3))
     assert not q.is_contiguous()
     torch.testing.assert_close(fp8_attention(q, k, v), fp8_attention(q.contiguous(), k.contiguous(), v.contiguous()), rtol=0, atol=0)
+
+
+# ---- strided q, k, v: read in place (issue 16 item 3) ----------------------------------------------
+
+# Views a model hands the op, and whether the pre-pass must copy them (only a non-adjacent channel dim).
+STRIDED_LAYOUTS = {"dit": False, "sliced": False, "expanded": False, "channel_strided": True}
+
+
+def strided_qkv(layout, B, H, Sq, Sk, D, *, dtype, seed, device="cpu"):
+    """q, k, v [B, H, S, D] as views with the strides of `layout`; the base tensors are made on
+    `device` (moving a view would make it contiguous)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def base(*shape):
+        return torch.randn(*shape, generator=g).to(dtype=dtype, device=device)
+
+    if layout == "dit":  # DiT attention: the [B, S, 3, H, D] projection permuted (k, v; q from its own)
+        q = base(B, Sq, H, D).transpose(1, 2)
+        k, v = base(B, Sk, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+    elif layout == "sliced":  # a window of larger tensors: storage offsets, padded head and token strides
+        q, k, v = (base(B + 1, H + 2, S + 3, D + 8)[1:, 1:H + 1, 2:S + 2, 3:D + 3] for S in (Sq, Sk, Sk))
+    elif layout == "expanded":  # broadcast: q over the batch (stride 0), k and v over batch and heads
+        q = base(1, H, Sq, D).expand(B, H, Sq, D)
+        k, v = (base(1, 1, Sk, D).expand(B, H, Sk, D) for _ in range(2))
+    else:  # channel_strided: [B, H, D, S] storage transposed, channels S apart
+        q, k, v = (base(B, H, D, S).transpose(2, 3) for S in (Sq, Sk, Sk))
+    assert not q.is_contiguous(), layout  # (k and v of one token may be: size-1 dims have any stride)
+    return q, k, v
+
+
+@pytest.mark.parametrize("layout", list(STRIDED_LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("Sq,Sk", [(65, 129), (129, 1)])
+def test_strided_inputs_bitwise_equal_contiguous_copies(layout, dtype, D, Sq, Sk):
+    seed = 1000 + 7 * Sq + Sk + D
+    print(f"seed={seed}")
+    q, k, v = strided_qkv(layout, 2, 3, Sq, Sk, D, dtype=dtype, seed=seed)
+    copies = [x.contiguous() for x in (q, k, v)]
+    got, want = fp8_attention_quantize(q, k, v, scale=0.3), fp8_attention_quantize(*copies, scale=0.3)
+    for name, a, b in zip(QuantizedQKV._fields, got, want):
+        assert torch.equal(a, b), f"{layout}: quantised {name} of the view differs from the copy's"
+    assert torch.equal(fp8_attention(q, k, v), fp8_attention(*copies))
+
+
+def _profiled(fn):
+    """fn()'s result, the ATen ops it ran and the bytes it allocated (torch.profiler, CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    ops = {e.name for e in prof.events()}
+    # An event's self memory is what it allocated minus what it freed; a temporary copy is allocated
+    # by aten::empty and freed when the op returns, so the positive parts count every allocation.
+    allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.key_averages() if e.key != "[memory]")
+    return out, ops, allocated
+
+
+COPY_OPS = {"aten::contiguous", "aten::clone"}  # what Tensor.contiguous() runs when it copies
+
+
+@pytest.mark.parametrize("layout", list(STRIDED_LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_strided_inputs_are_not_copied(layout, dtype):
+    """The pre-pass allocates its outputs and nothing else for views with adjacent channels; the
+    channel-strided layout (copied by design) shows that the check sees a copy when one happens."""
+    seed = 2000 + len(layout)
+    print(f"seed={seed}")
+    q, k, v = strided_qkv(layout, 2, 2, 129, 129, 64, dtype=dtype, seed=seed)
+    t, ops, allocated = _profiled(lambda: fp8_attention_quantize(q, k, v))
+    outputs = sum(x.nbytes for x in t)
+    if STRIDED_LAYOUTS[layout]:
+        assert ops & COPY_OPS and allocated == outputs + sum(x.contiguous().nbytes for x in (q, k, v)), \
+            f"{layout}: expected q, k, v copied (ops {sorted(ops & COPY_OPS)}, {allocated} bytes)"
+    else:
+        assert not ops & COPY_OPS, f"{layout}: q, k or v copied ({sorted(ops & COPY_OPS)})"
+        assert allocated == outputs, f"{layout}: {allocated} bytes allocated, the outputs are {outputs}"
+    _, ops, _ = _profiled(lambda: fp8_attention(q, k, v))  # the public entry adds no copy either
+    assert bool(ops & COPY_OPS) == STRIDED_LAYOUTS[layout], sorted(ops & COPY_OPS)
 
 
 # ---- the quantised tensors match their definition --------------------------------------------
@@ -350,6 +430,53 @@ def test_cuda_large_vs_float64():
     got = fp8_attention(q, k, v)
     want = attention_ref(q, k, v)
     assert rel_l2(got, want) <= TARGET_REL_L2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("layout", list(STRIDED_LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("D", [64, 128])
+def test_cuda_strided_inputs_match_emulation(layout, dtype, D):
+    """The CUDA pre-pass reads the views in place (no copy unless the channels are not adjacent):
+    its quantised tensors are the CPU emulation's bit for bit, and the attention equals the one on
+    contiguous copies."""
+    ok, why = _fp8_cuda_usable()
+    if not ok:
+        pytest.skip(why)
+    seed = 3000 + D + len(layout)
+    print(f"seed={seed}")
+    q, k, v = strided_qkv(layout, 2, 3, 129, 129, D, dtype=dtype, seed=seed, device="cuda")
+    tc, ops, _ = _profiled(lambda: fp8_attention_quantize(q, k, v))
+    assert bool(ops & COPY_OPS) == STRIDED_LAYOUTS[layout], f"{layout}: copies {sorted(ops & COPY_OPS)}"
+    tcpu = fp8_attention_quantize(*(x.cpu() for x in (q, k, v)))
+    copies = [x.contiguous() for x in (q, k, v)]
+    for name, a, b, c in zip(QuantizedQKV._fields, tc, tcpu, fp8_attention_quantize(*copies)):
+        assert torch.equal(a.cpu(), b), f"{layout}: quantised {name}: CUDA differs from the CPU emulation"
+        assert torch.equal(a, c), f"{layout}: quantised {name}: the view differs from its copy on CUDA"
+    assert torch.equal(fp8_attention(q, k, v), fp8_attention(*copies))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("Sq", [1, 129, 200])
+def test_cuda_paired_output_stores(D, Sq):
+    """The epilogue stores two adjacent columns at once: the bf16 and fp16 outputs are the fp32 output
+    rounded to nearest, element for element (a swapped or shifted pair breaks it, in the partial last
+    query tile too), and the fp32 output matches the emulation."""
+    ok, why = _fp8_cuda_usable()
+    if not ok:
+        pytest.skip(why)
+    seed = 4000 + D + Sq
+    print(f"seed={seed}")
+    q, k, v = qkv(1, 2, Sq, 300, D, seed=seed, device="cuda")
+    t = fp8_attention_quantize(q, k, v)
+    f32 = fp8_attention_quantized(t, Sq, 300, torch.float32)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(fp8_attention_quantized(t, Sq, 300, dtype), f32.to(dtype)), dtype
+    emu = fp8_attention_quantized(fp8_attention_quantize(q.cpu(), k.cpu(), v.cpu()), Sq, 300, torch.float32)
+    assert rel_l2(f32, emu.double()) < 2e-3
 
 
 # ---- the rollout/train mismatch monitor -------------------------------------------------------

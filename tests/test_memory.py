@@ -61,7 +61,17 @@ def test_one_process_matches_a_real_model_after_an_optimizer_step():
     assert "FSDP2 unsharded in flight" not in est.parts
 
 
-def _fsdp_worker(rank: int, world: int, store: str, out: str) -> None:
+def _lora_held_bytes(policy, opt) -> dict:
+    """held_bytes of a LoRA policy: the frozen base, and the adapters with their gradients and moments."""
+    nbytes = lambda ts: sum(_local(t).numel() * _local(t).element_size() for t in ts)  # noqa: E731
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    moments = [s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]
+    return {"frozen base (fp32)": nbytes(p for p in policy.parameters() if not p.requires_grad),
+            "LoRA weights (fp32)": nbytes(trained), "LoRA gradients (fp32)": nbytes(p.grad for p in trained),
+            "LoRA AdamW states (fp32)": nbytes(moments)}
+
+
+def _fsdp_worker(rank: int, world: int, store: str, out: str, lora_rank: int) -> None:
     import torch.distributed as dist
 
     from ddrl_engine.trainer.distributed import Distributed
@@ -69,28 +79,35 @@ def _fsdp_worker(rank: int, world: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         policy = tiny_wan_policy()
+        if lora_rank:
+            policy.enable_lora(lora_rank, seed=0)
         Distributed("fsdp", rank, world, "cpu").fully_shard(policy)
         torch.manual_seed(1)  # the same batch on every rank
         opt = one_step(policy)
         with open(f"{out}.{rank}", "w") as f:
-            json.dump(held_bytes(policy, opt), f)
+            json.dump((_lora_held_bytes if lora_rank else held_bytes)(policy, opt), f)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_fsdp2_shards_match_at_world_size_2(tmp_path):
+@pytest.mark.parametrize("lora_rank", [0, 3])
+def test_fsdp2_shards_match_at_world_size_2(tmp_path, lora_rank):
+    """FSDP2 shards of a full and a LoRA fine-tune (the frozen base is sharded too; rank 3: odd rows)."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "held")), nprocs=2)
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "held"), lora_rank), nprocs=2)
     ranks = [json.loads((tmp_path / f"held.{r}").read_text()) for r in range(2)]
     policy = tiny_wan_policy()
-    est = estimate_memory(policy, tokens=48, world_size=2)
-    total = 4 * sum(p.numel() for p in policy.parameters())
-    for part, factor in (("weights (fp32)", 1), ("gradients (fp32)", 1), ("AdamW states (fp32)", 2)):
+    est = estimate_memory(policy, tokens=48, world_size=2, lora_rank=lora_rank)
+    base = 4 * sum(p.numel() for p in policy.parameters())
+    total = 4 * ModelShape.from_module(policy).lora_params(lora_rank) if lora_rank else base
+    pre = "LoRA " if lora_rank else ""
+    parts = [(f"{pre}weights (fp32)", 1), (f"{pre}gradients (fp32)", 1), (f"{pre}AdamW states (fp32)", 2)]
+    for part, factor in parts + ([("frozen base (fp32)", 1)] if lora_rank else []):
         # The estimate is the largest rank's shard (rank 0: ceil(rows / 2) rows of every parameter).
         assert est.parts[part] == max(r[part] for r in ranks) == ranks[0][part], part
-        assert sum(r[part] for r in ranks) == factor * total, part
+        assert sum(r[part] for r in ranks) == factor * (base if part.startswith("frozen") else total), part
 
 
 def test_world_size_scaling():
@@ -154,18 +171,40 @@ def test_activation_factors_match_what_autograd_saves(dtype):
         assert one - block == pytest.approx(ao * hidden, rel=0.35), (ffn, one - block)
 
 
+def _default_lora_targets():
+    from ddrl_engine.trainer.config import PipelineModelConfig
+
+    return PipelineModelConfig().lora_targets
+
+
+def adapted_linears(module) -> list:
+    """The Linears the default lora_targets name, matched as peft matches them (the name or a '.'-suffix)."""
+    targets = _default_lora_targets()
+    return [m for name, m in module.named_modules()
+            if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)]
+
+
 def test_presets_match_the_diffusers_models():
-    assert set(PRESETS) == {"sd3.5-medium", "sd3.5-large", "flux.1-dev", "wan2.1-1.3b", "wan2.1-14b"}
+    from ddrl_engine.models.diffusers import WanExpertsPolicy
+
+    assert set(PRESETS) == {"sd3.5-medium", "sd3.5-large", "flux.1-dev", "wan2.1-1.3b", "wan2.1-14b", "wan2.2-a14b"}
     for name, preset in PRESETS.items():
         with torch.device("meta"):
-            model = getattr(diffusers, preset.model_class)(**preset.config)
+            experts = [getattr(diffusers, preset.model_class)(**preset.config) for _ in range(preset.shape.experts)]
+        model = experts[0] if len(experts) == 1 else WanExpertsPolicy(*experts, (16, 21, 60, 104), boundary_ratio=0.875)
         shape = ModelShape.from_module(model)
         s = preset.shape
         assert (shape.params, shape.block_params, shape.num_blocks, shape.hidden, shape.ffn_dim, shape.latent_per_token,
-                shape.family, shape.block_kinds, shape.blocks_total, shape.root_params) \
+                shape.family, shape.block_kinds, shape.blocks_total, shape.root_params, shape.experts) \
             == (s.params, s.block_params, s.num_blocks, s.hidden, s.ffn_dim, s.latent_per_token,
-                s.family, s.block_kinds, s.blocks_total, s.root_params), name
+                s.family, s.block_kinds, s.blocks_total, s.root_params, s.experts), name
         assert shape.params == sum(p.numel() for p in model.parameters()), name
+        # LoRA: every adapted Linear is h -> h and gets R (in + out) parameters
+        linears = adapted_linears(model)
+        assert all(m.in_features == m.out_features == s.hidden for m in linears), name
+        assert s.lora_params(16) == 16 * sum(m.in_features + m.out_features for m in linears), name
+    assert PRESETS["wan2.2-a14b"].shape.params == 2 * PRESETS["wan2.1-14b"].shape.params
+    assert PRESETS["wan2.2-a14b"].config == PRESETS["wan2.1-14b"].config
     assert PRESETS["wan2.1-1.3b"].shape.hidden == 1536 and PRESETS["wan2.1-14b"].shape.hidden == 5120
     assert video_tokens(*RESOLUTIONS["480p"]) == 21 * 30 * 52 == 32_760
     assert video_tokens(*RESOLUTIONS["720p"]) == 21 * 45 * 80 == 75_600
@@ -429,7 +468,7 @@ def test_readme_memory_notes_are_the_current_estimates():
     section = readme.split("## Post-train SD3.5, FLUX or Wan", 1)[1].split("\n## ", 1)[0]
     assert "estimates, from a formula, not measurements" in section
     rows = re.findall(r"^\| (\S+) \| ([^,| ]+)(?:,[^|]*)? \| ([\d,]+)(?: \+ \d+ text)? \| (.+) \|$", section, flags=re.M)
-    assert len(rows) == 7, rows
+    assert len(rows) == 8, rows
     sizes = {"1024x1024": "1024px", "512x512": "512px", "480p": "480p", "720p": "720p"}
     for name, size, tokens, cells in rows:
         preset = PRESETS[name]
@@ -439,3 +478,213 @@ def test_readme_memory_notes_are_the_current_estimates():
             total = estimate_memory(preset.shape, tokens=n, world_size=8, activation_checkpointing=ckpt, guidance_scale=g).total
             fits = "both" if total <= GPUS["H100 80GB"] else "H200 only" if total <= GPUS["H200 141GB"] else "neither"
             assert cell == f"{total / GIB:,.1f} ({fits})", (name, size, ckpt, g, cell)
+
+
+# ---- LoRA, the policy's dtype, two experts --------------------------------------------------------------
+
+from ddrl_engine.trainer.memory import (LORA_ACTIVATION_FACTORS, LORA_BLOCK_FACTORS, LORA_OUT_FACTORS,  # noqa: E402
+                                        notes_table)
+from ddrl_engine.trainer.throughput import LORA_ADAPTERS  # noqa: E402
+
+
+def _tiny_policy(family, dtype, seed):
+    """(policy, a batch (x, t, cond)) of a tiny model of `family` in `dtype`."""
+    from ddrl_engine.models.diffusers import FluxPolicy, SD3Policy, TextCondition
+
+    torch.manual_seed(seed)
+    if family == "wan":
+        return tiny_wan_policy(layers=2, dtype=dtype), (torch.randn(2, *SHAPE), torch.rand(2), torch.randn(2, 5, 16))
+    cond = TextCondition(torch.randn(2, 5, 16), torch.randn(2, 8))
+    model = _tiny_sd3(layers=2, dual=(0,), dtype=dtype) if family == "sd3" else _tiny_flux(double=1, single=2, dtype=dtype)
+    policy = (SD3Policy if family == "sd3" else FluxPolicy)(model, (4, 8, 8))
+    return policy, (torch.randn(2, 4, 8, 8), torch.rand(2), cond)
+
+
+@pytest.mark.parametrize("family", ["wan", "sd3", "flux"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rank", [2, 8])
+def test_lora_parts_match_a_real_optimizer_step(family, dtype, rank, seed):
+    """enable_lora (what a pipeline run with model.lora_rank does) then one AdamW step: the frozen base and the
+    adapters, their gradients and AdamW states are what the estimate says, in the policy's dtype."""
+    policy, (x, t, cond) = _tiny_policy(family, dtype, seed)
+    shape = ModelShape.from_module(policy)
+    assert policy.enable_lora(rank, seed=seed) == shape.lora_params(rank)
+    frozen = [p for p in policy.parameters() if not p.requires_grad]
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-3)
+    policy(x, t, cond).square().mean().backward()
+    opt.step()
+    name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    est = estimate_memory(shape, tokens=16, world_size=1, parallel="none", lora_rank=rank, dtype=name,
+                          kl_reference=True, ema=True)
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    assert all(p.grad is None for p in frozen) and {p.dtype for p in trained} == {dtype}
+    got = {f"frozen base ({name})": nbytes(frozen), f"LoRA weights ({name})": nbytes(trained),
+           f"LoRA gradients ({name})": nbytes(p.grad for p in trained),
+           f"LoRA AdamW states ({name})": nbytes(s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))}
+    assert {k: est.parts[k] for k in got} == got
+    # the KL reference and the EMA are deep copies of the whole policy
+    assert est.parts[f"KL reference ({name})"] == est.parts[f"EMA weights ({name})"] == \
+        sum(p.numel() * p.element_size() for p in policy.parameters())
+
+
+def test_lora_and_dtype_shrink_the_weight_parts():
+    shape = PRESETS["flux.1-dev"].shape
+    full32 = estimate_memory(shape, tokens=4096, world_size=8)
+    full16 = estimate_memory(shape, tokens=4096, world_size=8, dtype="bf16")
+    lora = estimate_memory(shape, tokens=4096, world_size=8, dtype="bf16", lora_rank=32)
+    assert full16.parts["weights (bf16)"] * 2 == full32.parts["weights (fp32)"]
+    assert full16.parts["AdamW states (bf16)"] * 2 == full32.parts["AdamW states (fp32)"]
+    assert lora.parts["frozen base (bf16)"] == full16.parts["weights (bf16)"]  # FSDP2 shards the frozen base too
+    n_lora = shape.lora_params(32)
+    assert n_lora == 32 * 2 * 3072 * (19 * 4 + 38 * 3)  # double blocks q, k, v, out; single blocks q, k, v
+    # lora_A [32, h] and lora_B [h, 32] split by rows over 8 ranks
+    assert lora.parts["LoRA weights (bf16)"] == 2 * (19 * 4 + 38 * 3) * (4 * 3072 + 384 * 32)
+    assert lora.parts["LoRA AdamW states (bf16)"] == 2 * lora.parts["LoRA weights (bf16)"]
+    assert _act(lora) < 0.65 * _act(full16) and lora.total < 0.5 * full16.total
+    ddp = estimate_memory(shape, tokens=4096, world_size=8, parallel="ddp", dtype="bf16", lora_rank=32)
+    assert ddp.parts["LoRA gradients (bf16)"] == 2 * 2 * n_lora  # + DDP's buckets of the trained parameters
+    with pytest.raises(ValueError, match="'dtype'"):
+        estimate_memory(shape, tokens=4096, world_size=8, dtype="int8")
+    with pytest.raises(ValueError, match="'lora_rank'"):
+        estimate_memory(shape, tokens=4096, world_size=8, lora_rank=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_lora_activation_factors_match_what_autograd_saves(dtype, seed):
+    """Re-measures LORA_ACTIVATION_FACTORS (Wan) and LORA_BLOCK_FACTORS / LORA_OUT_FACTORS (MMDiT) with adapters
+    of ranks 4 and 8 on a frozen base: the intercept is the factor, the slope c R per adapter and token."""
+    from ddrl_engine.models.diffusers import FluxPolicy, SD3Policy, TextCondition
+
+    c, h = dtype.itemsize, 64
+
+    def lora(policy, rank):
+        policy.enable_lora(rank, seed=seed)
+        return policy
+
+    def wan_per_token(layers, ffn, rank):
+        policy = lora(tiny_wan_policy(layers=layers, ffn=ffn, dtype=dtype), rank)
+        sizes = []
+        for hw in (8, 16):
+            x = torch.randn(1, 4, 2, hw, hw, dtype=dtype)
+            fn = lambda: policy.model(hidden_states=x, timestep=torch.tensor([500.0]),  # noqa: E731
+                                      encoder_hidden_states=torch.randn(1, 5, 16, dtype=dtype), return_dict=False)
+            sizes.append((2 * hw * hw // 4, saved_tensor_bytes(fn, list(policy.parameters()) + [x])))
+        (n1, b1), (n2, b2) = sizes
+        return (b2 - b1) / (n2 - n1)
+
+    ah, af, ao = LORA_ACTIVATION_FACTORS[c]
+    for ffn in (128, 512):
+        block = {r: wan_per_token(2, ffn, r) - wan_per_token(1, ffn, r) for r in (4, 8)}
+        assert block[8] - block[4] == pytest.approx(c * 4 * LORA_ADAPTERS["wan"][1], rel=0.02), block
+        assert block[4] - c * 4 * LORA_ADAPTERS["wan"][1] == pytest.approx(ah * h + af * ffn, rel=0.1), (ffn, block)
+    one = wan_per_token(1, 128, 4)
+    assert one - (wan_per_token(2, 128, 4) - one) == pytest.approx(ao * h, rel=0.35, abs=h)
+
+    def saved(policy, hw, txt):
+        x = torch.randn(1, 4, hw, hw, dtype=dtype)
+        cond = TextCondition(torch.randn(1, txt, 16, dtype=dtype), torch.randn(1, 8, dtype=dtype))
+        return saved_tensor_bytes(lambda: policy._velocity(x, torch.tensor([0.5]), cond),
+                                  list(policy.parameters()) + [x, cond.embeds, cond.pooled])
+
+    def per_token(policy):  # (per image token, per text token)
+        return ((saved(policy, 16, 6) - saved(policy, 8, 6)) / (64 - 16), (saved(policy, 8, 22) - saved(policy, 8, 6)) / 16)
+
+    for r in (4, 8):
+        sd3 = {k: per_token(lora(SD3Policy(_tiny_sd3(*a, dtype=dtype), (4, 8, 8)), r)) for k, a in
+               {"1": (1, ()), "2": (2, ()), "2dual": (2, (0,))}.items()}
+        flux = {k: per_token(lora(FluxPolicy(_tiny_flux(*a, dtype=dtype), (4, 8, 8)), r)) for k, a in
+                {"10": (1, 0), "20": (2, 0), "11": (1, 1)}.items()}
+        block = {"sd3": [b - a for a, b in zip(sd3["1"], sd3["2"])],
+                 "sd3_dual": [b - a + d for a, b, d in zip(sd3["1"], sd3["2"], (sd3["2dual"][0] - sd3["2"][0], 0))],
+                 "flux_double": [b - a for a, b in zip(flux["10"], flux["20"])],
+                 "flux_single": [b - a for a, b in zip(flux["10"], flux["11"])]}
+        for kind, (img, txt) in block.items():
+            want_img, want_txt = LORA_BLOCK_FACTORS[kind][c]
+            _, on_img, on_txt = LORA_ADAPTERS[kind]
+            assert img == pytest.approx(want_img * h + c * r * on_img, rel=0.03), (kind, r, img / h)
+            assert txt == pytest.approx(want_txt * h + c * r * on_txt, rel=0.03), (kind, r, txt / h)
+        assert sd3["1"][0] - block["sd3"][0] == pytest.approx(LORA_OUT_FACTORS["sd3"][c] * h, rel=0.35, abs=h)
+        assert flux["10"][0] - block["flux_double"][0] == pytest.approx(LORA_OUT_FACTORS["flux"][c] * h, rel=0.35, abs=h)
+
+
+def _tiny_experts(seed, dtype=torch.float32):
+    from ddrl_engine.models.diffusers import WanExpertsPolicy
+
+    high = tiny_wan_policy(dtype=dtype).model
+    torch.manual_seed(seed + 1)
+    low = tiny_wan_policy(dtype=dtype).model
+    return WanExpertsPolicy(high, low, SHAPE, boundary_ratio=0.875)
+
+
+def test_two_experts_hold_both_and_run_one(seed):
+    """Two-expert Wan2.2: weights, gradients and AdamW states of both experts after a step on rows of both
+    levels; the activations of a row are one expert's (what autograd saves at a high-noise level equals the
+    high-noise expert alone)."""
+    policy = _tiny_experts(seed)
+    shape = ModelShape.from_module(policy)
+    single = ModelShape.from_module(tiny_wan_policy())
+    assert (shape.experts, shape.num_blocks, shape.params) == (2, 2 * single.num_blocks, 2 * single.params)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    t = torch.tensor([0.95, 0.2])  # one row per expert
+    policy(torch.randn(2, *SHAPE), t, torch.randn(2, 5, 16)).square().mean().backward()
+    opt.step()
+    est = estimate_memory(shape, tokens=48, world_size=1, parallel="none")
+    got = held_bytes(policy, opt)
+    assert {k: est.parts[k] for k in got} == got
+    one = estimate_memory(single, tokens=48, world_size=1, parallel="none")
+    assert _act(est) == _act(one)  # per row: one expert's blocks
+    x, emb = torch.randn(1, *SHAPE), torch.randn(1, 5, 16)
+    alone = tiny_wan_policy()
+    alone.model = policy.model  # the high-noise expert on its own
+    both = saved_tensor_bytes(lambda: policy(x, torch.tensor([0.95]), emb), list(policy.parameters()) + [x])
+    assert both == saved_tensor_bytes(lambda: alone(x, torch.tensor([0.95]), emb), list(policy.parameters()) + [x])
+    with pytest.raises(ValueError, match="'ModelShape.experts'"):
+        ModelShape(params=100, block_params=10, num_blocks=3, hidden=4, ffn_dim=4, experts=2)
+
+
+def test_two_expert_preset_against_one_expert():
+    a14b, w14 = PRESETS["wan2.2-a14b"].shape, PRESETS["wan2.1-14b"].shape
+    n = video_tokens(*RESOLUTIONS["480p"])
+    for lora in (0, 32):
+        two = estimate_memory(a14b, tokens=n, world_size=8, dtype="bf16", lora_rank=lora, activation_checkpointing=True)
+        one = estimate_memory(w14, tokens=n, world_size=8, dtype="bf16", lora_rank=lora, activation_checkpointing=True)
+        assert _act(two) == _act(one)
+        for k in two.parts:
+            if "weights" in k or "gradients" in k or "AdamW" in k or "frozen" in k:
+                assert two.parts[k] == pytest.approx(2 * one.parts[k], rel=1e-3), k  # both experts' (row rounding)
+        # one block of whichever expert runs, and the root unit holding both experts' embeddings and heads
+        trained = w14.lora_block_params(lora) if lora else w14.block_params
+        block = w14.block_params + w14.lora_block_params(lora)
+        assert two.parts["FSDP2 unsharded in flight"] == 2 * (2 * block + 2 * w14.root_params) + 6 * trained
+
+
+def test_cli_lora_dtype_and_two_experts(capsys):
+    assert main(["memory", "--model", "wan2.2-a14b", "--lora-rank", "32", "--dtype", "bf16",
+                 "--activation-checkpointing"]) == 0
+    out = capsys.readouterr().out
+    est = estimate_memory(PRESETS["wan2.2-a14b"].shape, tokens=32_760, world_size=8, lora_rank=32, dtype="bf16",
+                          activation_checkpointing=True)
+    assert "28.58B parameters" in out and "frozen base (bf16)" in out and f"{est.total / GIB:9.2f} GiB" in out
+    assert "LoRA rank 32 (frozen bf16 base" in out and "not measured" in out
+    assert "ASSUMED MFU of 0.4" in out and "s/step" in out and "rollout samples/s per GPU" in out
+    assert main(["memory", "--model", "sd3.5-medium", "--mfu", "0.2", "--guidance-scale", "4.5"]) == 0
+    slow = capsys.readouterr().out
+    assert main(["memory", "--model", "sd3.5-medium", "--guidance-scale", "4.5"]) == 0
+    fast = capsys.readouterr().out
+    secs = [float(o.split(" s/step")[0].rsplit(" ", 1)[1]) for o in (slow, fast)]
+    assert secs[0] == pytest.approx(2 * secs[1], rel=1e-3)
+    for argv, needle in ((["--mfu", "0"], "'mfu'"), (["--sampler-steps", "4", "--trained-steps", "5"], "'trained_steps'"),
+                         (["--lora-rank", "-2"], "'lora_rank'"), (["--ppo-epochs", "0"], "'ppo_epochs'")):
+        assert main(["memory", "--model", "flux.1-dev", *argv]) == 2, argv
+        err = capsys.readouterr()
+        assert needle in err.err and "GiB" not in err.out, argv  # refused before any estimate is printed
+
+
+def test_cli_notes_table(capsys):
+    assert main(["memory", "--notes", "--dtype", "bf16", "--activation-checkpointing", "--world-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(notes_table(world_size=8, lora_rank=32, dtype="bf16", activation_checkpointing=True))
+    rows = [r for r in out.splitlines() if r.startswith("| wan2.2-a14b |")]
+    assert len(rows) == 4 and "LoRA r=32" in rows[0] and "| full |" in rows[1]
+    assert "ASSUMED MFU of 0.4" in out and "not measured" in out

@@ -146,8 +146,12 @@ ok, why = fp8_cuda_status()
 assert ok, why
 q, k, v = (torch.randn(1, 2, S, 64, device="cuda", dtype=torch.bfloat16) for S in (129, 131, 131))
 out = fp8_attention(q, k, v)
+# The DiT's [B, S, 3, H, D] projection permuted to [B, H, S, D]: the pre-pass reads it through its strides.
+qs, ks, vs = torch.randn(1, 131, 3, 2, 64, device="cuda", dtype=torch.bfloat16).permute(2, 0, 3, 1, 4).unbind(0)
+strided = fp8_attention(qs[:, :, :129], ks, vs)
 torch.cuda.synchronize()
-print("fp8 sanitizer call:", tuple(out.shape), bool(torch.isfinite(out).all()))
+print("fp8 sanitizer call:", tuple(out.shape), bool(torch.isfinite(out).all()),
+      "strided:", tuple(strided.shape), bool(torch.isfinite(strided).all()))
 EOF
 cat > "$WORK/sanitize_rows.py" <<'EOF'
 import sys

@@ -1,7 +1,8 @@
 // CPU emulation of ddrl::fp8_attention: the same quantisation (fp8_attention_math.h), the same
-// padding, the same order of the online softmax over key tiles as the CUDA kernels. The quantised
-// tensors are bitwise those of the GPU pre-pass; the attention differs from the GPU only in the
-// order of the fp32 sums inside a tile (tensor cores) and in exp2f's last bits.
+// padding, the same order of the online softmax over key tiles as the CUDA kernels; q, k, v are
+// read through their strides, as the CUDA pre-pass reads them. The quantised tensors are bitwise
+// those of the GPU pre-pass; the attention differs from the GPU only in the order of the fp32 sums
+// inside a tile (tensor cores) and in exp2f's last bits.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -19,15 +20,15 @@ namespace {
 
 using namespace ddrl::fp8attn;
 
-// Per-channel mean over tokens, in the fixed chunk order of the scheme.
+// Per-channel mean over tokens (token t at x + t * token_stride), in the fixed chunk order of the scheme.
 template <typename T>
-void channel_mean(const T* x, int64_t S, int64_t D, float* mean) {
+void channel_mean(const T* x, int64_t S, int64_t token_stride, int64_t D, float* mean) {
   std::vector<float> total(D, 0.f), part(D);
   for (int64_t c = 0; c < num_token_chunks(S); ++c) {
     std::fill(part.begin(), part.end(), 0.f);
     const int64_t end = std::min<int64_t>(S, (c + 1) * kTokenChunk);
     for (int64_t t = c * kTokenChunk; t < end; ++t)
-      for (int64_t d = 0; d < D; ++d) part[d] += static_cast<float>(x[t * D + d]);
+      for (int64_t d = 0; d < D; ++d) part[d] += static_cast<float>(x[t * token_stride + d]);
     for (int64_t d = 0; d < D; ++d) total[d] += part[d];
   }
   for (int64_t d = 0; d < D; ++d) mean[d] = total[d] / static_cast<float>(S);
@@ -55,7 +56,10 @@ fp8_attention_quantize_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const
                            double softmax_scale) {
   const char* op = "ddrl.fp8_attention_quantize";
   const Fp8AttentionShape s = check_fp8_attention_inputs(op, q_in, k_in, v_in, softmax_scale);
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  // Read through their strides (the CUDA pre-pass does the same); only a non-adjacent channel dim is copied.
+  const at::Tensor q = fp8_unit_channel_stride(q_in), k = fp8_unit_channel_stride(k_in), v = fp8_unit_channel_stride(v_in);
+  const Fp8TokenStrides qst = fp8_token_strides(op, "q", q), kst = fp8_token_strides(op, "k", k),
+                        vst = fp8_token_strides(op, "v", v);
   const Fp8Quantized t = allocate_fp8_quantized(s, q.options(), /*zeroed=*/true);
   const at::Tensor &q8 = t.q8, &qs = t.q_scale, &k8 = t.k8, &ks = t.k_scale, &v8t = t.v8t, &vs = t.v_scale,
                    &vm = t.v_mean;
@@ -76,21 +80,21 @@ fp8_attention_quantize_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const
     at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> kmean(D), vmax(D), vmin(D);
       for (int64_t bh = begin; bh < end; ++bh) {
-        const scalar_t* qh = qp + bh * s.Sq * D;
-        const scalar_t* kh = kp + bh * s.Sk * D;
-        const scalar_t* vh = vp + bh * s.Sk * D;
+        const scalar_t* qh = qp + head_offset(qst, bh, s.H);
+        const scalar_t* kh = kp + head_offset(kst, bh, s.H);
+        const scalar_t* vh = vp + head_offset(vst, bh, s.H);
         for (int64_t t = 0; t < s.Sq; ++t)
-          quant_token(qh + t * D, nullptr, D, factor, q8p + (bh * s.Sq_pad + t) * D, qsp + bh * s.Sq_pad + t);
-        channel_mean(kh, s.Sk, D, kmean.data());
+          quant_token(qh + t * qst.token, nullptr, D, factor, q8p + (bh * s.Sq_pad + t) * D, qsp + bh * s.Sq_pad + t);
+        channel_mean(kh, s.Sk, kst.token, D, kmean.data());
         for (int64_t t = 0; t < s.Sk; ++t)
-          quant_token(kh + t * D, kmean.data(), D, 1.f, k8p + (bh * s.Sk_pad + t) * D, ksp + bh * s.Sk_pad + t);
+          quant_token(kh + t * kst.token, kmean.data(), D, 1.f, k8p + (bh * s.Sk_pad + t) * D, ksp + bh * s.Sk_pad + t);
         float* vmean = vmp + bh * D;
-        channel_mean(vh, s.Sk, D, vmean);
+        channel_mean(vh, s.Sk, vst.token, D, vmean);
         std::fill(vmax.begin(), vmax.end(), -INFINITY);
         std::fill(vmin.begin(), vmin.end(), INFINITY);
         for (int64_t t = 0; t < s.Sk; ++t)
           for (int64_t d = 0; d < D; ++d) {
-            const float x = static_cast<float>(vh[t * D + d]);
+            const float x = static_cast<float>(vh[t * vst.token + d]);
             vmax[d] = fmaxf(vmax[d], x);
             vmin[d] = fminf(vmin[d], x);
           }
@@ -99,7 +103,8 @@ fp8_attention_quantize_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const
           vsp[bh * D + d] = fp8_scale(amax);
           const float inv = fp8_inv_scale(amax);
           uint8_t* row = v8p + (bh * D + d) * s.Sk_pad;
-          for (int64_t t = 0; t < s.Sk; ++t) row[t] = float_to_e4m3((static_cast<float>(vh[t * D + d]) - vmean[d]) * inv);
+          for (int64_t t = 0; t < s.Sk; ++t)
+            row[t] = float_to_e4m3((static_cast<float>(vh[t * vst.token + d]) - vmean[d]) * inv);
         }
       }
     });

@@ -54,7 +54,8 @@ fp8_attention_quantize_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
   const char* op = "ddrl.fp8_attention_quantize";
   const Fp8AttentionShape s = check_fp8_attention_inputs(op, q_in, k_in, v_in, softmax_scale);
   c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  // The pre-pass reads q, k, v through their strides; only a non-adjacent channel dim is copied.
+  const at::Tensor q = fp8_unit_channel_stride(q_in), k = fp8_unit_channel_stride(k_in), v = fp8_unit_channel_stride(v_in);
   const Fp8Quantized t = allocate_fp8_quantized(s, q.options(), /*zeroed=*/false);  // the kernels write all
   const int64_t bh = s.B * s.H;
   at::Tensor ws = at::empty({std::max<int64_t>(fp8_quantize_workspace_floats(bh, s.Sk, s.D), 1)},
@@ -63,8 +64,11 @@ fp8_attention_quantize_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
+  p.q_stride = fp8_token_strides(op, "q", q);
+  p.k_stride = fp8_token_strides(op, "k", k);
+  p.v_stride = fp8_token_strides(op, "v", v);
   p.dtype = to_ddrl_dtype(q.scalar_type());
-  p.bh = bh, p.sq = s.Sq, p.sk = s.Sk, p.sq_pad = s.Sq_pad, p.sk_pad = s.Sk_pad;
+  p.bh = bh, p.heads = s.H, p.sq = s.Sq, p.sk = s.Sk, p.sq_pad = s.Sq_pad, p.sk_pad = s.Sk_pad;
   p.d = static_cast<int>(s.D);
   p.logit_factor = fp8attn::logit_factor(static_cast<float>(softmax_scale), p.d);
   set_quantized_pointers(p, t);

@@ -6,6 +6,13 @@ q, k, v ([B, H, S/N, Dh] -> [B, H/N, S, Dh]), runs the chosen backend (sdpa, fp8
 each sees whole sequences for H/N heads) and exchanges back with one more all-to-all. Requires H and
 S divisible by N (checked, with errors naming them).
 
+Joint attention (SD3, FLUX: text tokens attended together with the image tokens): only the image
+tokens are sharded; the text tokens are replicated on every rank. `ulysses_attention(...,
+text_tokens=L)` exchanges the image part as above and joins it with this rank's H/N heads of the
+text (no communication), so each rank attends over text + whole image for its heads; the image output
+goes back by all-to-all and the text output's heads are all-gathered (the text is whole on every rank
+again, as the next block needs it).
+
 `split_sequence` / `gather_sequence` cut a rank's slice out of a replicated token tensor and put the
 slices back together. Both are autograd-correct for a loss that every rank of the group computes
 identically from the gathered output (the scheme the trainer uses): the gather's backward sums the
@@ -13,9 +20,12 @@ group's (equal) output gradients and keeps this rank's slice, so each rank's par
 times the part its tokens contribute, and averaging them over all ranks (DDP / FSDP2) gives the
 one-process gradient exactly when N is a power of two.
 
-Communication is torch.distributed's own (`torch.distributed.nn.functional`: all_to_all_single and
-all_gather with autograd; NCCL on CUDA, gloo on CPU). Every exchange runs inside an NVTX range of its
-own ("cp/all_to_all", "cp/all_gather"; `ddrl_engine.profiling.phase`).
+Communication is torch.distributed's own, with autograd: `torch.distributed.nn.functional.all_to_all_single`
+and the functional collective `all_gather_single` (backward: a reduce-scatter); NCCL on CUDA, gloo on
+CPU. (`torch.distributed.nn.functional.all_gather` is not used: on gloo its backward addresses the
+group's ranks as global ranks, which fails in every cp group but the first, e.g. ranks 2-3 of 2 x 2.)
+Every exchange runs inside an NVTX range of its own ("cp/all_to_all", "cp/all_gather";
+`ddrl_engine.profiling.phase`).
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed import _functional_collectives as funcol
 from torch.distributed.nn import functional as dist_fn
 
 from ddrl_engine.profiling import phase
@@ -63,8 +74,7 @@ def gather_sequence(x: Tensor, group, dim: int = 1) -> Tensor:
     """The group's slices of `x` concatenated along `dim` in rank order (the whole sequence on every
     rank). Backward: the sum of the group's output gradients, this rank's slice (a reduce-scatter)."""
     with phase("cp/all_gather"):
-        parts = dist_fn.all_gather(x.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
+        return funcol.all_gather_single(x.contiguous(), dim, group)
 
 
 def _all_to_all(x: Tensor, group) -> Tensor:
@@ -92,15 +102,43 @@ def heads_to_seq(x: Tensor, group) -> Tensor:
     return got.transpose(0, 1).reshape(b, hn * n, s // n, d)
 
 
-def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group, attend) -> Tensor:
+def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group, attend, *, text_tokens: int = 0,
+                      text_first: bool = True) -> Tensor:
     """Attention over the whole sequence of q, k, v [B, H, S/N, D] sharded by token over `group`:
-    `attend(q, k, v)` (a backend) runs on [B, H/N, S, D]; returns this rank's tokens [B, H, S/N, D]."""
-    n, _ = _size_rank(group)
+    `attend(q, k, v)` (a backend) runs on [B, H/N, S, D]; returns this rank's tokens [B, H, S/N, D].
+
+    text_tokens = L > 0 (joint attention): q, k, v are [B, H, L + S/N, D], the first (text_first) or last
+    L tokens replicated text, the rest this rank's image tokens; `attend` runs on [B, H/N, L + S, D]
+    (the same order), and the result is [B, H, L + S/N, D]: the whole text, this rank's image tokens."""
+    n, rank = _size_rank(group)
     if q.shape[1] % n:
         raise ValueError(f"distributed.context_parallel = {n}: the attention heads ({q.shape[1]}) must be divisible "
                          "by it (Ulysses all-to-all)")
+    if not text_tokens:
+        with phase("cp/all_to_all"):
+            q, k, v = (seq_to_heads(t, group) for t in (q, k, v))
+        out = attend(q, k, v)
+        with phase("cp/all_to_all"):
+            return heads_to_seq(out, group)
+    if not 0 < text_tokens < q.shape[2] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"ulysses_attention: text_tokens = {text_tokens} must leave image tokens in q "
+                         f"{tuple(q.shape)} and k {tuple(k.shape)} (self-attention over text + image)")
+    heads = q.shape[1] // n
+
+    def parts(t: Tensor) -> tuple[Tensor, Tensor]:  # (text, image) along the sequence
+        image = t.shape[2] - text_tokens
+        if text_first:
+            return t.narrow(2, 0, text_tokens), t.narrow(2, text_tokens, image)
+        return t.narrow(2, image, text_tokens), t.narrow(2, 0, image)
+
+    def join(text: Tensor, image: Tensor) -> Tensor:
+        return torch.cat([text, image] if text_first else [image, text], dim=2)
+
     with phase("cp/all_to_all"):
-        q, k, v = (seq_to_heads(t, group) for t in (q, k, v))
-    out = attend(q, k, v)
+        q, k, v = (join(txt.narrow(1, rank * heads, heads), seq_to_heads(img, group)) for txt, img in map(parts, (q, k, v)))
+    text, image = parts(attend(q, k, v))
     with phase("cp/all_to_all"):
-        return heads_to_seq(out, group)
+        image = heads_to_seq(image, group)
+    with phase("cp/all_gather"):  # heads in rank order: the whole text output on every rank
+        text = funcol.all_gather_single(text.contiguous(), 1, group)
+    return join(text, image)

@@ -29,7 +29,11 @@ raises instead of silently bypassing our backends.
 
 Distribution. `policy.blocks` lists the transformer blocks (SD3: transformer_blocks; FLUX: the
 double- then single-stream blocks; Wan: blocks), the units FSDP2 shards one by one and activation
-checkpointing recomputes (ddrl_engine.trainer.distributed).
+checkpointing recomputes (ddrl_engine.trainer.distributed). Context parallelism ([distributed]
+context_parallel = N): `policy.set_context_parallel(group)` shards each sample's image / video tokens
+over a cp group (forward hooks split them after the patch embedding and gather them before
+unpatchify; the self-attentions run through the Ulysses all-to-all; SD3's and FLUX's joint text + image
+attentions keep the text replicated and give each rank its heads of it).
 
 Two-expert Wan2.2 (A14B). `WanExpertsPolicy` holds `transformer` (high noise) and `transformer_2` (low
 noise) and routes each row by its level as WanPipeline does (boundary_ratio * num_train_timesteps).
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
@@ -58,12 +63,14 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..attention import attention
+from ..attention.context_parallel import check_context_parallel, gather_sequence, split_sequence, ulysses_attention
 from .policy import Policy
 
 __all__ = [
     "DDRLAttnProcessor",
     "DiffusersPolicy",
     "FluxPolicy",
+    "JointText",
     "SD3Policy",
     "TextCondition",
     "WanExpertsPolicy",
@@ -140,12 +147,25 @@ class TextCondition:
 # ----------------------------------------------------------------------------------------------- attention
 
 
-class _RouteSDPA(TorchFunctionMode):
-    """Inside a processor call: F.scaled_dot_product_attention -> ddrl_engine.attention.attention."""
+@dataclass
+class JointText:
+    """Where a joint attention's replicated text tokens sit in q, k, v under context parallelism: the
+    first (`first`, FLUX) or last (SD3) `length` tokens. One per policy, shared by its processors; the
+    policy sets `length` (the condition's token count) at each forward."""
 
-    def __init__(self) -> None:
+    first: bool
+    length: int = 0
+
+
+class _RouteSDPA(TorchFunctionMode):
+    """Inside a processor call: F.scaled_dot_product_attention -> ddrl_engine.attention.attention (with
+    `cp_group`: q, k, v hold this rank's tokens, attended through the Ulysses all-to-all; with
+    `cp_text` too, the joint text + image form of it)."""
+
+    def __init__(self, cp_group=None, cp_text: Optional[JointText] = None) -> None:
         super().__init__()
         self.calls = 0
+        self.cp_group, self.cp_text = cp_group, cp_text
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -169,7 +189,11 @@ class _RouteSDPA(TorchFunctionMode):
                 "call policy.use_ddrl_attention(False) to run this model with diffusers' own attention"
             )
         self.calls += 1
-        return attention(q, k, v, scale=a.get("scale"))
+        scale = a.get("scale")
+        if self.cp_group is not None and self.cp_text is not None:
+            return ulysses_attention(q, k, v, self.cp_group, lambda q_, k_, v_: attention(q_, k_, v_, scale=scale),
+                                     text_tokens=self.cp_text.length, text_first=self.cp_text.first)
+        return attention(q, k, v, scale=scale, cp_group=self.cp_group)
 
 
 class DDRLAttnProcessor:
@@ -180,15 +204,21 @@ class DDRLAttnProcessor:
     routed, for the duration of the call (a `TorchFunctionMode`; nothing is patched globally). If the
     processor ran without calling it (another diffusers attention backend, a custom kernel), the call
     raises rather than silently bypassing our backend.
+
+    cp_group (context parallelism; set on self-attention only, by `DiffusersPolicy.set_context_parallel`):
+    the module's image tokens are sharded over this process group, and the routed call attends over the
+    whole sequence through `ulysses_attention` (all-to-all sequence <-> heads around the backend);
+    cp_text: the replicated text tokens of a joint attention (SD3, FLUX), None when there are none.
     """
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, cp_group=None, cp_text: Optional[JointText] = None) -> None:
         if isinstance(inner, DDRLAttnProcessor):
             inner = inner.inner
         self.inner = inner
+        self.cp_group, self.cp_text = cp_group, cp_text
 
     def __call__(self, attn, *args, **kwargs):
-        route = _RouteSDPA()
+        route = _RouteSDPA(self.cp_group, self.cp_text)
         with route:
             out = self.inner(attn, *args, **kwargs)
         if route.calls == 0:
@@ -212,10 +242,14 @@ class DDRLAttnProcessor:
         return type(f"DDRL{inner_cls.__name__}", (DDRLAttnProcessor,), {"__call__": __call__})
 
     @classmethod
-    def wrap(cls, inner: Any) -> "DDRLAttnProcessor":
+    def wrap(cls, inner: Any, cp_group=None, cp_text: Optional[JointText] = None) -> "DDRLAttnProcessor":
+        """`inner` routed through ddrl_engine.attention; an already wrapped processor is kept as it is
+        unless a cp_group is given (then its inner processor is rewrapped with that group)."""
         if isinstance(inner, DDRLAttnProcessor):
-            return inner
-        return cls.for_class(type(inner))(inner)
+            if cp_group is None:
+                return inner
+            inner = inner.inner
+        return cls.for_class(type(inner))(inner, cp_group, cp_text)
 
 
 # ----------------------------------------------------------------------------------------------- policies
@@ -347,6 +381,10 @@ class DiffusersPolicy(Policy):
 
     def use_ddrl_attention(self, enabled: bool = True) -> None:
         """Route every attention module's attention through ddrl_engine.attention (or restore diffusers')."""
+        if not enabled and getattr(self, "_cp_group", None) is not None:
+            raise ValueError(f"{type(self).__name__}.use_ddrl_attention(False): under context parallelism "
+                             "(distributed.context_parallel > 1) the self-attention runs through ddrl_engine's "
+                             "Ulysses all-to-all; call set_context_parallel(None) first")
         for model in self.experts:
             procs = model.attn_processors
             if enabled:
@@ -400,6 +438,8 @@ class DiffusersPolicy(Policy):
             raise ValueError(f"enable_lora: rank must be an int >= 1, got {rank!r}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError(f"enable_lora: seed must be an int or None, got {seed!r}")
+        if getattr(self, "_cp_group", None) is not None:  # peft would wrap the modules the cp hooks sit on
+            raise ValueError("enable_lora: call it before set_context_parallel (distributed.context_parallel > 1)")
         for index, model in enumerate(self.experts):
             config = LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha),
                                 target_modules=list(target_modules), init_lora_weights=True)
@@ -469,6 +509,55 @@ class DiffusersPolicy(Policy):
         result = self.load_state_dict(state_dict, strict=False)
         assert not result.unexpected_keys, result.unexpected_keys
 
+    # -- context parallelism -------------------------------------------------------------------------------
+
+    # Joint attention's text position (SD3: after the image tokens, FLUX: before); None: the sharded
+    # self-attention sees image tokens only (Wan).
+    cp_text_first: Optional[bool] = None
+    _cp_group = None
+    _cp_text: Optional[JointText] = None
+
+    def tokens(self, model: Optional[nn.Module] = None) -> int:  # pragma: no cover - interface
+        """Image / video tokens per sample of `sample_shape` (what context parallelism splits)."""
+        raise NotImplementedError
+
+    def _cp_plan(self, model: nn.Module, group, text: Optional[JointText]):  # pragma: no cover - interface
+        """(forward hook handles that split the tokens and gather the output, [(attention module, its
+        JointText or None)] to shard) for one diffusers model."""
+        raise NotImplementedError
+
+    def set_context_parallel(self, group) -> None:
+        """Shards every sample's image / video tokens over the ranks of `group` (a torch.distributed
+        process group; None or one rank: off), as `DiT.set_context_parallel` does, on each expert:
+        each rank runs the blocks on its contiguous slice of the patch tokens (split after the patch
+        embedding, rotary tables the same way), every self-attention attends over the whole sequence
+        through the Ulysses all-to-all (a DDRLAttnProcessor with the group; a joint text + image
+        attention with the text replicated, `JointText`), cross-attention to the text needs no
+        communication, and the tokens are all-gathered before unpatchify: the output is the whole
+        sample on every rank (the trainer's gradient rule: ddrl_engine.attention.context_parallel).
+        Needs the heads and `tokens()` divisible by the group size (checked before any change). Call it
+        after enable_lora (the hooks sit on the modules as they are then)."""
+        import torch.distributed as dist
+
+        size = 1 if group is None else dist.get_world_size(group)
+        for model in self.experts:
+            check_context_parallel(model.config.num_attention_heads, self.tokens(model), size, self.model_class_name)
+        for handle in getattr(self, "_cp_hooks", ()):
+            handle.remove()
+        for module, previous in getattr(self, "_cp_saved", ()):
+            module.set_processor(previous)
+        self._cp_hooks, self._cp_saved, self._cp_group, self._cp_text = [], [], None, None
+        if size == 1:
+            return
+        text = None if self.cp_text_first is None else JointText(self.cp_text_first)
+        for model in self.experts:
+            hooks, modules = self._cp_plan(model, group, text)
+            self._cp_hooks += hooks
+            for module, module_text in modules:
+                self._cp_saved.append((module, module.processor))
+                module.set_processor(DDRLAttnProcessor.wrap(module.processor, cp_group=group, cp_text=module_text))
+        self._cp_group, self._cp_text = group, text
+
     # -- forward -------------------------------------------------------------------------------------------
 
     def forward(self, x: Tensor, t: Tensor, cond: Union[Tensor, TextCondition]) -> Tensor:
@@ -477,11 +566,41 @@ class DiffusersPolicy(Policy):
         c = self.resolve_cond(cond, batch, x.device)
         dtype = self.model.dtype
         c = c.to(dtype=dtype)
+        if self._cp_text is not None:  # the joint attentions' replicated text tokens, this forward
+            self._cp_text.length = c.embeds.shape[1]
         out = self._velocity(x.to(dtype), t.float(), c)  # timesteps stay fp32, as in the pipelines
         return out.to(x.dtype)
 
     def _velocity(self, x: Tensor, t: Tensor, cond: TextCondition) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+# context parallelism: forward hooks on the diffusers models' modules (DiffusersPolicy.set_context_parallel)
+
+
+def _split_rotary(group, module, args, output):
+    """Forward hook on WanTransformer3DModel.rope: this rank's rows of the rotary (cos, sin), [1, S, 1, D]
+    each, the same token slice as the block input's."""
+    return tuple(split_sequence(f, group, dim=1) for f in output)
+
+
+def _split_block_input(group, module, args, kwargs):
+    """Forward pre-hook on the first block: this rank's contiguous slice of hidden_states [B, S, D] (the
+    patch tokens in (frame, row, column) order, after the patch embedding)."""
+    if args:
+        return (split_sequence(args[0], group, dim=1), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": split_sequence(kwargs["hidden_states"], group, dim=1)}
+
+
+def _split_output(group, module, args, output):
+    """Forward hook on SD3's pos_embed: this rank's contiguous slice of the embedded patch tokens [B, S, D]."""
+    return split_sequence(output, group, dim=1)
+
+
+def _gather_output(group, module, args, output):
+    """Forward hook on proj_out: every rank's tokens [B, S, C * prod(patch)] in order, so the model's
+    unpatchify sees the whole sample."""
+    return gather_sequence(output, group, dim=1)
 
 
 class SD3Policy(DiffusersPolicy):
@@ -490,6 +609,22 @@ class SD3Policy(DiffusersPolicy):
 
     model_class_name = "SD3Transformer2DModel"
     block_attrs = ("transformer_blocks",)
+    cp_text_first = False  # JointAttnProcessor2_0 concatenates [image, text]
+
+    def tokens(self, model: Optional[nn.Module] = None) -> int:
+        """Patch tokens per sample: (H / p) (W / p)."""
+        p = (model or self.model).config.patch_size
+        return (self.sample_shape[1] // p) * (self.sample_shape[2] // p)
+
+    def _cp_plan(self, model: nn.Module, group, text: Optional[JointText]):
+        # pos_embed (patches + position embedding) -> this rank's tokens; proj_out gathered before
+        # unpatchify. The joint attention (attn) has the text; SD3.5's second attention (attn2) the
+        # image tokens only.
+        hooks = [model.pos_embed.register_forward_hook(functools.partial(_split_output, group)),
+                 model.proj_out.register_forward_hook(functools.partial(_gather_output, group))]
+        modules = [(block.attn, text) for block in model.transformer_blocks]
+        modules += [(block.attn2, None) for block in model.transformer_blocks if getattr(block, "attn2", None) is not None]
+        return hooks, modules
 
     def _velocity(self, x: Tensor, t: Tensor, cond: TextCondition) -> Tensor:
         if cond.pooled is None:
@@ -506,6 +641,7 @@ class FluxPolicy(DiffusersPolicy):
 
     model_class_name = "FluxTransformer2DModel"
     block_attrs = ("transformer_blocks", "single_transformer_blocks")
+    cp_text_first = True  # both block kinds attend over [text, image]
 
     def __init__(self, model: nn.Module, sample_shape: Sequence[int], prompts: Optional[TextCondition] = None,
                  **kwargs) -> None:
@@ -514,6 +650,15 @@ class FluxPolicy(DiffusersPolicy):
         if len(self.sample_shape) != 3 or h % 2 or w % 2 or 4 * c != model.config.in_channels:
             raise ValueError(f"FluxPolicy: sample_shape must be (in_channels/4={model.config.in_channels // 4}, H, W) "
                              f"with even H, W, got {self.sample_shape}")
+
+    def tokens(self, model: Optional[nn.Module] = None) -> int:
+        """Packed 2x2 tokens per sample: (H / 2) (W / 2)."""
+        return (self.sample_shape[1] // 2) * (self.sample_shape[2] // 2)
+
+    def _cp_plan(self, model: nn.Module, group, text: Optional[JointText]):
+        # no hooks: `_velocity` splits the packed tokens and their position ids (the rotary tables follow)
+        # and gathers the output itself
+        return [], [(block.attn, text) for attr in self.block_attrs for block in getattr(model, attr)]
 
     @staticmethod
     def pack(x: Tensor) -> Tensor:
@@ -545,18 +690,38 @@ class FluxPolicy(DiffusersPolicy):
             guidance = cond.guidance
         _, _, h, w = x.shape
         txt_ids = torch.zeros(cond.embeds.shape[1], 3, device=x.device, dtype=x.dtype)
-        out = self.model(hidden_states=self.pack(x), encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled,
-                         timestep=t, img_ids=self.image_ids(h, w, x.device, x.dtype), txt_ids=txt_ids,
-                         guidance=guidance, return_dict=False)[0]
+        tokens, img_ids = self.pack(x), self.image_ids(h, w, x.device, x.dtype)
+        group = self._cp_group
+        if group is not None:  # this rank's packed tokens and their ids (so the rotary tables match)
+            tokens, img_ids = split_sequence(tokens, group, dim=1), split_sequence(img_ids, group, dim=0)
+        out = self.model(hidden_states=tokens, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled,
+                         timestep=t, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+        if group is not None:
+            out = gather_sequence(out, group, dim=1)
         return self.unpack(out, h, w)
 
 
 class WanPolicy(DiffusersPolicy):
     """Wan2.1 / Wan2.2 text-to-video (`WanTransformer3DModel`); x: [B, C, T, H, W] latents; cond: umT5
-    embeddings (a TextCondition or a bare [B, L, D] tensor). Timestep convention: t * 1000."""
+    embeddings (a TextCondition or a bare [B, L, D] tensor). Timestep convention: t * 1000.
+    Context parallelism: the video tokens in (frame, row, column) order are split; self-attention only."""
 
     model_class_name = "WanTransformer3DModel"
     block_attrs = ("blocks",)
+
+    def tokens(self, model: Optional[nn.Module] = None) -> int:
+        """Patch tokens per sample of `sample_shape`: (T / p_t) (H / p_h) (W / p_w)."""
+        patch = (model or self.model).config.patch_size
+        return math.prod(s // p for s, p in zip(self.sample_shape[1:], patch))
+
+    def _cp_plan(self, model: nn.Module, group, text: Optional[JointText]):
+        # the rotary tables and the first block's input (after the patch embedding) cut to this rank's
+        # tokens; proj_out's gathered before the model unpatchifies; attn1 (self) sharded, attn2 (to the
+        # replicated text) untouched
+        hooks = [model.rope.register_forward_hook(functools.partial(_split_rotary, group)),
+                 model.blocks[0].register_forward_pre_hook(functools.partial(_split_block_input, group), with_kwargs=True),
+                 model.proj_out.register_forward_hook(functools.partial(_gather_output, group))]
+        return hooks, [(block.attn1, None) for block in model.blocks]
 
     def _velocity(self, x: Tensor, t: Tensor, cond: TextCondition) -> Tensor:
         return self.model(hidden_states=x, timestep=t * 1000.0, encoder_hidden_states=cond.embeds, return_dict=False)[0]

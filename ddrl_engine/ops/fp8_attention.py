@@ -126,6 +126,9 @@ def fp8_attention_quantized(qkv: QuantizedQKV, q_len: int, kv_len: int, out_dtyp
 def fp8_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None) -> Tensor:
     """Non-causal softmax attention with INT8 QK^T and FP8 PV; q, k, v [B, H, S, D], D in {64, 128}.
 
+    Views are read through their strides (e.g. a [B, S, H, D] projection transposed to [B, H, S, D]);
+    only a tensor whose last dim is not unit-stride is copied first.
+
     Returns [B, H, S_q, D] in q's dtype. Forward only (raises when autograd would need a gradient).
     scale: softmax scale, default 1/sqrt(D).
     """

@@ -17,6 +17,7 @@ reverse); both experts must agree on channels, patch size and text width (`Prefl
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,23 @@ class Preflight:
     def two_experts(self) -> bool:
         """A two-expert Wan2.2 folder (transformer_2 + boundary_ratio): loads as WanExpertsPolicy."""
         return self.transformer_2_config is not None
+
+    @property
+    def attention_heads(self) -> int:
+        return int(self.transformer_config.get("num_attention_heads", 0))
+
+    @property
+    def patch_tokens(self) -> int:
+        """Image / video tokens per sample (what context parallelism splits), as the adapters count them:
+        SD3 (h / p)(w / p), FLUX packed 2x2 (h / 2)(w / 2), Wan (t / p_t)(h / p_h)(w / p_w)."""
+        dims = self.latent_shape[1:]
+        if self.spec.name == "flux":
+            patch = (2, 2)
+        elif self.spec.name == "sd3":
+            patch = (int(self.transformer_config.get("patch_size", 2)),) * 2
+        else:
+            patch = tuple(self.transformer_config.get("patch_size", (1, 2, 2)))
+        return math.prod(d // p for d, p in zip(dims, patch))
 
 
 def _read_json(path: Path, field: str) -> dict:

@@ -6,7 +6,7 @@ CLIP-based rewards (open_clip, local weights) live in `ddrl_engine.rewards.clip`
 
 from .async_rewards import AsyncReward, AsyncRewardStats, RewardFailedError, RewardHandle, RewardWorkerError
 from .base import InvalidRewardError, Reward, RewardBatch, WeightedReward, validate_rewards
-from .classifier import ClassConfidenceReward, reward_classifier
+from .classifier import ClassConfidenceReward, ClassMarginReward, class_margin, reward_classifier
 from .http import HttpReward, RewardServer, serve_reward
 from .image import BrightnessReward, ContrastReward
 from .pickscore import PickScoreReward
@@ -25,6 +25,7 @@ __all__ = [
     "AsyncRewardStats",
     "BrightnessReward",
     "ClassConfidenceReward",
+    "ClassMarginReward",
     "ContrastReward",
     "HttpReward",
     "Reward",
@@ -34,6 +35,7 @@ __all__ = [
     "RewardServer",
     "RewardWorkerError",
     "WeightedReward",
+    "class_margin",
     "reward_classifier",
     "serve_reward",
     "validate_rewards",

@@ -1,4 +1,5 @@
-"""Class-confidence reward from the engine's digits classifier (trained on the train split)."""
+"""Rewards from the engine's digits classifier (trained on the train split): the class confidence, and
+the class margin, a learned reward model that can be fooled (`ClassMarginReward`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,20 @@ def reward_classifier(
     return load_or_train_digits_classifier(split.train_x, split.train_y, config, cache_dir)
 
 
+def class_margin(logits: Tensor, cond: Tensor) -> Tensor:
+    """logit[cond] - max over the other classes' logits, per row ([B, C], [B] -> [B])."""
+    own = logits.gather(1, cond.long().unsqueeze(1)).squeeze(1)
+    others = logits.scatter(1, cond.long().unsqueeze(1), float("-inf")).amax(dim=1)
+    return own - others
+
+
+def _check_cond(name: str, samples: Tensor, cond: Tensor, num_classes: int) -> None:
+    if cond.dim() != 1 or cond.shape[0] != samples.shape[0]:
+        raise ValueError(f"{name}: cond must have shape [B]=[{samples.shape[0]}], got {tuple(cond.shape)}")
+    if cond.numel() and (cond.min() < 0 or cond.max() >= num_classes):
+        raise ValueError(f"{name}: cond must hold class ids in [0, {num_classes}), got {cond.tolist()}")
+
+
 class ClassConfidenceReward:
     """p(cond | sample) under the classifier, in [0, 1]. cond must be a real class, not the null class."""
 
@@ -32,11 +47,30 @@ class ClassConfidenceReward:
 
     @torch.no_grad()
     def __call__(self, samples: Tensor, cond: Tensor) -> Tensor:
-        num_classes = self.classifier.config.num_classes
-        if cond.dim() != 1 or cond.shape[0] != samples.shape[0]:
-            raise ValueError(f"cond must have shape [B]=[{samples.shape[0]}], got {tuple(cond.shape)}")
-        if cond.numel() and (cond.min() < 0 or cond.max() >= num_classes):
-            raise ValueError(f"{self.name}: cond must hold class ids in [0, {num_classes}), got {cond.tolist()}")
+        _check_cond(self.name, samples, cond, self.classifier.config.num_classes)
         self.classifier.to(samples.device)
         probs = self.classifier.logits(samples.detach().float().clamp(-1, 1)).softmax(dim=-1)
         return probs.gather(1, cond.long().unsqueeze(1)).squeeze(1).float()
+
+
+class ClassMarginReward:
+    """A learned reward model to exploit: the train-split classifier's logit margin of the conditioned
+    class, logit[cond] - max_other logit (unbounded, unlike the confidence).
+
+    It rises within the data (clear, typical digits of the class score higher than ambiguous ones) and
+    also for patterns off the data that push the classifier's logits apart, so a policy can raise it by
+    fooling the reward model, as RL on learned image rewards can. The evaluation's `class_margin_heldout`
+    is the same margin under an independent classifier (trained on the held-out split): a gain that
+    does not carry over to it fooled this model rather than drew better digits.
+    """
+
+    name = "class_margin"
+
+    def __init__(self, classifier: DigitsClassifier) -> None:
+        self.classifier = classifier.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, samples: Tensor, cond: Tensor) -> Tensor:
+        _check_cond(self.name, samples, cond, self.classifier.config.num_classes)
+        self.classifier.to(samples.device)
+        return class_margin(self.classifier.logits(samples.detach().float().clamp(-1, 1)), cond).float()

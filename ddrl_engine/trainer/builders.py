@@ -10,10 +10,11 @@ import torch
 
 from ddrl_engine.data import Dataset, digits_split, load_folder
 from ddrl_engine.models.dit import DiT
-from ddrl_engine.rewards import BrightnessReward, ClassConfidenceReward, ContrastReward, WeightedReward, reward_classifier
+from ddrl_engine.rewards import (BrightnessReward, ClassConfidenceReward, ClassMarginReward, ContrastReward, WeightedReward,
+                                 reward_classifier)
 from ddrl_engine.trainer.config import TrainConfig
 
-REWARD_NAMES = ("brightness", "contrast", "class_confidence")
+REWARD_NAMES = ("brightness", "contrast", "class_confidence", "class_margin")
 
 
 def build_dataset(cfg: TrainConfig) -> Dataset:
@@ -44,15 +45,16 @@ def check_reward_names(weights: dict[str, float], digits: bool) -> None:
     for name in weights:
         if name not in REWARD_NAMES:
             raise ValueError(f"config: unknown reward 'rewards.{name}' (known: {', '.join(REWARD_NAMES)})")
-        if name == "class_confidence" and not digits:
-            raise ValueError("config: reward 'class_confidence' uses the digits classifier; it needs data.dataset = 'digits'")
+        if name in ("class_confidence", "class_margin") and not digits:
+            raise ValueError(f"config: reward '{name}' uses the digits classifier; it needs data.dataset = 'digits'")
 
 
 def named_rewards(weights: dict[str, float], digits: bool) -> WeightedReward:
     """The built-in rewards by name (a top-level function: reward workers build them from it)."""
     check_reward_names(weights, digits)
     make = {"brightness": BrightnessReward, "contrast": ContrastReward,
-            "class_confidence": lambda: ClassConfidenceReward(reward_classifier())}
+            "class_confidence": lambda: ClassConfidenceReward(reward_classifier()),
+            "class_margin": lambda: ClassMarginReward(reward_classifier())}
     return WeightedReward([make[name]() for name in weights], list(weights.values()))
 
 

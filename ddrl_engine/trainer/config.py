@@ -411,10 +411,10 @@ class DistributedConfig:
         groups (HSDP: e.g. the GPUs of one node, so parameter all-gathers stay inside a node and only
         gradients cross nodes); 0 = shard over all ranks. Must divide the world size.
     context_parallel: ranks per context-parallel group (1 = off). With N > 1 the N consecutive ranks of
-        a group hold the same samples and split each sample's tokens (the DiT's; attention by a
-        Ulysses all-to-all, so heads and tokens must be divisible by N); the batches are split over
-        the world size / N data ranks; the run reproduces the one-process run and its checkpoints
-        resume at any N (docs/distributed.md). Needs parallel = "ddp" or "fsdp".
+        a group hold the same samples and split each sample's tokens (the DiT's, Wan's, SD3's,
+        FLUX's; attention by a Ulysses all-to-all, so heads and tokens must be divisible by N); the
+        batches are split over the world size / N data ranks; the run reproduces the one-process run
+        and its checkpoints resume at any N (docs/distributed.md). Needs parallel = "ddp" or "fsdp".
     """
 
     parallel: str = "none"
@@ -447,9 +447,9 @@ class RewardWorkersConfig:
 @dataclass
 class TrainConfig:
     """A whole run. [rewards] maps reward names to weights: the built-in brightness, contrast,
-    class_confidence (digits), pickscore, clip_score, aesthetic (a pipeline [model]), or "package.module:Name"
-    for your own. [reward_models] maps reward names to the local folders of their models (pickscore =
-    "/models/pickscore": a transformers CLIP folder; clip_score, aesthetic: open_clip folders, the
+    class_confidence, class_margin (digits), pickscore, clip_score, aesthetic (a pipeline [model]), or
+    "package.module:Name" for your own. [reward_models] maps reward names to the local folders of their
+    models (pickscore = "/models/pickscore": a transformers CLIP folder; clip_score, aesthetic: open_clip folders, the
     aesthetic one with its head file; see ddrl_engine.rewards.clip).
     A top-level `recipe = "flow_grpo"` ("dance_grpo", "cosmos_ddrl"; or [algorithm] method = that name)
     fills the [algorithm], [sampler] and [rollout] fields the file does not set with that peer's recipe
@@ -736,7 +736,7 @@ def defaults_as_toml() -> str:
     cfg = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         if f.name == "rewards":
-            lines += ["[rewards]", "# reward name = weight: brightness, contrast, class_confidence (digits), pickscore, "
+            lines += ["[rewards]", "# reward name = weight: brightness, contrast, class_confidence, class_margin (digits), pickscore, "
                       "clip_score, aesthetic (a pipeline [model]), or \"package.module:Name\" = weight for your own reward class"]
             lines += [f"{k} = {v}" for k, v in cfg.rewards.items()] + [""]
             continue

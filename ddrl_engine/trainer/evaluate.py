@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ddrl_engine.algorithms import policy_data_loss
 from ddrl_engine.monitors import FrechetDistance, class_entropy, mean_pairwise_distance
-from ddrl_engine.rewards import WeightedReward
+from ddrl_engine.rewards import WeightedReward, class_margin
 from ddrl_engine.sampling import Guided, RolloutRunner, rollout
 
 
@@ -114,8 +114,10 @@ class Evaluator:
             metrics["fd"] = self.fd(samples)
         if self.logits_fn is not None:
             metrics["class_entropy"] = class_entropy(samples, self.logits_fn)
-            pred = self.logits_fn(samples).argmax(-1)
-            metrics["class_accuracy"] = (pred == cond).float().mean().item()
+            logits = self.logits_fn(samples)
+            metrics["class_accuracy"] = (logits.argmax(-1) == cond).float().mean().item()
+            # The learned class_margin reward's quantity under this (independent) classifier.
+            metrics["class_margin_heldout"] = class_margin(logits, cond).float().mean().item()
         if self.heldout_x.shape[0]:
             plain = policy.inner if isinstance(policy, Guided) else policy
             metrics["heldout_data_loss"] = self.heldout_data_loss(plain, sampler, device)

@@ -59,6 +59,36 @@ bytes SENT per GPU (`cp_communication`): per block and per row of a forward, fou
 and the attention output) of (N / n_cp) h c bytes each, of which a share (n_cp - 1) / n_cp leaves the GPU,
 plus the output all-gather ((n_cp - 1) / n_cp of N v c); a backward sends the same again (a third time
 when activation checkpointing recomputes the forward).
+
+The policy's dtype (`dtype`, the [model] dtype of a pipeline run; the built-in DiT is fp32): a pipeline
+run loads the transformer in that dtype and trains it there, so its weights, gradients, AdamW states, the
+KL reference and the EMA take p = 2 bytes a value in bf16 / fp16 (4 in fp32), and under DDP or one
+process the compute dtype is the same (c = p). The table above is p = 4. (diffusers keeps a few Wan modules,
+the timestep embedder, modulation tables and norms, in fp32 when it loads in bf16: ~29M parameters a 14B
+expert, left out.)
+
+LoRA (`lora_rank` R > 0, the default lora_targets to_q, to_k, to_v, to_out.0): enable_lora freezes the
+base and peft creates the adapters in the base's dtype, so with P_L = R x 2 h x (adapted Linears, every
+one h -> h: `throughput.LORA_ADAPTERS` per block kind)
+    frozen base    p S                        FSDP2 shards it like any parameter (no gradient, no state)
+    LoRA weights   p S_L, gradients p S_L (+ p P_L under DDP), AdamW states 2 p S_L   S_L = P_L / W
+    reference, EMA p (S + S_L) each            deep copies of the whole policy, base included
+    fsdp in flight c (2 (Pb + Pb_L) + Pr) + (c + 4) Pb_L   gradients for the block's adapters only
+    activations    as above with LORA_ACTIVATION_FACTORS (Wan) / LORA_BLOCK_FACTORS, LORA_OUT_FACTORS
+                   (MMDiT), plus c R per token and adapter of the block (each adapter saves x A^T)
+With the base frozen, autograd keeps far less: a frozen Linear computes no weight gradient, so the
+inputs that only such a gradient needs (the FFN's, the projections') are not saved (Wan in bf16: 40 h +
+2 f per token and block against 68 h + 4 f). The factors were counted like the others
+(`saved_tensor_bytes`, tiny diffusers models with adapters, bf16 / fp32):
+    Wan block (alpha_h, alpha_f, alpha_out)        (40, 2, 2) / (56, 4, 4)
+    SD3 block, SD3.5 dual, per image / text token  36 / 34, 58 / 34; fp32 56 / 52, 85 / 52
+    FLUX double, single                            30 / 28, 28 / 30; fp32 52 / 48, 48 / 52
+    output layers                                  SD3 0, FLUX 4 (both dtypes)
+
+Two experts (Wan2.2 A14B, `ModelShape.experts` = 2; ddrl_engine.models.diffusers.WanExpertsPolicy): both
+transformers are held, sharded and trained (weights, gradients, AdamW states, adapters of both: P, the
+blocks and the root count both), while each row runs one expert, so the activations are one expert's
+num_blocks / experts blocks. FSDP2 gathers one block at a time, of whichever expert runs.
 """
 from __future__ import annotations
 
@@ -69,12 +99,20 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ddrl_engine.trainer.throughput import (DEFAULT_MFU, LORA_ADAPTERS, MatmulShape, StepPlan, matmul_shape, step_flops,
+                                           step_seconds)
+
 MASTER_BYTES = 4  # fp32 weights, gradients, optimizer states
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # [model] dtype -> bytes of the policy's parameters
 ACTIVATION_FACTORS = {2: (68, 4, 12), 4: (84, 8, 16)}  # compute bytes -> (alpha_h, alpha_f, alpha_out)
+LORA_ACTIVATION_FACTORS = {2: (40, 2, 2), 4: (56, 4, 4)}  # the same with a frozen base (LoRA)
 # MMDiT blocks (module docstring): kind -> compute bytes -> (beta per image token, beta per text token), x hidden
 BLOCK_FACTORS = {"sd3": {2: (58, 58), 4: (100, 100)}, "sd3_dual": {2: (86, 58), 4: (140, 100)},
                  "flux_double": {2: (56, 56), 4: (96, 96)}, "flux_single": {2: (50, 52), 4: (84, 88)}}
 OUT_FACTORS = {"sd3": {2: 6, 4: 12}, "flux": {2: 8, 4: 14}}  # family -> compute bytes -> beta_out, x hidden
+LORA_BLOCK_FACTORS = {"sd3": {2: (36, 34), 4: (56, 52)}, "sd3_dual": {2: (58, 34), 4: (85, 52)},
+                      "flux_double": {2: (30, 28), 4: (52, 48)}, "flux_single": {2: (28, 30), 4: (48, 52)}}
+LORA_OUT_FACTORS = {"sd3": {2: 0, 4: 0}, "flux": {2: 4, 4: 4}}
 FAMILIES = ("wan", "sd3", "flux")
 PARALLEL = ("fsdp", "ddp", "none")
 GIB = 1024**3
@@ -102,6 +140,7 @@ class ModelShape:
     family: "wan" (activation factors of ACTIVATION_FACTORS), "sd3" or "flux" (MMDiT: BLOCK_FACTORS).
     block_kinds: MMDiT only: (kind in BLOCK_FACTORS, count) in block order, counts adding up to num_blocks.
     blocks_total: parameters of all blocks together (0: num_blocks x block_params, blocks of one size).
+    experts: transformers held (2: two-expert Wan2.2); params and the blocks count all of them, a row runs one.
     """
 
     params: int
@@ -117,11 +156,15 @@ class ModelShape:
     block_kinds: tuple[tuple[str, int], ...] = ()
     blocks_total: int = 0
     heads: int = 0  # attention heads (0: unknown); context parallelism needs them divisible by n_cp
+    experts: int = 1
 
     def __post_init__(self) -> None:
         for name in ("params", "block_params", "num_blocks", "hidden", "ffn_dim", "latent_per_token",
-                     "text_tokens", "text_dim"):
+                     "text_tokens", "text_dim", "experts"):
             _positive(f"ModelShape.{name}", getattr(self, name))
+        if self.num_blocks % self.experts or (self.experts > 1 and self.family != "wan"):
+            raise ValueError(f"memory estimate: 'ModelShape.experts' = {self.experts} must divide num_blocks "
+                             f"({self.num_blocks}), and only Wan models have several")
         _positive("ModelShape.blocks_total", self.blocks_total, 0)
         if self.family not in FAMILIES:
             raise ValueError(f"memory estimate: 'ModelShape.family' must be one of {FAMILIES}, got {self.family!r}")
@@ -149,18 +192,39 @@ class ModelShape:
             return math.ceil(self.params / world_size)
         return sum(math.ceil(rows / world_size) * (numel // rows) for rows, numel in self.param_rows)
 
-    def activation_bytes(self, tokens: int, compute_bytes: int, checkpointing: bool) -> int:
-        """Bytes autograd keeps for one sample of `tokens` image tokens (the module docstring's activations)."""
-        h, c = self.hidden, compute_bytes
+    def _kinds(self) -> tuple[tuple[str, int], ...]:
+        return self.block_kinds or (("wan", self.num_blocks),)
+
+    def lora_params(self, rank: int) -> int:
+        """Parameters of rank-`rank` adapters on the default lora_targets (each adapted Linear is h -> h)."""
+        return rank * 2 * self.hidden * sum(n * LORA_ADAPTERS[k][0] for k, n in self._kinds())
+
+    def lora_shard(self, rank: int, world_size: int) -> int:
+        """Adapter parameters on the largest rank when FSDP2 splits each lora_A [R, h] and lora_B [h, R] by rows."""
+        adapters = self.lora_params(rank) // (2 * rank * self.hidden) if rank else 0
+        return adapters * (math.ceil(rank / world_size) * self.hidden + math.ceil(self.hidden / world_size) * rank)
+
+    def lora_block_params(self, rank: int) -> int:
+        """The largest block's adapter parameters."""
+        return rank * 2 * self.hidden * max(LORA_ADAPTERS[k][0] for k, _ in self._kinds())
+
+    def activation_bytes(self, tokens: int, compute_bytes: int, checkpointing: bool, lora_rank: int = 0) -> int:
+        """Bytes autograd keeps for one sample of `tokens` image tokens (the module docstring's activations);
+        lora_rank > 0: a frozen base with adapters of that rank. A row runs one expert's blocks."""
+        h, c, r = self.hidden, compute_bytes, lora_rank
         if self.family == "wan":
-            alpha_h, alpha_f, alpha_out = ACTIVATION_FACTORS[c]
-            block_act = alpha_h * h + alpha_f * self.ffn_dim  # bytes per token and block
+            alpha_h, alpha_f, alpha_out = (LORA_ACTIVATION_FACTORS if r else ACTIVATION_FACTORS)[c]
+            # bytes per token and block; each adapter on the image tokens also saves x A^T (r values)
+            block_act = alpha_h * h + alpha_f * self.ffn_dim + c * r * LORA_ADAPTERS["wan"][1]
+            blocks = self.num_blocks // self.experts
             if checkpointing:
-                return tokens * (self.num_blocks * c * h + block_act + alpha_out * h)
-            return tokens * (self.num_blocks * block_act + alpha_out * h)
+                return tokens * (blocks * c * h + block_act + alpha_out * h)
+            return tokens * (blocks * block_act + alpha_out * h)
         text = self.text_tokens
-        per_block = {k: (BLOCK_FACTORS[k][c][0] * tokens + BLOCK_FACTORS[k][c][1] * text) * h for k, _ in self.block_kinds}
-        out = OUT_FACTORS[self.family][c] * h * tokens
+        factors, out_factors = (LORA_BLOCK_FACTORS, LORA_OUT_FACTORS) if r else (BLOCK_FACTORS, OUT_FACTORS)
+        per_block = {k: (factors[k][c][0] * h + c * r * LORA_ADAPTERS[k][1]) * tokens
+                     + (factors[k][c][1] * h + c * r * LORA_ADAPTERS[k][2]) * text for k, _ in self.block_kinds}
+        out = out_factors[self.family][c] * h * tokens
         if checkpointing:
             return self.num_blocks * c * h * (tokens + text) + max(per_block.values()) + out
         return sum(n * per_block[k] for k, n in self.block_kinds) + out
@@ -209,7 +273,8 @@ class ModelShape:
         return cls(params=sum(p.numel() for p in params), block_params=max(sizes), num_blocks=len(blocks), hidden=hidden,
                    ffn_dim=ffn_dim, latent_per_token=latent_per_token or 64, text_tokens=text_tokens or 512,
                    param_rows=rows, family=family, block_kinds=kinds,
-                   blocks_total=sum(sizes) if family != "wan" else 0)
+                   blocks_total=sum(sizes) if family != "wan" else 0,
+                   experts=len(getattr(module, "experts", ())) or 1)
 
 
 @dataclass(frozen=True)
@@ -251,15 +316,19 @@ def estimate_memory(model: ModelShape | nn.Module, *, tokens: int, world_size: i
                     data_per_rank: int = 1, parallel: str = "fsdp", activation_checkpointing: bool = False,
                     kl_reference: bool = False, ema: bool = False, sampler_steps: int = 10,
                     prompts: int = 0, micro_batch: int = 0, guidance_scale: float = 1.0,
-                    context_parallel: int = 1) -> MemoryEstimate:
+                    context_parallel: int = 1, lora_rank: int = 0, dtype: str = "fp32") -> MemoryEstimate:
     """Per-GPU bytes of one training step (see the module docstring for every term). `model` is a
     ModelShape or a module with `blocks` (see ModelShape.from_module). micro_batch: the trainer's
     optim.micro_batch (rows per forward/backward; 0 = all of the rank's rows), which bounds b.
     guidance_scale: rollout.guidance_scale (not 1 or 0: the policy loss's forward has two rows per sample).
     context_parallel: distributed.context_parallel (n_cp ranks split each sample's tokens; must divide
     world_size, tokens and, when known, the heads); rollout_per_rank / data_per_rank are then rows per
-    data rank (per cp group)."""
+    data rank (per cp group). lora_rank: model.lora_rank (0: full fine-tuning). dtype: the policy's
+    parameter dtype (a pipeline run's model.dtype; "fp32" for the built-in DiT)."""
     shape = model if isinstance(model, ModelShape) else ModelShape.from_module(model)
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"memory estimate: 'dtype' must be one of {tuple(DTYPE_BYTES)}, got {dtype!r}")
+    _positive("lora_rank", lora_rank, 0)
     if parallel not in PARALLEL:
         raise ValueError(f"memory estimate: 'parallel' must be one of {PARALLEL}, got {parallel!r}")
     _positive("tokens", tokens)
@@ -277,33 +346,43 @@ def estimate_memory(model: ModelShape | nn.Module, *, tokens: int, world_size: i
     cp = _check_cp(shape, tokens, world_size, context_parallel)
     fsdp = parallel == "fsdp"
     held = shape.shard(world_size) if fsdp else shape.params
-    c = 2 if fsdp else MASTER_BYTES
+    p, r = DTYPE_BYTES[dtype], lora_rank
+    c = 2 if fsdp else p  # FSDP2 computes in bf16 on CUDA; DDP and one process in the weights' dtype
     bound = (lambda rows: min(rows, micro_batch)) if micro_batch else (lambda rows: rows)
     b = max(rows_per_sample * bound(rollout_per_rank), bound(data_per_rank))
     n = tokens
 
-    parts = {"weights (fp32)": MASTER_BYTES * held,
-             "gradients (fp32)": MASTER_BYTES * held + (MASTER_BYTES * shape.params if parallel == "ddp" else 0),
-             "AdamW states (fp32)": 2 * MASTER_BYTES * held}
+    # the trained parameters (all, or the adapters over a frozen base) and what this rank holds of them
+    trained = shape.lora_params(r) if r else shape.params
+    trained_held = (shape.lora_shard(r, world_size) if fsdp else trained) if r else held
+    pre = "LoRA " if r else ""
+    parts = {f"frozen base ({dtype})": p * held} if r else {}
+    parts |= {f"{pre}weights ({dtype})": p * trained_held,
+              f"{pre}gradients ({dtype})": p * trained_held + (p * trained if parallel == "ddp" else 0),
+              f"{pre}AdamW states ({dtype})": 2 * p * trained_held}
+    copy = p * (held + (trained_held if r else 0))  # a deep copy of the policy (base and adapters)
     if kl_reference:
-        parts["KL reference (fp32)"] = MASTER_BYTES * held
+        parts[f"KL reference ({dtype})"] = copy
     if ema:
-        parts["EMA weights (fp32)"] = MASTER_BYTES * held
+        parts[f"EMA weights ({dtype})"] = copy
     if prompts:
         parts["prompt bank (fp32)"] = 4 * (prompts + 1) * shape.text_tokens * shape.text_dim
     parts["rollout states + data latents"] = 4 * (rollout_per_rank * (sampler_steps + 1) + data_per_rank) * n * shape.latent_per_token
     if fsdp:
-        parts["FSDP2 unsharded in flight"] = c * (2 * shape.block_params + shape.root_params) + (c + MASTER_BYTES) * shape.block_params
+        block = shape.block_params + shape.lora_block_params(r)
+        block_trained = shape.lora_block_params(r) if r else shape.block_params
+        parts["FSDP2 unsharded in flight"] = c * (2 * block + shape.root_params) + (c + MASTER_BYTES) * block_trained
     name = "activations" + (" (checkpointed)" if activation_checkpointing else "")
     if cp == 1:
-        parts[name] = b * shape.activation_bytes(n, c, activation_checkpointing)
+        parts[name] = b * shape.activation_bytes(n, c, activation_checkpointing, r)
     else:  # the blocks on this rank's tokens; the gathered output is whole
-        parts[name] = b * (shape.activation_bytes(n // cp, c, activation_checkpointing) + c * n * shape.latent_per_token)
+        parts[name] = b * (shape.activation_bytes(n // cp, c, activation_checkpointing, r) + c * n * shape.latent_per_token)
     inputs = dict(tokens=tokens, world_size=world_size, rollout_per_rank=rollout_per_rank, data_per_rank=data_per_rank,
                   context_parallel=cp,
                   parallel=parallel, activation_checkpointing=activation_checkpointing, kl_reference=kl_reference,
                   ema=ema, sampler_steps=sampler_steps, prompts=prompts, micro_batch=micro_batch,
-                  guidance_scale=guidance_scale, activation_rows=b, compute_bytes=c)
+                  guidance_scale=guidance_scale, activation_rows=b, compute_bytes=c, lora_rank=r, dtype=dtype,
+                  trained_params=trained)
     return MemoryEstimate(parts, inputs)
 
 
@@ -365,7 +444,8 @@ class Preset:
     """A published model's dimensions. `config` is the diffusers `model_class` config of the public
     checkpoint (`source`: its repository's transformer/config.json); the counts in `shape` were taken
     from that model built on the meta device (tests/test_memory.py rebuilds it and compares).
-    `video`: tokens from [frames, H, W] (video_tokens), else from [H, W] (image_tokens)."""
+    `video`: tokens from [frames, H, W] (video_tokens), else from [H, W] (image_tokens). With
+    `shape.experts` = 2 the pipeline has two transformers of this config (transformer, transformer_2)."""
 
     config: dict
     shape: ModelShape
@@ -373,12 +453,21 @@ class Preset:
     source: str = ""
     video: bool = True
 
+    @property
+    def family(self) -> str:
+        return {"WanTransformer3DModel": "wan", "SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}[self.model_class]
 
-def _wan(heads: int, ffn: int, layers: int, params: int, block_params: int, source: str) -> Preset:
+    def matmuls(self) -> MatmulShape:
+        """The matmul weights of one forward (one expert): the throughput estimate's shape."""
+        return matmul_shape(self.family, self.config)
+
+
+def _wan(heads: int, ffn: int, layers: int, params: int, block_params: int, source: str, experts: int = 1) -> Preset:
     config = dict(num_attention_heads=heads, attention_head_dim=128, ffn_dim=ffn, num_layers=layers, in_channels=16,
-                  out_channels=16, text_dim=4096, patch_size=(1, 2, 2))
-    return Preset(config, ModelShape(params=params, block_params=block_params, num_blocks=layers, hidden=heads * 128,
-                                     ffn_dim=ffn, latent_per_token=64, heads=heads), source=source)
+                  out_channels=16, text_dim=4096, freq_dim=256, patch_size=(1, 2, 2))
+    return Preset(config, ModelShape(params=experts * params, block_params=block_params, num_blocks=experts * layers,
+                                     hidden=heads * 128, ffn_dim=ffn, latent_per_token=64, heads=heads, experts=experts),
+                  source=source)
 
 
 def _sd3(layers: int, heads: int, caption: int, pos_max: int, dual: int, params: int, block_params: int,
@@ -423,6 +512,10 @@ PRESETS = {
     # Wan-AI/Wan2.1-T2V-14B-Diffusers, transformer/config.json
     "wan2.1-14b": _wan(heads=40, ffn=13824, layers=40, params=14_288_491_584, block_params=351_394_304,
                        source="Wan-AI/Wan2.1-T2V-14B-Diffusers"),
+    # Wan-AI/Wan2.2-T2V-A14B-Diffusers: transformer/ and transformer_2/ (high / low noise), each Wan2.1-14B's
+    # config; both are held and trained (WanExpertsPolicy), a row runs one
+    "wan2.2-a14b": _wan(heads=40, ffn=13824, layers=40, params=14_288_491_584, block_params=351_394_304,
+                        source="Wan-AI/Wan2.2-T2V-A14B-Diffusers", experts=2),
 }
 
 
@@ -486,4 +579,65 @@ def summary_table(world_sizes=(8, 32, 256), **options) -> str:
                                           **options).total / GIB for w in world_sizes]
                 cells = [name, what, f"{n:,}", "yes" if ckpt else "no"]
                 rows.append("| " + " | ".join(cells + [f"{t:,.1f}" for t in totals]) + " |")
+    return "\n".join(rows)
+
+
+# ---- throughput and the per-model note ----------------------------------------------------------------
+
+def step_plan(*, rollout_per_rank: int = 1, data_per_rank: int = 1, sampler_steps: int = 10, guidance_scale: float = 1.0,
+              kl_reference: bool = False, activation_checkpointing: bool = False, trained_steps: int = 5,
+              data_loss_steps: str = "all", ppo_epochs: int = 1, recompute_old_logprobs: bool = False,
+              **memory_only) -> StepPlan:
+    """The StepPlan of the step estimate_memory's options describe (the options only memory uses, such as
+    parallel or ema, are ignored here); trained_steps .. recompute_old_logprobs: the throughput's own."""
+    return StepPlan(rollout_rows=rollout_per_rank, data_rows=data_per_rank, sampler_nfe=sampler_steps,
+                    trained_steps=trained_steps, data_loss_steps=data_loss_steps, guided=guided_rows(guidance_scale) == 2,
+                    kl_reference=kl_reference, recompute_old_logprobs=recompute_old_logprobs, ppo_epochs=ppo_epochs,
+                    activation_checkpointing=activation_checkpointing)
+
+
+def throughput_estimate(model: Preset | ModelShape, *, tokens: int, plan: StepPlan, lora_rank: int = 0,
+                        mfu: float = DEFAULT_MFU, context_parallel: int = 1) -> dict:
+    """FLOPs and time of one step per GPU (ddrl_engine.trainer.throughput): a Preset's exact matmul shape, or
+    for a bare ModelShape every block weight on every token plus self-attention (no text tokens).
+    Context parallelism splits a data rank's work over its n_cp GPUs (the replicated text side is ignored).
+    Returns the phases' FLOPs (per GPU), "forward" (one row), "attention" (its attention part),
+    "seconds" at `mfu` of the bf16 peak (H100 and H200 alike) and "samples_per_s" (rollout samples per GPU)."""
+    _positive("context_parallel", context_parallel)
+    if isinstance(model, Preset):
+        mm, text = model.matmuls(), model.shape.text_tokens
+    else:
+        blocks = model.blocks_total or model.num_blocks * model.block_params
+        mm, text = MatmulShape.generic(block_params=blocks // model.experts, hidden=model.hidden,
+                                       num_blocks=model.num_blocks // model.experts), 0
+    phases = {k: v // context_parallel for k, v in step_flops(mm, tokens=tokens, text_tokens=text, plan=plan,
+                                                            lora_rank=lora_rank).items()}
+    seconds = step_seconds(phases["step"], mfu=mfu)
+    return {"phases": phases, "forward": mm.forward(tokens, text, lora_rank), "attention": mm.attention(tokens, text),
+            "seconds": seconds, "samples_per_s": plan.rollout_rows / context_parallel / seconds, "mfu": mfu}
+
+
+def notes_table(*, world_size: int = 8, lora_rank: int = 32, dtype: str = "bf16", mfu: float = DEFAULT_MFU,
+                trained_steps: int = 5, data_loss_steps: str = "all", ppo_epochs: int = 1,
+                recompute_old_logprobs: bool = False, **options) -> str:
+    """Markdown table, per preset and resolution, of LoRA (rank `lora_rank`) and full fine-tuning at `dtype`:
+    memory per GPU (estimate_memory with `options`), whether it fits each of GPUS, TFLOP per step per GPU
+    and the step time and rollout samples/s per GPU at the ASSUMED `mfu` (throughput_estimate)."""
+    plan = step_plan(trained_steps=trained_steps, data_loss_steps=data_loss_steps, ppo_epochs=ppo_epochs,
+                     recompute_old_logprobs=recompute_old_logprobs, **options)
+    head = ["model", "size", "tokens", "GPUs", "tuning", "GiB/GPU", *GPUS, "TFLOP/step/GPU", f"s/step @ MFU {mfu:g}",
+            "samples/s/GPU"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, preset in PRESETS.items():
+        for res in (RESOLUTIONS if preset.video else IMAGE_RESOLUTIONS):
+            n, what = preset_tokens(preset, res)
+            for rank in (lora_rank, 0):
+                total = estimate_memory(preset.shape, tokens=n, world_size=world_size, lora_rank=rank, dtype=dtype,
+                                        **options).total
+                tp = throughput_estimate(preset, tokens=n, plan=plan, lora_rank=rank, mfu=mfu,
+                                         context_parallel=options.get("context_parallel", 1))
+                fits = ["yes" if total <= cap else "no" for cap in GPUS.values()]
+                cells = [name, what, f"{n:,}", str(world_size), f"LoRA r={rank}" if rank else "full", f"{total / GIB:,.1f}",
+                         *fits, f"{tp['phases']['step'] / 1e12:,.0f}", f"{tp['seconds']:,.1f}", f"{tp['samples_per_s']:.2g}"]
+                rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)

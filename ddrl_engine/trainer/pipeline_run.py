@@ -172,6 +172,11 @@ def build_pipeline_run(cfg: TrainConfig, *, log=print, progress: bool = True) ->
         raise ValueError(f"config: 'rollout.cuda_graph' = true cannot run the two-expert Wan2.2 folder {m.path!r}: "
                          "which expert a row runs depends on its level (a data-dependent split, read on the host), "
                          "which a CUDA graph cannot capture; set rollout.cuda_graph = false")
+    cp = cfg.distributed.context_parallel
+    if cp > 1:  # heads and tokens from the folder's config, before any weight loads
+        from ddrl_engine.attention.context_parallel import check_context_parallel
+
+        check_context_parallel(pre.attention_heads, pre.patch_tokens, cp, f"{m.kind} transformer ({m.path})")
     sampler = build_sampler(cfg, pre)  # the folder's scheduler config only (schedule = "diffusers"): no weights
     texts = _texts(prompts, eval_prompts, [c for _, c in items])
     # Reward names and model folders are checked before any reward model (then the pipeline) loads.

@@ -17,9 +17,11 @@
 //  - inside a consumer warpgroup, tile n's QK^T and tile n-1's PV are issued back to back and the
 //    softmax of tile n runs while the PV wgmma of tile n-1 is in flight (FA3-style intra-warpgroup
 //    overlap); a stage goes back to the producer after its PV has completed.
+//  - the epilogue writes O from registers, two adjacent columns per store (bf16x2 / fp16x2: 32 bits,
+//    fp32: 64 bits; the accumulator layout that makes each pair adjacent is proved at compile time).
 // What it is not: no inter-warpgroup ping-pong scheduling of the two consumers (named barriers),
-// no TMA multicast / clusters, no persistent tile scheduler, no TMA store epilogue (the output is
-// written from registers), no causal masking. It has been compiled, never run (no GPU here).
+// no TMA multicast / clusters, no persistent tile scheduler, no TMA store epilogue, no causal
+// masking. It has been compiled, never run (no GPU here).
 //
 // Tensor maps: cute::make_tma_copy encodes them through cutlass::call_cuTensorMapEncodeTiled,
 // which, without CUTLASS_ENABLE_DIRECT_CUDA_DRIVER_CALL (never define it for this extension),
@@ -195,6 +197,54 @@ static_assert(p_exchange_all(std::make_integer_sequence<int, 32>{}),
               "the quad exchange of P does not produce the wgmma A-operand layout");
 static_assert(std::is_same_v<MMA_Traits<SM90_64x128x32_F32E4M3E4M3_RS_TN<>>::ALayout,
                              MMA_Traits<SM90_64x64x32_F32E4M3E4M3_RS_TN<>>::ALayout>);
+
+// ---- the epilogue's paired stores ----------------------------------------------------------------
+// Output accumulator values 2j and 2j + 1 of every consumer thread must be columns c and c + 1 (c even)
+// of one row, so a pair is one 32-bit (bf16x2, fp16x2) or 64-bit (fp32 x2) aligned store. Proved on
+// the tiled MMA's (thread, value) -> m + kBM n map, the order partition_fragment_C gives tOrO
+// (one atom per thread: size(tOrO) == D / 2 and compact, asserted in the kernel).
+template <class TV>
+constexpr bool c_pairs_are_adjacent_columns(int t_begin, int t_end) {
+  for (int t = t_begin; t < t_end; ++t) {
+    for (int v = 0; v + 1 < int(size<1>(TV{})); v += 2) {
+      const int a = int(TV{}(t, v)), b = int(TV{}(t, v + 1));
+      if (b != a + kBM || (a / kBM) % 2 != 0) return false;
+    }
+  }
+  return true;
+}
+template <int D>
+using OutTV = decltype(typename Sm90Traits<D>::MmaO{}.get_layoutC_TV());
+// One constant evaluation per 8 threads (the front end bounds the work of each).
+template <int D, int Chunk>
+struct CPairsChunk {
+  static constexpr bool value = c_pairs_are_adjacent_columns<OutTV<D>>(8 * Chunk, 8 * Chunk + 8);
+};
+template <int D, int... Chunks>
+constexpr bool c_pairs_all(std::integer_sequence<int, Chunks...>) {
+  return (CPairsChunk<D, Chunks>::value && ...);
+}
+static_assert(size<0>(OutTV<64>{}) == 256 && size<0>(OutTV<128>{}) == 256, "256 consumer threads");
+static_assert(c_pairs_all<64>(std::make_integer_sequence<int, 32>{}) &&
+                  c_pairs_all<128>(std::make_integer_sequence<int, 32>{}),
+              "the output accumulator does not hold pairs of adjacent columns: the paired stores are wrong");
+
+// Columns c, c + 1 of one output row in one store (ptr aligned to the pair: c and D even, out
+// 16-byte aligned). Round to nearest even per element, as cuda::from_float rounds.
+template <typename OutT>
+__device__ __forceinline__ void store_pair(OutT* ptr, float lo, float hi) {
+  if constexpr (std::is_same_v<OutT, __nv_bfloat16>) {
+    *reinterpret_cast<__nv_bfloat162*>(ptr) = __floats2bfloat162_rn(lo, hi);
+  } else if constexpr (std::is_same_v<OutT, __half>) {
+    *reinterpret_cast<__half2*>(ptr) = __floats2half2_rn(lo, hi);
+  } else {
+    static_assert(std::is_same_v<OutT, float>);
+    // One 64-bit word, lo at the lower address (a float2 assignment is split into two 32-bit stores,
+    // __stwb makes it a strong one).
+    *reinterpret_cast<unsigned long long*>(ptr) =
+        (static_cast<unsigned long long>(__float_as_uint(hi)) << 32) | __float_as_uint(lo);
+  }
+}
 
 // Register fragments are indexed linearly below: their layouts must be compact column-major.
 template <class L>
@@ -447,14 +497,19 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_attention_sm90_kernel(const _
   pipeline.consumer_release(prev);
   rescale_add(alpha_prev);
 
+  // Epilogue: values i, i + 1 are columns c, c + 1 of one row (proved above): one store per pair.
+  // Rows past q_len (padding of the last query tile) are not written; D is never partial.
   OutT* out = static_cast<OutT*>(p.out);
+  const float* v_scale = p.v_scale + bh * D;
+  const float* v_mean = p.v_mean + bh * D;
   CUTLASS_PRAGMA_UNROLL
-  for (int i = 0; i < size(tOrO); ++i) {
+  for (int i = 0; i < size(tOrO); i += 2) {
     const int r = int(get<0>(tOcO(i))), c = int(get<1>(tOcO(i)));
     const int64_t row = m0 + r;
     if (row < p.sq) {
-      const float o = fp8attn::finalize(tOrO(i), l[row_half(i)], p.v_scale[bh * D + c], p.v_mean[bh * D + c]);
-      out[(bh * p.sq + row) * D + c] = cuda::from_float<OutT>(o);
+      const float lo = fp8attn::finalize(tOrO(i), l[row_half(i)], v_scale[c], v_mean[c]);
+      const float hi = fp8attn::finalize(tOrO(i + 1), l[row_half(i + 1)], v_scale[c + 1], v_mean[c + 1]);
+      store_pair(out + (bh * p.sq + row) * D + c, lo, hi);
     }
   }
 #elif defined(__CUDA_ARCH__)
@@ -606,7 +661,7 @@ int check_params(const Fp8AttentionParams& p) {
   if (p.bh < 1 || p.sq < 1 || p.sk < 1) return bad;
   if (p.sq_pad < p.sq || p.sk_pad < p.sk || p.sq_pad % kBM != 0 || p.sk_pad % kBN != 0) return bad;
   if (!p.q8 || !p.q_scale || !p.k8 || !p.k_scale || !p.v8t || !p.v_scale || !p.v_mean || !p.out) return bad;
-  if (!aligned16(p.q8) || !aligned16(p.k8) || !aligned16(p.v8t) || !aligned16(p.k_scale))
+  if (!aligned16(p.q8) || !aligned16(p.k8) || !aligned16(p.v8t) || !aligned16(p.k_scale) || !aligned16(p.out))
     return static_cast<int>(cudaErrorMisalignedAddress);
   constexpr int64_t kDimMax = int64_t(1) << 32, kStrideMax = int64_t(1) << 40;
   if (p.bh >= kDimMax || p.sq_pad >= kDimMax || p.sk_pad >= kDimMax) return bad;

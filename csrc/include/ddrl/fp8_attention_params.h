@@ -4,18 +4,33 @@
 
 #include <cstdint>
 
+#include "ddrl/fp8_attention_math.h"
 #include "ddrl/launch_params.h"
 
 namespace ddrl {
 
+// Element strides of a [B, H, S, D] input whose channels are adjacent (channel stride 1): the
+// pre-pass reads q, k, v through them, so views such as the DiT's [B, S, H, D] storage
+// permuted to [B, H, S, D] are read in place. Any non-negative values (0: an expanded dim).
+struct Fp8TokenStrides {
+  int64_t batch, head, token;
+};
+
+// Offset of token 0 of head-row bh = b * heads + h (the kernels count heads as one dim BH).
+DDRL_FP8_HD int64_t head_offset(const Fp8TokenStrides& s, int64_t bh, int64_t heads) {
+  return (bh / heads) * s.batch + (bh % heads) * s.head;
+}
+
 struct Fp8QuantizeParams {
-  const void* q;  // [BH, Sq, D] contiguous, dtype
-  const void* k;  // [BH, Sk, D]
-  const void* v;  // [BH, Sk, D]
+  const void* q;  // [B, H, Sq, D] through q_stride, dtype
+  const void* k;  // [B, H, Sk, D] through k_stride
+  const void* v;  // [B, H, Sk, D] through v_stride
+  Fp8TokenStrides q_stride, k_stride, v_stride;
   DType dtype;
-  int64_t bh, sq, sk, sq_pad, sk_pad;
+  int64_t bh, heads, sq, sk, sq_pad, sk_pad;  // bh = B * heads
   int d;
   float logit_factor;  // fp8attn::logit_factor(softmax_scale, D)
+  // The outputs are packed (contiguous), in the layouts the sm_90a kernel's tensor maps describe.
   int8_t* q8;          // [BH, Sq_pad, D]
   float* q_scale;      // [BH, Sq_pad]
   int8_t* k8;          // [BH, Sk_pad, D]
@@ -44,7 +59,7 @@ struct Fp8AttentionParams {
   int64_t bh, sq, sk, sq_pad, sk_pad;
   int d;
   DType out_dtype;
-  void* out;  // [BH, Sq, D] contiguous, out_dtype
+  void* out;  // [BH, Sq, D] contiguous, out_dtype, 16-byte aligned (pairs of columns are stored at once)
 };
 
 int launch_fp8_quantize(const Fp8QuantizeParams& p, void* stream);
