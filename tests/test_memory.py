@@ -147,20 +147,41 @@ def test_activation_terms():
         estimate_memory(shape, tokens=1000, world_size=8, micro_batch=-1)
 
 
+def _mmdit_block_bytes(per_token, dtype):
+    """per_token(policy) -> (image, text) saved bytes per token, on tiny SD3 / FLUX models of 1-2 blocks:
+    (the one-block models' figures by family, the per-block figures by block kind)."""
+    from ddrl_engine.models.diffusers import FluxPolicy, SD3Policy
+
+    sd3 = {k: per_token(SD3Policy(_tiny_sd3(*a, dtype=dtype), (4, 8, 8))) for k, a in
+           {"1": (1, ()), "2": (2, ()), "2dual": (2, (0,))}.items()}
+    flux = {k: per_token(FluxPolicy(_tiny_flux(*a, dtype=dtype), (4, 8, 8))) for k, a in
+            {"10": (1, 0), "20": (2, 0), "11": (1, 1)}.items()}
+    block = {"sd3": [b - a for a, b in zip(sd3["1"], sd3["2"])],
+             "sd3_dual": [b - a + d for a, b, d in zip(sd3["1"], sd3["2"], (sd3["2dual"][0] - sd3["2"][0], 0))],
+             "flux_double": [b - a for a, b in zip(flux["10"], flux["20"])],
+             "flux_single": [b - a for a, b in zip(flux["10"], flux["11"])]}
+    return {"sd3": sd3["1"], "flux": flux["10"]}, block
+
+
+def _wan_saved_bytes_per_token(policy, dtype) -> float:
+    """Bytes autograd saves per extra video token of one Wan forward (two sizes, the difference)."""
+    sizes = []
+    for hw in (8, 16):
+        x = torch.randn(1, 4, 2, hw, hw, dtype=dtype)
+        fn = lambda: policy.model(hidden_states=x, timestep=torch.tensor([500.0]),  # noqa: E731
+                                  encoder_hidden_states=torch.randn(1, 5, 16, dtype=dtype), return_dict=False)
+        sizes.append((2 * hw * hw // 4, saved_tensor_bytes(fn, list(policy.parameters()) + [x])))
+    (n1, b1), (n2, b2) = sizes
+    return (b2 - b1) / (n2 - n1)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_activation_factors_match_what_autograd_saves(dtype):
     """Re-measures ACTIVATION_FACTORS: saved bytes per token of a Wan model at 1 and 2 blocks, two FFN widths."""
     def per_token(layers, ffn):
         policy = tiny_wan_policy(layers=layers, ffn=ffn, dtype=dtype)
         policy.model.requires_grad_(True)
-        sizes = []
-        for hw in (8, 16):
-            x = torch.randn(1, 4, 2, hw, hw, dtype=dtype)
-            fn = lambda: policy.model(hidden_states=x, timestep=torch.tensor([500.0]),  # noqa: E731
-                                      encoder_hidden_states=torch.randn(1, 5, 16, dtype=dtype), return_dict=False)
-            sizes.append((2 * hw * hw // 4, saved_tensor_bytes(fn, list(policy.parameters()) + [x])))
-        (n1, b1), (n2, b2) = sizes
-        return (b2 - b1) / (n2 - n1)
+        return _wan_saved_bytes_per_token(policy, dtype)
 
     ah, af, ao = ACTIVATION_FACTORS[dtype.itemsize]
     hidden = 64
@@ -401,7 +422,7 @@ def test_mmdit_shapes_reject_bad_block_kinds():
 def test_mmdit_factors_match_what_autograd_saves(dtype):
     """Re-measures BLOCK_FACTORS and OUT_FACTORS on tiny models (hidden 64): saved bytes per image token and
     per text token of one more block, through our attention (the policies' default)."""
-    from ddrl_engine.models.diffusers import FluxPolicy, SD3Policy, TextCondition
+    from ddrl_engine.models.diffusers import TextCondition
 
     def saved(policy, hw, txt):
         policy.model.requires_grad_(True)
@@ -416,20 +437,13 @@ def test_mmdit_factors_match_what_autograd_saves(dtype):
         return img, txt
 
     h, c = 64, dtype.itemsize
-    sd3 = {k: per_token(SD3Policy(_tiny_sd3(*a, dtype=dtype), (4, 8, 8))) for k, a in
-           {"1": (1, ()), "2": (2, ()), "2dual": (2, (0,))}.items()}
-    flux = {k: per_token(FluxPolicy(_tiny_flux(*a, dtype=dtype), (4, 8, 8))) for k, a in
-            {"10": (1, 0), "20": (2, 0), "11": (1, 1)}.items()}
-    block = {"sd3": [b - a for a, b in zip(sd3["1"], sd3["2"])],
-             "sd3_dual": [b - a + d for a, b, d in zip(sd3["1"], sd3["2"], (sd3["2dual"][0] - sd3["2"][0], 0))],
-             "flux_double": [b - a for a, b in zip(flux["10"], flux["20"])],
-             "flux_single": [b - a for a, b in zip(flux["10"], flux["11"])]}
+    one, block = _mmdit_block_bytes(per_token, dtype)
     for kind, (img, txt) in block.items():
         want_img, want_txt = BLOCK_FACTORS[kind][c]
         assert img == pytest.approx(want_img * h, rel=0.03), (kind, img / h)
         assert txt == pytest.approx(want_txt * h, rel=0.03), (kind, txt / h)
-    assert sd3["1"][0] - block["sd3"][0] == pytest.approx(OUT_FACTORS["sd3"][c] * h, rel=0.35)
-    assert flux["10"][0] - block["flux_double"][0] == pytest.approx(OUT_FACTORS["flux"][c] * h, rel=0.35)
+    assert one["sd3"][0] - block["sd3"][0] == pytest.approx(OUT_FACTORS["sd3"][c] * h, rel=0.35)
+    assert one["flux"][0] - block["flux_double"][0] == pytest.approx(OUT_FACTORS["flux"][c] * h, rel=0.35)
 
 
 def test_cli_image_presets_guidance_and_gpus(capsys):
@@ -554,7 +568,7 @@ def test_lora_and_dtype_shrink_the_weight_parts():
 def test_lora_activation_factors_match_what_autograd_saves(dtype, seed):
     """Re-measures LORA_ACTIVATION_FACTORS (Wan) and LORA_BLOCK_FACTORS / LORA_OUT_FACTORS (MMDiT) with adapters
     of ranks 4 and 8 on a frozen base: the intercept is the factor, the slope c R per adapter and token."""
-    from ddrl_engine.models.diffusers import FluxPolicy, SD3Policy, TextCondition
+    from ddrl_engine.models.diffusers import TextCondition
 
     c, h = dtype.itemsize, 64
 
@@ -563,15 +577,7 @@ def test_lora_activation_factors_match_what_autograd_saves(dtype, seed):
         return policy
 
     def wan_per_token(layers, ffn, rank):
-        policy = lora(tiny_wan_policy(layers=layers, ffn=ffn, dtype=dtype), rank)
-        sizes = []
-        for hw in (8, 16):
-            x = torch.randn(1, 4, 2, hw, hw, dtype=dtype)
-            fn = lambda: policy.model(hidden_states=x, timestep=torch.tensor([500.0]),  # noqa: E731
-                                      encoder_hidden_states=torch.randn(1, 5, 16, dtype=dtype), return_dict=False)
-            sizes.append((2 * hw * hw // 4, saved_tensor_bytes(fn, list(policy.parameters()) + [x])))
-        (n1, b1), (n2, b2) = sizes
-        return (b2 - b1) / (n2 - n1)
+        return _wan_saved_bytes_per_token(lora(tiny_wan_policy(layers=layers, ffn=ffn, dtype=dtype), rank), dtype)
 
     ah, af, ao = LORA_ACTIVATION_FACTORS[c]
     for ffn in (128, 512):
@@ -591,21 +597,14 @@ def test_lora_activation_factors_match_what_autograd_saves(dtype, seed):
         return ((saved(policy, 16, 6) - saved(policy, 8, 6)) / (64 - 16), (saved(policy, 8, 22) - saved(policy, 8, 6)) / 16)
 
     for r in (4, 8):
-        sd3 = {k: per_token(lora(SD3Policy(_tiny_sd3(*a, dtype=dtype), (4, 8, 8)), r)) for k, a in
-               {"1": (1, ()), "2": (2, ()), "2dual": (2, (0,))}.items()}
-        flux = {k: per_token(lora(FluxPolicy(_tiny_flux(*a, dtype=dtype), (4, 8, 8)), r)) for k, a in
-                {"10": (1, 0), "20": (2, 0), "11": (1, 1)}.items()}
-        block = {"sd3": [b - a for a, b in zip(sd3["1"], sd3["2"])],
-                 "sd3_dual": [b - a + d for a, b, d in zip(sd3["1"], sd3["2"], (sd3["2dual"][0] - sd3["2"][0], 0))],
-                 "flux_double": [b - a for a, b in zip(flux["10"], flux["20"])],
-                 "flux_single": [b - a for a, b in zip(flux["10"], flux["11"])]}
+        one, block = _mmdit_block_bytes(lambda policy: per_token(lora(policy, r)), dtype)
         for kind, (img, txt) in block.items():
             want_img, want_txt = LORA_BLOCK_FACTORS[kind][c]
             _, on_img, on_txt = LORA_ADAPTERS[kind]
             assert img == pytest.approx(want_img * h + c * r * on_img, rel=0.03), (kind, r, img / h)
             assert txt == pytest.approx(want_txt * h + c * r * on_txt, rel=0.03), (kind, r, txt / h)
-        assert sd3["1"][0] - block["sd3"][0] == pytest.approx(LORA_OUT_FACTORS["sd3"][c] * h, rel=0.35, abs=h)
-        assert flux["10"][0] - block["flux_double"][0] == pytest.approx(LORA_OUT_FACTORS["flux"][c] * h, rel=0.35, abs=h)
+        assert one["sd3"][0] - block["sd3"][0] == pytest.approx(LORA_OUT_FACTORS["sd3"][c] * h, rel=0.35, abs=h)
+        assert one["flux"][0] - block["flux_double"][0] == pytest.approx(LORA_OUT_FACTORS["flux"][c] * h, rel=0.35, abs=h)
 
 
 def _tiny_experts(seed, dtype=torch.float32):

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -205,3 +206,19 @@ def test_probe_skips_variants_whose_data_loss_is_not_at_each_trained_step(tmp_pa
     assert list(probes) == ["all"] and probes["all"]["steps"] == [0, 2]
     assert sum("skipped" in line for line in logs) == 2
     assert json.loads((tmp_path / "probe.json").read_text()) == probes
+
+
+def test_cli_study_runs_and_names_bad_arguments(tmp_path, tiny_toml, capsys):
+    from ddrl_engine.cli import main
+
+    out = tmp_path / "cli"
+    args = ["study", "--out", str(out), "--config", str(tiny_toml), "--steps", "1", "--eval-every", "1",
+            "--seeds", "0", "--variants", "grpo", "--probe-steps", "0", "--no-progress"]
+    assert main(args) == 0
+    assert json.loads((out / "study.json").read_text())["runs"][0]["key"] == "grpo/none/seed_0"
+    assert (out / "report.md").exists()
+    for bad, match in ((["--grid", "nope"], "--grid: unknown grid"), (["--variants", "dddrl"], "--variants: \\['dddrl'\\]"),
+                       (["--seeds", "0,x"], "--seeds must be comma-separated integers"),
+                       (["--seeds", "1,1"], "seeds must be distinct")):
+        assert main(["study", "--out", str(tmp_path / "bad"), "--config", str(tiny_toml), *bad]) == 2
+        assert re.search(match, capsys.readouterr().err), bad

@@ -4,8 +4,9 @@ cuDNN backends), in one run.
 
 TFLOP/s = 4 * B * H * S^2 * D / time. The fp8 rows time the quantisation pre-pass and the attention
 separately and report the total (pre-pass included) as the figure to compare. --json writes the rows.
-Each row also shows its share of a ceiling (--bf16-peak, --fp8-peak): on a lent H200 a bf16 8192^3
-matmul measured ~790 TFLOP/s (the spec sheet's dense bf16 is ~989), and fp8 dense is ~1979 (spec).
+Each row also shows its share of a ceiling (--bf16-peak, --fp8-peak): the H200 ceilings the project
+works to, ~790 TFLOP/s bf16 (a practical matmul ceiling; the spec sheet's dense bf16 is ~989) and ~1979
+fp8 dense (spec); quoted, not measured by this project.
 
   python tools/bench_attention.py --seqs 4096,16384 --dims 128
   python tools/bench_attention.py --seqs 4096,16384,32768,75600 --dims 128,64 --json out.json

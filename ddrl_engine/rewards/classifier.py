@@ -37,23 +37,34 @@ def _check_cond(name: str, samples: Tensor, cond: Tensor, num_classes: int) -> N
         raise ValueError(f"{name}: cond must hold class ids in [0, {num_classes}), got {cond.tolist()}")
 
 
-class ClassConfidenceReward:
-    """p(cond | sample) under the classifier, in [0, 1]. cond must be a real class, not the null class."""
+class _ClassifierReward:
+    """A reward read from the classifier's logits of the samples (clamped to the image range) and cond."""
 
-    name = "class_confidence"
+    name = ""
 
     def __init__(self, classifier: DigitsClassifier) -> None:
         self.classifier = classifier.eval().requires_grad_(False)
+
+    def score(self, logits: Tensor, cond: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
 
     @torch.no_grad()
     def __call__(self, samples: Tensor, cond: Tensor) -> Tensor:
         _check_cond(self.name, samples, cond, self.classifier.config.num_classes)
         self.classifier.to(samples.device)
-        probs = self.classifier.logits(samples.detach().float().clamp(-1, 1)).softmax(dim=-1)
-        return probs.gather(1, cond.long().unsqueeze(1)).squeeze(1).float()
+        return self.score(self.classifier.logits(samples.detach().float().clamp(-1, 1)), cond).float()
 
 
-class ClassMarginReward:
+class ClassConfidenceReward(_ClassifierReward):
+    """p(cond | sample) under the classifier, in [0, 1]. cond must be a real class, not the null class."""
+
+    name = "class_confidence"
+
+    def score(self, logits: Tensor, cond: Tensor) -> Tensor:
+        return logits.softmax(dim=-1).gather(1, cond.long().unsqueeze(1)).squeeze(1)
+
+
+class ClassMarginReward(_ClassifierReward):
     """A learned reward model to exploit: the train-split classifier's logit margin of the conditioned
     class, logit[cond] - max_other logit (unbounded, unlike the confidence).
 
@@ -66,11 +77,5 @@ class ClassMarginReward:
 
     name = "class_margin"
 
-    def __init__(self, classifier: DigitsClassifier) -> None:
-        self.classifier = classifier.eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def __call__(self, samples: Tensor, cond: Tensor) -> Tensor:
-        _check_cond(self.name, samples, cond, self.classifier.config.num_classes)
-        self.classifier.to(samples.device)
-        return class_margin(self.classifier.logits(samples.detach().float().clamp(-1, 1)), cond).float()
+    def score(self, logits: Tensor, cond: Tensor) -> Tensor:
+        return class_margin(logits, cond)

@@ -66,9 +66,9 @@ from typing import Mapping
 # bf16 dense tensor-core peaks in TFLOP/s: NVIDIA's H100 SXM and H200 SXM datasheets list 1,979 TFLOP/s
 # bf16 "with sparsity", i.e. 989 dense; the H200 has the H100's compute (more and faster memory).
 PEAK_TFLOPS = {"H100 SXM": 989.0, "H200 SXM": 989.0}
-# What a bf16 8192^3 matmul reached on a lent H200 (tools/bench_attention.py's docstring): the realistic ceiling.
-MATMUL_CEILING_TFLOPS = 790.0
-DEFAULT_MFU = 0.4  # an assumption: 0.4 x 989 = 396 TFLOP/s, half the matmul ceiling
+# An assumption: 0.4 x 989 = 396 TFLOP/s, half the ~790 TFLOP/s practical bf16 matmul ceiling the project
+# works to (tools/bench_attention.py; quoted, not measured here).
+DEFAULT_MFU = 0.4
 
 # Linears the default lora_targets adapt, per block kind: (adapted Linears, of them run on the image tokens,
 # run on the text tokens). Every one is hidden -> hidden, so it adds R (h + h) parameters.
