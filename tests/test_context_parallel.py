@@ -105,8 +105,10 @@ def _torchrun(nproc: int, *args, env: dict | None = None) -> subprocess.Complete
 def _assert_same(records, reference, *, atol=1e-5, rtol=1e-4):
     assert [r["step"] for r in records] == [r["step"] for r in reference]
     for got, want in zip(records, reference):
+        # float tolerance: the cp all-to-all changes attention's reduction order, so rewards (and the
+        # advantages normalised by a small group std) differ in the last digits
         torch.testing.assert_close(torch.tensor(got["advantages"]), torch.tensor(want["advantages"]),
-                                   atol=1e-5, rtol=0)
+                                   atol=atol, rtol=rtol)
         for k in LOSSES:
             assert got["metrics"][k] == pytest.approx(want["metrics"][k], rel=rtol, abs=atol), (got["step"], k)
 

@@ -95,7 +95,7 @@ def test_processor_routes_through_the_attention_entry(monkeypatch):
 
     calls = []
     real = mod.attention
-    monkeypatch.setattr(mod, "attention", lambda q, k, v, scale=None: calls.append(q.shape) or real(q, k, v, scale=scale))
+    monkeypatch.setattr(mod, "attention", lambda q, k, v, **kw: calls.append(q.shape) or real(q, k, v, **kw))
     policy, shape = make("sd3")
     with torch.no_grad():
         policy(*inputs(shape))

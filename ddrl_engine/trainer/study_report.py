@@ -285,6 +285,7 @@ def plot_matched_samples(path: Path, out: Path, study: dict, targets: list[float
 def _padded_tiles(grid: np.ndarray, rows: int, cols: int, pad: int = 1) -> np.ndarray:
     """The first `cols` tiles of each of `rows` rows of a saved sample grid, with grey lines between."""
     tile = grid.shape[0] // rows
+    cols = min(cols, grid.shape[1] // tile)  # a run may have fewer samples per class
     t = grid[: rows * tile, : cols * tile].reshape(rows, tile, cols, tile).transpose(0, 2, 1, 3)
     t = np.pad(t, ((0, 0), (0, 0), (0, pad), (0, pad)), constant_values=128)
     return t.transpose(0, 2, 1, 3).reshape(rows * (tile + pad), cols * (tile + pad))
