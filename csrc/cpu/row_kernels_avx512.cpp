@@ -6,19 +6,8 @@
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 // GCC's target pragma does not define the ISA macros the headers test (sleef.h, ATen's vec
-// headers), so they are set here to what the pragma enables.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
+// headers), so they are set to what the pragma enables.
+#include "isa_avx2_macros.h"
 #ifndef __AVX512F__
 #define __AVX512F__ 1
 #endif

@@ -115,7 +115,7 @@ class RunSpec:
         from ddrl_engine.algorithms import with_method
 
         data = base.to_dict()
-        data["algorithm"] = {k: v for k, v in with_method(base.algorithm, self.variant.method).__dict__.items()}
+        data["algorithm"] = dict(vars(with_method(base.algorithm, self.variant.method)))
         if self.strength is not None:
             data["algorithm"][self.variant.strength] = self.strength
         for dotted, value in self.variant.overrides.items():
@@ -139,27 +139,37 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _eval_curve(run_dir: Path) -> list[dict]:
-    """The run's evaluations from its metrics.jsonl (every resumed segment), by step."""
-    by_step = {}
+def _records(run_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl records (every resumed segment); a torn last line is skipped (the trainer
+    sets it aside on resume)."""
     path = run_dir / "metrics.jsonl"
+    out = []
     for line in path.read_text().splitlines() if path.exists() else ():
         try:
-            rec = json.loads(line)
+            out.append(json.loads(line))
         except json.JSONDecodeError:
-            continue  # a torn last line (the trainer sets it aside on resume)
-        if rec.get("kind") == "eval":
-            by_step[rec["step"]] = {k: v for k, v in rec.items() if k != "kind"}
+            continue
+    return out
+
+
+def _eval_curve(records: list[dict]) -> list[dict]:
+    """The evaluations, one per step (the last record of a step wins), by step."""
+    by_step = {r["step"]: {k: v for k, v in r.items() if k != "kind"} for r in records if r.get("kind") == "eval"}
     return [by_step[s] for s in sorted(by_step)]
+
+
+def _train_mean(records: list[dict], key: str, last: int) -> float | None:
+    """The mean of `key` over the last `last` training records (None without any)."""
+    vals = [float(r[key]) for r in records if r.get("kind") == "train" and key in r][-last:]
+    return sum(vals) / len(vals) if vals else None
 
 
 def _check_same_study(out: Path, fingerprint: dict) -> None:
     path = out / "study_config.json"
     if path.exists():
-        old = json.loads(path.read_text())
-        if old != json.loads(json.dumps(fingerprint, default=str)):
-            changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != json.loads(
-                json.dumps(fingerprint.get(k), default=str)))
+        old, new = json.loads(path.read_text()), json.loads(json.dumps(fingerprint, default=str))
+        if old != new:
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ValueError(f"study: {path} holds another study (differs in {', '.join(changed)}); use another --out "
                              "or remove it")
     else:
@@ -227,11 +237,12 @@ def run_study(out: str | Path, *, config: str | Path | None = None, variants=DEF
         trainer = make(rcfg, copy.deepcopy(base), sampler, rewards, dataset, evaluator, log=lambda *a: None)
         resumed = trainer.resume()
         trainer.train()
-        curve = _eval_curve(run_dir)
+        records = _records(run_dir)
+        curve = _eval_curve(records)
         final = curve[-1]
         row = {"key": spec.key, "variant": spec.variant.name, "strength": spec.strength, "seed": spec.seed,
                "final": {k: final[k] for k in FINAL_KEYS if k in final}, "curve": curve,
-               "train_reward_last10": _train_mean(run_dir, "reward", 10), "wall_s": time.time() - r0,
+               "train_reward_last10": _train_mean(records, "reward", 10), "wall_s": time.time() - r0,
                "resumed": bool(resumed)}
         _write_json(done, row)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # done: result.json is what is kept
@@ -252,18 +263,6 @@ def run_study(out: str | Path, *, config: str | Path | None = None, variants=DEF
     write_study_report(out, study, probe)
     log(f"study done: {len(results)} runs, {out / 'report.md'}")
     return study
-
-
-def _train_mean(run_dir: Path, key: str, last: int) -> float | None:
-    vals = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("kind") == "train" and key in rec:
-            vals.append(float(rec[key]))
-    return sum(vals[-last:]) / len(vals[-last:]) if vals else None
 
 
 def _study_json(fingerprint: dict, base: dict, results: list[dict], cfg: TrainConfig, t0: float) -> dict:
