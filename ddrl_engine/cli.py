@@ -247,7 +247,7 @@ def cmd_memory(args):
                    kl_reference=args.kl_reference, ema=args.ema, sampler_steps=args.sampler_steps, prompts=args.prompts,
                    micro_batch=args.micro_batch, guidance_scale=args.guidance_scale)
     if args.context_parallel != 1:
-        options["context_parallel"] = args.context_parallel
+        options.update(context_parallel=args.context_parallel, cp_attention=args.cp_attention)
     if args.lora_rank or args.dtype != "fp32":
         options.update(lora_rank=args.lora_rank, dtype=args.dtype)
     trained = args.trained_steps if args.trained_steps is not None else -(-args.sampler_steps // 2)  # every other
@@ -321,9 +321,11 @@ def cmd_memory(args):
                                         rollout_rows=args.rollout_per_rank, data_rows=args.data_per_rank,
                                         sampler_steps=args.sampler_steps, trained_steps=trained,
                                         compute_bytes=est.inputs["compute_bytes"],
-                                        activation_checkpointing=args.activation_checkpointing)
+                                        activation_checkpointing=args.activation_checkpointing,
+                                        cp_attention=args.cp_attention)
             print(f"context parallelism {args.context_parallel} ({w // args.context_parallel} data ranks): "
-                  f"{comm['per forward row'] / GIB_:.2f} GiB sent per GPU per forward row; per step "
+                  f"{args.cp_attention} attention, {comm['per forward row'] / GIB_:.2f} GiB sent per GPU per forward "
+                  f"row, {comm['per backward row'] / GIB_:.2f} GiB per backward row; per step "
                   f"{comm['rollout'] / GIB_:.1f} GiB (rollout, {args.sampler_steps} steps) + {comm['update'] / GIB_:.1f} "
                   f"GiB (update, {trained} trained steps) = {comm['step'] / GIB_:.1f} GiB")
         phases = " + ".join(f"{k} {v / 1e12:,.1f}" for k, v in tp["phases"].items() if v and k != "step")
@@ -379,6 +381,9 @@ def _add_memory_parser(sub):
     p.add_argument("--context-parallel", type=int, default=1,
                    help="distributed.context_parallel: GPUs splitting each sample's tokens (default 1); also prints "
                         "the all-to-all volume per step")
+    p.add_argument("--cp-attention", choices=("ulysses", "ring"), default="ulysses",
+                   help="distributed.context_parallel_attention (default ulysses; ring needs no head divisibility "
+                        "and sends each block's K/V round the cp group)")
     p.add_argument("--trained-steps", type=int,
                    help="trained sampling steps per update (algorithm.train_steps; default every other sampler step)")
     p.add_argument("--lora-rank", type=int, default=0,

@@ -4,7 +4,8 @@ python -m torch.distributed.run --nproc_per_node N -m tests.cp_worker MODE OUT R
 
 MODE "model": a DiT (the image or the video config, --video) with random weights, sharded over a cp
     group of all N ranks; rank 0 writes its output and parameter gradients (for a loss that every rank
-    computes from the gathered output) and the same from the unsharded model, so the test compares them.
+    computes from the gathered output) and the same from the unsharded model, so the test compares them;
+    --dtype bfloat16 runs both models in bf16 (the gloo collectives then move bf16 tensors).
 MODE "diffusers_model": the same for the diffusers adapters (Wan, two-expert Wan, SD3, FLUX:
     tests/test_diffusers_context_parallel.case), saved together.
 MODE "train": the trainer test config (tests/test_context_parallel.cp_config) under
@@ -28,11 +29,22 @@ def model_mode(a):
     cfg, x, t, y, g = model_case(a.video, a.seed)
     torch.manual_seed(a.seed)
     plain = DiT(cfg)
+    dtype = getattr(torch, a.dtype)  # the model computes in it; inputs stay fp32 (the forward casts them)
+    # bf16: a milder init, since std 0.2 amplifies bf16's own rounding to several % of the output
+    std = 0.2 if dtype == torch.float32 else 0.05
     for p in plain.parameters():  # adaLN-Zero starts at zero: make the output depend on every weight
-        torch.nn.init.normal_(p, std=0.2, generator=g)
-    sharded = DiT(cfg)
+        torch.nn.init.normal_(p, std=std, generator=g)
+    plain.to(dtype)
+    sharded = DiT(cfg).to(dtype)
     sharded.load_state_dict(plain.state_dict())
-    save(compare(plain, sharded, (x, t, y)), a.result)
+    out = compare(plain, sharded, (x, t, y))
+    if dtype != torch.float32:  # float64 on the same (rounded) weights: what both runs' error is measured against
+        ref = DiT(cfg).double()
+        ref.load_state_dict(plain.state_dict())
+        o = ref(x.double(), t, y)
+        _loss(o).backward()
+        out["ref"] = {"out": o.detach(), "grads": {n: p.grad for n, p in ref.named_parameters()}}
+    save(out, a.result)
 
 
 def diffusers_model_mode(a):
@@ -55,6 +67,11 @@ def save(out, result):
     dist.destroy_process_group()
 
 
+def _loss(o):
+    """A loss every output value weighs into differently (in float64)."""
+    return (o.double() * torch.linspace(-1, 1, o.numel(), dtype=torch.float64).view_as(o)).sum()
+
+
 def compare(plain, sharded, inputs):
     """Output, cp profiler ranges and parameter gradients of `plain` and of `sharded` (the same weights)
     over a cp group of all ranks."""
@@ -64,8 +81,7 @@ def compare(plain, sharded, inputs):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             o = model(*inputs)
         out[f"{name}_ranges"] = {e.key: e.count for e in prof.key_averages() if e.key.startswith("ddrl/cp/")}
-        loss = (o.double() * torch.linspace(-1, 1, o.numel(), dtype=torch.float64).view_as(o)).sum()
-        loss.backward()
+        _loss(o).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         if name == "cp":  # the trainer's rule: average over the ranks (each holds N x its tokens' part)
             for gr in grads.values():
@@ -94,7 +110,7 @@ def train_mode(a):
         trainer = pipeline_trainer(a.config)
         cfg = trainer.cfg
     else:
-        cfg = cp_config(a.out, a.video, a.steps, parallel=a.parallel, cp=a.cp)
+        cfg = cp_config(a.out, a.video, a.steps, parallel=a.parallel, cp=a.cp, shard_size=a.shard_size)
         trainer = make_cp_trainer(cfg)
     if a.resume:
         assert trainer.resume(a.resume)
@@ -104,9 +120,11 @@ def train_mode(a):
     if trainer.dist.rank == 0:
         torch.save(weights, a.result + ".weights.pt")
         group = trainer._module()._cp_group  # the model's own cp group: proves the run was sharded
+        mesh = trainer.dist._mesh  # FSDP2's mesh (2-D under HSDP), None under DDP
         with open(a.result, "w") as f:
             json.dump({"world_size": trainer.dist.world_size, "data_size": trainer.dist.data_size,
-                       "cp_size": 1 if group is None else dist.get_world_size(group), "records": records}, f)
+                       "cp_size": 1 if group is None else dist.get_world_size(group), "records": records,
+                       "fsdp_mesh": None if mesh is None else dict(zip(mesh.mesh_dim_names, mesh.shape))}, f)
     trainer.dist.close()
 
 
@@ -120,6 +138,8 @@ def main():
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--cp", type=int, default=2)
     p.add_argument("--parallel", default="ddp")
+    p.add_argument("--shard-size", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--resume")
     a = p.parse_args()
     {"model": model_mode, "diffusers_model": diffusers_model_mode, "train": train_mode, "pipeline": train_mode}[a.mode](a)

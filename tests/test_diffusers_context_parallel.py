@@ -5,9 +5,9 @@
   parameter gradients: tokens split after the patch embedding (rotary tables / position ids alike),
   Ulysses all-to-all in every self-attention (joint text + image attention with the text replicated
   for SD3 and FLUX), tokens gathered before unpatchify.
-- The trainer on the tiny Wan pipeline folder (LoRA, FSDP2) at context_parallel = 2 (2 processes: one
-  data rank of two cp ranks) reproduces one process: advantages, log-prob ratios, losses, gradient
-  norms and the updated adapters.
+- The trainer on the tiny Wan, SD3 and FLUX pipeline folders (LoRA, FSDP2) at context_parallel = 2
+  (2 processes: one data rank of two cp ranks) reproduces one process: advantages, log-prob ratios,
+  losses, gradient norms and the updated adapters.
 - Heads or tokens the group cannot split, and changes the hooks would not survive, are clear errors;
   turning cp off restores the original forward bitwise.
 The multi-process tests (torchrun) are marked slow.
@@ -184,15 +184,21 @@ def test_sharded_policies_match_one_process(tmp_path, seed):
             assert hits and all(got["plain"]["grads"][n].abs().max() > 0 for n in hits), (name, part)
 
 
-def pipeline_config(root: Path, folder: Path, out: Path, cp: int = 1) -> Path:
-    """A 2-step LoRA run of the tiny Wan folder (synthetic base-model data, brightness reward) as TOML;
+# the tiny folders (tests/tiny_pipelines.py) and a resolution each: 2 heads; Wan latents [16, 2, 4, 4]
+# (8 tokens), SD3's and FLUX's [4, 8, 8] (patch 2, 2 x 2 packing: 16 tokens)
+PIPELINES = {"wan": ("make_wan_pipeline", [5, 32, 32], 8), "sd3": ("make_sd3_pipeline", [16, 16], 16),
+             "flux": ("make_flux_pipeline", [16, 16], 16)}
+
+
+def pipeline_config(root: Path, folder: Path, out: Path, cp: int = 1, kind: str = "wan") -> Path:
+    """A 2-step LoRA run of the tiny `kind` folder (synthetic base-model data, brightness reward) as TOML;
     with cp > 1 under FSDP2 with that many ranks per cp group."""
     from tests.test_pipeline_run import _toml
 
     (root / "train.txt").write_text("a red car\na blue bird\n")
     c = {
         "run": {"out_dir": str(out), "steps": 2, "eval_every": 100, "ckpt_every": 0, "progress": False},
-        "model": {"kind": "wan", "path": str(folder), "lora_rank": 4, "dtype": "fp32", "resolution": [5, 32, 32]},
+        "model": {"kind": kind, "path": str(folder), "lora_rank": 4, "dtype": "fp32", "resolution": PIPELINES[kind][1]},
         "sampler": {"num_steps": 4, "shift": 3.0},
         "algorithm": {"group_size": 2, "beta_data": 0.5},
         "rollout": {"conditions_per_step": 2},
@@ -208,21 +214,24 @@ def pipeline_config(root: Path, folder: Path, out: Path, cp: int = 1) -> Path:
 
 
 @pytest.mark.slow
-def test_wan_cp2_training_reproduces_one_process(tmp_path, monkeypatch):
-    """The tiny Wan pipeline (latents [16, 2, 4, 4]: 8 tokens, 2 heads) trained 2 steps at
-    context_parallel = 2 under FSDP2 equals the one-process run."""
+@pytest.mark.parametrize("kind", PIPELINES)
+def test_cp2_training_reproduces_one_process(tmp_path, monkeypatch, kind):
+    """The tiny Wan, SD3 and FLUX pipelines (2 heads, PIPELINES' tokens) trained 2 steps at
+    context_parallel = 2 under FSDP2 equal the one-process run."""
+    from tests import tiny_pipelines
     from tests.cp_worker import pipeline_trainer
     from tests.test_context_parallel import run_records
-    from tests.tiny_pipelines import make_wan_pipeline
 
-    folder = make_wan_pipeline(tmp_path / "models")
+    make, _, tokens = PIPELINES[kind]
+    folder = getattr(tiny_pipelines, make)(tmp_path / "models")
     monkeypatch.setenv("DDRL_ENGINE_CACHE", str(tmp_path / "cache"))
-    plain = pipeline_trainer(pipeline_config(tmp_path, folder, tmp_path / "plain"))
-    assert plain.policy.tokens() == 8
+    plain = pipeline_trainer(pipeline_config(tmp_path, folder, tmp_path / "plain", kind=kind))
+    assert plain.policy.tokens() == tokens
     records = run_records(plain)
     weights = plain._module().trainable_state_dict()
     _torchrun(2, "pipeline", tmp_path / "cp2", tmp_path / "cp2.json", "--config",
-              pipeline_config(tmp_path, folder, tmp_path / "cp2", cp=2), env={"DDRL_ENGINE_CACHE": str(tmp_path / "cache")})
+              pipeline_config(tmp_path, folder, tmp_path / "cp2", cp=2, kind=kind),
+              env={"DDRL_ENGINE_CACHE": str(tmp_path / "cache")})
     run = json.loads((tmp_path / "cp2.json").read_text())
     assert run["world_size"] == 2 and run["data_size"] == 1 and run["cp_size"] == 2
     _assert_same(run["records"], records)

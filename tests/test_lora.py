@@ -258,3 +258,83 @@ def test_export_transformer_of_a_full_fine_tune(name, tmp_path):
     x, t, cond = inputs(shape)
     with torch.no_grad():
         assert torch.equal(reloaded(x, t, cond), policy(x, t, cond))
+
+
+# ----------------------------------------------------------------------------------------------- frozen copies
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_frozen_copy_shares_the_frozen_base(name):
+    """The KL reference / EMA of a LoRA run (Trainer's frozen_copy): the base tensors are the policy's own,
+    the adapters are copies, everything is frozen; without sharing (FSDP2) or for a full fine-tune
+    (nothing frozen to share) every tensor is a copy."""
+    from ddrl_engine.trainer.loop import frozen_copy
+
+    policy, _ = build(name)
+    policy.enable_lora(4, seed=0)
+    perturb_lora_b(policy)
+    ref = frozen_copy(policy, True)
+    mine, theirs = dict(policy.named_parameters()), dict(ref.named_parameters())
+    assert mine.keys() == theirs.keys() and not any(p.requires_grad for p in theirs.values())
+    for k, p in mine.items():
+        assert (theirs[k] is p) == (not p.requires_grad), k  # shared exactly when frozen in the policy
+        assert torch.equal(theirs[k], p), k
+    before = lora_tensors(ref)
+    with torch.no_grad():  # training the policy's adapters leaves the copy's as they were
+        for k, p in mine.items():
+            if p.requires_grad:
+                p.add_(1.0)
+    assert all(torch.equal(v, lora_tensors(ref)[k]) for k, v in before.items())
+    assert all(p.requires_grad for k, p in mine.items() if "lora_" in k)  # the policy is untouched
+    assert not any(q is p for q, p in zip(frozen_copy(policy, False).parameters(), policy.parameters()))
+    full = DiT(DiTConfig(hidden=32, depth=1, heads=2, num_classes=2))
+    assert not any(q is p for q, p in zip(frozen_copy(full, True).parameters(), full.parameters()))
+
+
+def test_lora_trainer_reference_and_ema_share_the_base(tmp_path, monkeypatch):
+    """A LoRA pipeline run with a KL reference and EMA: both hold the policy's base tensors (no second or
+    third copy of the transformer); after two updates the reference's adapters are still the initial ones,
+    the EMA's are the decayed average of the policy's, and a checkpoint resumes them."""
+    from dataclasses import replace
+
+    from ddrl_engine.trainer.config import load_config
+    from ddrl_engine.trainer.loop import Trainer
+    from ddrl_engine.trainer.pipeline_run import build_pipeline_run
+    from tests.test_diffusers_context_parallel import pipeline_config
+    from tests.tiny_pipelines import make_wan_pipeline
+
+    monkeypatch.setenv("DDRL_ENGINE_CACHE", str(tmp_path / "cache"))
+    folder = make_wan_pipeline(tmp_path / "models")
+    base = load_config(pipeline_config(tmp_path, folder, tmp_path / "run"))
+    decay = 0.5
+
+    def trainer(out):
+        cfg = replace(base, run=replace(base.run, out_dir=str(out)), algorithm=replace(base.algorithm, beta_kl=0.1),
+                      optim=replace(base.optim, ema_decay=decay))
+        run = build_pipeline_run(cfg, log=lambda *a: None, progress=False)
+        return Trainer(cfg, run.policy, run.sampler, run.rewards, run.dataset, run.evaluator, conditions=run.conditions,
+                       decode=run.decode, log=lambda *a: None)
+
+    tr = trainer(tmp_path / "run")
+    policy = dict(tr.policy.named_parameters())
+    for copy_ in (tr.reference, tr.ema):
+        for k, p in copy_.named_parameters():
+            assert (p is policy[k]) == ("lora_" not in k), k
+    start = lora_tensors(tr.policy)
+    ema = dict(start)
+    for _ in range(2):
+        tr.update(tr.collect())
+        for k, v in lora_tensors(tr.policy).items():
+            ema[k] = ema[k].lerp(v, 1 - decay)
+    trained = lora_tensors(tr.policy)
+    assert any(not torch.equal(trained[k], start[k]) for k in start)  # the adapters trained
+    assert all(torch.equal(v, start[k]) for k, v in lora_tensors(tr.reference).items())
+    for k, v in lora_tensors(tr.ema).items():
+        torch.testing.assert_close(v, ema[k], atol=1e-6, rtol=1e-6)
+    tr.save()
+    resumed = trainer(tmp_path / "resumed")
+    assert resumed.resume(tr.out / "checkpoints" / f"step_{tr.step:07d}")
+    for a, b in ((resumed.reference, tr.reference), (resumed.ema, tr.ema), (resumed.policy, tr.policy)):
+        assert all(torch.equal(v, lora_tensors(b)[k]) for k, v in lora_tensors(a).items())
+    assert all(p is dict(resumed.policy.named_parameters())[k] for k, p in resumed.reference.named_parameters()
+               if "lora_" not in k)  # resuming keeps the base shared

@@ -138,3 +138,30 @@ def test_heldout_monitor_errors():
         m.update(0, 0.0)
     with pytest.raises(KeyError, match="missing"):
         m.load_state_dict({"start": 1.0})
+
+
+def test_evaluator_runs_the_classifier_once(tmp_path):
+    """class_entropy, class_accuracy and class_margin_heldout share one classifier forward, and each is
+    the statistic of that forward's logits."""
+    from ddrl_engine.monitors import label_entropy
+    from ddrl_engine.trainer.builders import build_rewards
+    from ddrl_engine.trainer.evaluate import Evaluator
+    from tests.trainer_helpers import make_trainer, tiny_config
+
+    cfg = tiny_config(tmp_path)
+    tr = make_trainer(cfg)
+    calls, seen = [], []
+    w = torch.randn(64, tr.policy.num_classes, generator=torch.Generator().manual_seed(3))
+
+    def logits_fn(x):
+        calls.append(x.shape[0])
+        seen.append(x.flatten(1) @ w)
+        return seen[-1]
+
+    ev = Evaluator(rewards=build_rewards(cfg), heldout_x=tr.dataset.heldout_x[:0], heldout_y=tr.dataset.heldout_y[:0],
+                   num_classes=tr.policy.num_classes, samples_per_class=2, seed=0, heldout_levels=1, logits_fn=logits_fn)
+    metrics, samples = ev(tr.policy, tr.sampler, tr.sample_shape, "cpu")
+    assert calls == [samples.shape[0]]
+    logits, cond = seen[0], ev.eval_conditions("cpu")
+    assert metrics["class_entropy"] == pytest.approx(label_entropy(logits.argmax(1), logits.shape[1]))
+    assert metrics["class_accuracy"] == pytest.approx((logits.argmax(1) == cond).float().mean().item())

@@ -24,8 +24,8 @@ from ddrl_engine.trainer.config import load_config  # noqa: E402
 from ddrl_engine.trainer.pipeline_run import build_pipeline_run  # noqa: E402
 from tests.trainer_helpers import torchrun_train  # noqa: E402
 from tests.test_pickscore import save_tiny_clip  # noqa: E402
-from tests.test_pipeline_run import (EVAL_PROMPTS, TRAIN_PROMPTS, check_run, cli, config, metrics,  # noqa: E402
-                                     trained_policy, untimed, write)
+from tests.test_pipeline_run import (EVAL_PROMPTS, TRAIN_PROMPTS, assert_same_metrics, check_run, cli,  # noqa: E402
+                                     config, metrics, trained_policy, untimed, write)
 from tests.tiny_pipelines import make_wan22_a14b_pipeline, make_wan_pipeline  # noqa: E402
 
 BOUNDARY = 0.875  # the tiny folder's boundary_ratio (Wan2.2-T2V-A14B's); boundary timestep 875
@@ -292,10 +292,7 @@ def test_two_rank_fsdp_matches_one_process_and_exports(assets, tmp_path, capsys)
     got, want = metrics(tmp_path / "two", "train"), metrics(tmp_path / "one", "train")
     assert [m["step"] for m in got] == [m["step"] for m in want] == [1, 2]
     for g, w in zip(got, want):
-        for k, v in untimed(w).items():
-            if isinstance(v, str):
-                continue
-            assert g[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (g["step"], k, g[k], v)
+        assert_same_metrics(g, w)
     for run in ("one", "two"):
         rc, _, err = cli(capsys, "export", "--run", tmp_path / run, "--out", tmp_path / f"{run}_lora")
         assert rc == 0, err

@@ -67,7 +67,7 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 def attention(
     q: Tensor, k: Tensor, v: Tensor, *, backend: Optional[str] = None, scale: Optional[float] = None,
-    cp_group=None,
+    cp_group=None, cp_attention: str = "ulysses",
 ) -> Tensor:
     """Softmax attention over q, k, v of shape [B, H, S, D]; returns [B, H, S_q, D].
 
@@ -76,14 +76,23 @@ def attention(
     cp_group: a torch.distributed process group over which the sequence is sharded (context
         parallelism): q, k, v hold this rank's tokens [B, H, S/N, D] and the backend sees whole
         sequences for H/N heads (Ulysses all-to-all, `attention.context_parallel`); None: no sharding.
+    cp_attention: how a sharded sequence is attended: "ulysses" (any backend) or "ring" (torch's ring,
+        `attention.ring`: the keys and values travel round the group; the sdpa backend only).
     """
     name = current_attention_backend() if backend is None else _check_backend_name(backend, "backend")
     _check_qkv(q, k, v)
     if scale is not None and not scale > 0:
         raise ValueError(f"scale must be positive, got {scale!r}")
     if cp_group is not None:
-        from .context_parallel import ulysses_attention
+        from .context_parallel import check_cp_attention, ulysses_attention
 
+        if check_cp_attention(cp_attention) == "ring":
+            from .ring import RING_ATTENTION_ERROR, ring_attention
+
+            if name != "sdpa":
+                raise ValueError(f"{RING_ATTENTION_ERROR}; the attention backend is {name!r} (set "
+                                 "rollout.attention_backend = 'sdpa' or context_parallel_attention = 'ulysses')")
+            return ring_attention(q, k, v, cp_group, scale)
         return ulysses_attention(q, k, v, cp_group, lambda q_, k_, v_: BACKENDS[name](q_, k_, v_, scale))
     return BACKENDS[name](q, k, v, scale)
 

@@ -4,7 +4,9 @@ Each rank of a cp group holds a contiguous slice of every sample's tokens ([B, S
 needs whole sequences, so `ulysses_attention` exchanges sequence for heads with one all-to-all per
 q, k, v ([B, H, S/N, Dh] -> [B, H/N, S, Dh]), runs the chosen backend (sdpa, fp8: any of them, since
 each sees whole sequences for H/N heads) and exchanges back with one more all-to-all. Requires H and
-S divisible by N (checked, with errors naming them).
+S divisible by N (checked, with errors naming them). The alternative that needs no head condition,
+torch's ring (keys and values travel round the group), is `attention.ring`
+(`distributed.context_parallel_attention = "ring"`).
 
 Joint attention (SD3, FLUX: text tokens attended together with the image tokens): only the image
 tokens are sharded; the text tokens are replicated on every rank. `ulysses_attention(...,
@@ -20,9 +22,9 @@ group's (equal) output gradients and keeps this rank's slice, so each rank's par
 times the part its tokens contribute, and averaging them over all ranks (DDP / FSDP2) gives the
 one-process gradient exactly when N is a power of two.
 
-Communication is torch.distributed's own, with autograd: `torch.distributed.nn.functional.all_to_all_single`
-and the functional collective `all_gather_single` (backward: a reduce-scatter); NCCL on CUDA, gloo on
-CPU. (`torch.distributed.nn.functional.all_gather` is not used: on gloo its backward addresses the
+Communication is torch.distributed's own, with autograd: the functional collectives `all_to_all_single`
+(backward: the reverse all-to-all) and `all_gather_single` (backward: a reduce-scatter); NCCL on CUDA,
+gloo on CPU. (`torch.distributed.nn.functional.all_to_all_single` is deprecated in torch 2.14.) (`torch.distributed.nn.functional.all_gather` is not used: on gloo its backward addresses the
 group's ranks as global ranks, which fails in every cp group but the first, e.g. ranks 2-3 of 2 x 2.)
 Every exchange runs inside an NVTX range of its own ("cp/all_to_all", "cp/all_gather";
 `ddrl_engine.profiling.phase`).
@@ -34,24 +36,36 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import _functional_collectives as funcol
-from torch.distributed.nn import functional as dist_fn
 
 from ddrl_engine.profiling import phase
 
-__all__ = ["check_context_parallel", "gather_sequence", "split_sequence", "ulysses_attention"]
+__all__ = ["CP_ATTENTION", "check_context_parallel", "check_cp_attention", "gather_sequence", "split_sequence",
+           "ulysses_attention"]
+
+CP_ATTENTION = ("ulysses", "ring")  # distributed.context_parallel_attention: how a sharded sequence is attended
 
 
 def _size_rank(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def check_context_parallel(heads: int, tokens: int, size: int, where: str = "model") -> None:
-    """Raises a ValueError naming the cause unless `heads` and `tokens` can be split over `size` ranks."""
+def check_cp_attention(method: str) -> str:
+    """`method` if it is a context-parallel attention method (CP_ATTENTION), else a ValueError naming the field."""
+    if method not in CP_ATTENTION:
+        raise ValueError(f"distributed.context_parallel_attention must be one of {', '.join(map(repr, CP_ATTENTION))}, "
+                         f"got {method!r}")
+    return method
+
+
+def check_context_parallel(heads: int, tokens: int, size: int, where: str = "model", method: str = "ulysses") -> None:
+    """Raises a ValueError naming the cause unless `heads` and `tokens` can be split over `size` ranks
+    (the heads only matter to Ulysses: the ring keeps every head on every rank)."""
     if size < 1:
         raise ValueError(f"distributed.context_parallel must be >= 1, got {size}")
-    if heads % size:
+    if check_cp_attention(method) == "ulysses" and heads % size:
         raise ValueError(f"distributed.context_parallel = {size}: the {where}'s attention heads ({heads}) must be "
-                         f"divisible by it (Ulysses all-to-all gives each rank heads / {size} whole-sequence heads)")
+                         f"divisible by it (Ulysses all-to-all gives each rank heads / {size} whole-sequence heads; "
+                         "distributed.context_parallel_attention = 'ring' has no such condition)")
     if tokens < size:
         raise ValueError(f"distributed.context_parallel = {size}: the {where}'s sequence ({tokens} tokens) is shorter "
                          f"than the cp group ({size} ranks); lower context_parallel or use a larger sample")
@@ -78,10 +92,9 @@ def gather_sequence(x: Tensor, group, dim: int = 1) -> Tensor:
 
 
 def _all_to_all(x: Tensor, group) -> Tensor:
-    """all_to_all_single along dim 0 (chunk i goes to rank i, chunk i of the output came from rank i)."""
-    x = x.contiguous()
-    out = torch.empty_like(x)  # contiguous, as x now is (empty_like keeps a view's strides)
-    return dist_fn.all_to_all_single(out, x, group=group)
+    """all_to_all_single along dim 0 (chunk i goes to rank i, chunk i of the output came from rank i);
+    its backward is the reverse all-to-all."""
+    return funcol.all_to_all_single(x.contiguous(), None, None, group)
 
 
 def seq_to_heads(x: Tensor, group) -> Tensor:

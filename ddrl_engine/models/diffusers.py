@@ -68,6 +68,7 @@ from .policy import Policy
 
 __all__ = [
     "DDRLAttnProcessor",
+    "check_ring_applies",
     "DiffusersPolicy",
     "FluxPolicy",
     "JointText",
@@ -159,13 +160,13 @@ class JointText:
 
 class _RouteSDPA(TorchFunctionMode):
     """Inside a processor call: F.scaled_dot_product_attention -> ddrl_engine.attention.attention (with
-    `cp_group`: q, k, v hold this rank's tokens, attended through the Ulysses all-to-all; with
-    `cp_text` too, the joint text + image form of it)."""
+    `cp_group`: q, k, v hold this rank's tokens, attended through the Ulysses all-to-all or the ring
+    (`cp_attention`); with `cp_text` too, the joint text + image form of Ulysses)."""
 
-    def __init__(self, cp_group=None, cp_text: Optional[JointText] = None) -> None:
+    def __init__(self, cp_group=None, cp_text: Optional[JointText] = None, cp_attention: str = "ulysses") -> None:
         super().__init__()
         self.calls = 0
-        self.cp_group, self.cp_text = cp_group, cp_text
+        self.cp_group, self.cp_text, self.cp_attention = cp_group, cp_text, cp_attention
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -193,7 +194,7 @@ class _RouteSDPA(TorchFunctionMode):
         if self.cp_group is not None and self.cp_text is not None:
             return ulysses_attention(q, k, v, self.cp_group, lambda q_, k_, v_: attention(q_, k_, v_, scale=scale),
                                      text_tokens=self.cp_text.length, text_first=self.cp_text.first)
-        return attention(q, k, v, scale=scale, cp_group=self.cp_group)
+        return attention(q, k, v, scale=scale, cp_group=self.cp_group, cp_attention=self.cp_attention)
 
 
 class DDRLAttnProcessor:
@@ -207,18 +208,21 @@ class DDRLAttnProcessor:
 
     cp_group (context parallelism; set on self-attention only, by `DiffusersPolicy.set_context_parallel`):
     the module's image tokens are sharded over this process group, and the routed call attends over the
-    whole sequence through `ulysses_attention` (all-to-all sequence <-> heads around the backend);
-    cp_text: the replicated text tokens of a joint attention (SD3, FLUX), None when there are none.
+    whole sequence through `ulysses_attention` (all-to-all sequence <-> heads around the backend) or
+    `ring_attention`;
+    cp_text: the replicated text tokens of a joint attention (SD3, FLUX), None when there are none;
+    cp_attention: "ulysses" or "ring" (torch's ring; self-attention without text only).
     """
 
-    def __init__(self, inner: Any, cp_group=None, cp_text: Optional[JointText] = None) -> None:
+    def __init__(self, inner: Any, cp_group=None, cp_text: Optional[JointText] = None,
+                 cp_attention: str = "ulysses") -> None:
         if isinstance(inner, DDRLAttnProcessor):
             inner = inner.inner
         self.inner = inner
-        self.cp_group, self.cp_text = cp_group, cp_text
+        self.cp_group, self.cp_text, self.cp_attention = cp_group, cp_text, cp_attention
 
     def __call__(self, attn, *args, **kwargs):
-        route = _RouteSDPA(self.cp_group, self.cp_text)
+        route = _RouteSDPA(self.cp_group, self.cp_text, self.cp_attention)
         with route:
             out = self.inner(attn, *args, **kwargs)
         if route.calls == 0:
@@ -242,17 +246,28 @@ class DDRLAttnProcessor:
         return type(f"DDRL{inner_cls.__name__}", (DDRLAttnProcessor,), {"__call__": __call__})
 
     @classmethod
-    def wrap(cls, inner: Any, cp_group=None, cp_text: Optional[JointText] = None) -> "DDRLAttnProcessor":
+    def wrap(cls, inner: Any, cp_group=None, cp_text: Optional[JointText] = None,
+             cp_attention: str = "ulysses") -> "DDRLAttnProcessor":
         """`inner` routed through ddrl_engine.attention; an already wrapped processor is kept as it is
         unless a cp_group is given (then its inner processor is rewrapped with that group)."""
         if isinstance(inner, DDRLAttnProcessor):
             if cp_group is None:
                 return inner
             inner = inner.inner
-        return cls.for_class(type(inner))(inner, cp_group, cp_text)
+        return cls.for_class(type(inner))(inner, cp_group, cp_text, cp_attention)
 
 
 # ----------------------------------------------------------------------------------------------- policies
+
+
+def check_ring_applies(policy_class: type, attention: str, size: int) -> None:
+    """A ValueError naming the field when `attention` = "ring" is asked of a policy class whose model
+    attends jointly over text + image (SD3, FLUX: the ring would count the replicated text N times)."""
+    if size > 1 and attention == "ring" and getattr(policy_class, "cp_text_first", None) is not None:
+        from ..attention.ring import RING_ATTENTION_ERROR
+
+        raise ValueError(f"{RING_ATTENTION_ERROR}: {policy_class.__name__}'s joint text + image attention needs "
+                         "distributed.context_parallel_attention = 'ulysses'")
 
 
 def _check_dir(path: Union[str, os.PathLike], what: str) -> str:
@@ -517,8 +532,15 @@ class DiffusersPolicy(Policy):
     _cp_group = None
     _cp_text: Optional[JointText] = None
 
-    def tokens(self, model: Optional[nn.Module] = None) -> int:  # pragma: no cover - interface
+    def tokens(self, model: Optional[nn.Module] = None) -> int:
         """Image / video tokens per sample of `sample_shape` (what context parallelism splits)."""
+        return self.count_tokens(self.sample_shape, (model or self.model).config)
+
+    @staticmethod
+    def count_tokens(sample_shape: tuple[int, ...], config) -> int:  # pragma: no cover - interface
+        """Tokens per sample of latents `sample_shape` ([C, H, W] or [C, T, H, W]) for a transformer of
+        `config` (its config.json as a dict, or the loaded model's config): the one count the adapter
+        and the pre-load check (`pipelines.Preflight.patch_tokens`) both use."""
         raise NotImplementedError
 
     def _cp_plan(self, model: nn.Module, group, text: Optional[JointText]):  # pragma: no cover - interface
@@ -526,22 +548,25 @@ class DiffusersPolicy(Policy):
         JointText or None)] to shard) for one diffusers model."""
         raise NotImplementedError
 
-    def set_context_parallel(self, group) -> None:
+    def set_context_parallel(self, group, attention: str = "ulysses") -> None:
         """Shards every sample's image / video tokens over the ranks of `group` (a torch.distributed
         process group; None or one rank: off), as `DiT.set_context_parallel` does, on each expert:
         each rank runs the blocks on its contiguous slice of the patch tokens (split after the patch
         embedding, rotary tables the same way), every self-attention attends over the whole sequence
-        through the Ulysses all-to-all (a DDRLAttnProcessor with the group; a joint text + image
-        attention with the text replicated, `JointText`), cross-attention to the text needs no
-        communication, and the tokens are all-gathered before unpatchify: the output is the whole
-        sample on every rank (the trainer's gradient rule: ddrl_engine.attention.context_parallel).
-        Needs the heads and `tokens()` divisible by the group size (checked before any change). Call it
-        after enable_lora (the hooks sit on the modules as they are then)."""
+        through the Ulysses all-to-all or, with attention = "ring", torch's ring (a DDRLAttnProcessor
+        with the group; a joint text + image attention with the text replicated, `JointText`:
+        Ulysses only), cross-attention to the text needs no communication, and the tokens are
+        all-gathered before unpatchify: the output is the whole sample on every rank (the trainer's
+        gradient rule: ddrl_engine.attention.context_parallel). Needs `tokens()` (and for Ulysses
+        the heads) divisible by the group size (checked before any change). Call it after
+        enable_lora (the hooks sit on the modules as they are then)."""
         import torch.distributed as dist
 
         size = 1 if group is None else dist.get_world_size(group)
+        check_ring_applies(type(self), attention, size)
         for model in self.experts:
-            check_context_parallel(model.config.num_attention_heads, self.tokens(model), size, self.model_class_name)
+            check_context_parallel(model.config.num_attention_heads, self.tokens(model), size, self.model_class_name,
+                                   attention)
         for handle in getattr(self, "_cp_hooks", ()):
             handle.remove()
         for module, previous in getattr(self, "_cp_saved", ()):
@@ -555,7 +580,8 @@ class DiffusersPolicy(Policy):
             self._cp_hooks += hooks
             for module, module_text in modules:
                 self._cp_saved.append((module, module.processor))
-                module.set_processor(DDRLAttnProcessor.wrap(module.processor, cp_group=group, cp_text=module_text))
+                module.set_processor(DDRLAttnProcessor.wrap(module.processor, cp_group=group, cp_text=module_text,
+                                                            cp_attention=attention))
         self._cp_group, self._cp_text = group, text
 
     # -- forward -------------------------------------------------------------------------------------------
@@ -611,10 +637,11 @@ class SD3Policy(DiffusersPolicy):
     block_attrs = ("transformer_blocks",)
     cp_text_first = False  # JointAttnProcessor2_0 concatenates [image, text]
 
-    def tokens(self, model: Optional[nn.Module] = None) -> int:
+    @staticmethod
+    def count_tokens(sample_shape: tuple[int, ...], config) -> int:
         """Patch tokens per sample: (H / p) (W / p)."""
-        p = (model or self.model).config.patch_size
-        return (self.sample_shape[1] // p) * (self.sample_shape[2] // p)
+        p = int(config.get("patch_size", 2))
+        return (sample_shape[1] // p) * (sample_shape[2] // p)
 
     def _cp_plan(self, model: nn.Module, group, text: Optional[JointText]):
         # pos_embed (patches + position embedding) -> this rank's tokens; proj_out gathered before
@@ -651,9 +678,10 @@ class FluxPolicy(DiffusersPolicy):
             raise ValueError(f"FluxPolicy: sample_shape must be (in_channels/4={model.config.in_channels // 4}, H, W) "
                              f"with even H, W, got {self.sample_shape}")
 
-    def tokens(self, model: Optional[nn.Module] = None) -> int:
+    @staticmethod
+    def count_tokens(sample_shape: tuple[int, ...], config) -> int:
         """Packed 2x2 tokens per sample: (H / 2) (W / 2)."""
-        return (self.sample_shape[1] // 2) * (self.sample_shape[2] // 2)
+        return (sample_shape[1] // 2) * (sample_shape[2] // 2)
 
     def _cp_plan(self, model: nn.Module, group, text: Optional[JointText]):
         # no hooks: `_velocity` splits the packed tokens and their position ids (the rotary tables follow)
@@ -709,10 +737,11 @@ class WanPolicy(DiffusersPolicy):
     model_class_name = "WanTransformer3DModel"
     block_attrs = ("blocks",)
 
-    def tokens(self, model: Optional[nn.Module] = None) -> int:
-        """Patch tokens per sample of `sample_shape`: (T / p_t) (H / p_h) (W / p_w)."""
-        patch = (model or self.model).config.patch_size
-        return math.prod(s // p for s, p in zip(self.sample_shape[1:], patch))
+    @staticmethod
+    def count_tokens(sample_shape: tuple[int, ...], config) -> int:
+        """Patch tokens per sample: (T / p_t) (H / p_h) (W / p_w)."""
+        patch = tuple(config.get("patch_size", (1, 2, 2)))
+        return math.prod(s // p for s, p in zip(sample_shape[1:], patch))
 
     def _cp_plan(self, model: nn.Module, group, text: Optional[JointText]):
         # the rotary tables and the first block's input (after the patch embedding) cut to this rank's

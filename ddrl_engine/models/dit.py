@@ -119,6 +119,7 @@ class DiTBlock(nn.Module):
         super().__init__()
         self.heads = heads
         self.cp_group = None  # context parallelism: the group this block's tokens are sharded over (DiT.set_context_parallel)
+        self.cp_attention = "ulysses"  # and how attention crosses the shards
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
@@ -134,7 +135,7 @@ class DiTBlock(nn.Module):
         b, n, d = x.shape
         h = _modulate(self.norm1(x), shift1, scale1)
         q, k, v = self.qkv(h).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        a = attention(q, k, v, cp_group=self.cp_group).transpose(1, 2).reshape(b, n, d)
+        a = attention(q, k, v, cp_group=self.cp_group, cp_attention=self.cp_attention).transpose(1, 2).reshape(b, n, d)
         x = x + gate1 * self.proj(a)
         return x + gate2 * self.mlp(_modulate(self.norm2(x), shift2, scale2))
 
@@ -174,25 +175,26 @@ class DiT(Policy):
             DiTBlock(config.hidden, config.heads, config.mlp_ratio) for _ in range(config.depth)
         )
         self.final = FinalLayer(config.hidden, patch_numel)
-        self._cp_group = None
+        self._cp_group, self._cp_attention = None, "ulysses"
         self.reset_parameters()
 
-    def set_context_parallel(self, group) -> None:
+    def set_context_parallel(self, group, attention: str = "ulysses") -> None:
         """Shards every sample's tokens over the ranks of `group` (a torch.distributed process group;
         None: off). Each rank embeds its contiguous slice of the patch tokens (position embedding by
-        global index), runs the blocks on it (attention through the Ulysses all-to-all), and the
-        final layer's tokens are all-gathered, so the output is the whole sample on every rank.
-        Needs heads and the configured sample's token count divisible by the group size (checked)."""
+        global index), runs the blocks on it (attention across the shards by `attention`: "ulysses",
+        the all-to-all, or "ring", torch's ring), and the final layer's tokens are all-gathered, so
+        the output is the whole sample on every rank. Needs the configured sample's token count (and
+        for Ulysses the heads) divisible by the group size (checked)."""
         if group is not None:
             import torch.distributed as dist
 
             size = dist.get_world_size(group)
-            check_context_parallel(self.config.heads, math.prod(self.config.grid), size, "DiT")
+            check_context_parallel(self.config.heads, math.prod(self.config.grid), size, "DiT", attention)
             if size == 1:
                 group = None
-        self._cp_group = group
+        self._cp_group, self._cp_attention = group, attention
         for blk in self.blocks:
-            blk.cp_group = group
+            blk.cp_group, blk.cp_attention = group, attention
 
     def reset_parameters(self) -> None:
         for m in self.modules():
@@ -252,7 +254,7 @@ class DiT(Policy):
         """`forward` with this rank's slice of the tokens (see set_context_parallel)."""
         import torch.distributed as dist
 
-        check_context_parallel(self.config.heads, math.prod(grid), dist.get_world_size(group), "DiT")
+        check_context_parallel(self.config.heads, math.prod(grid), dist.get_world_size(group), "DiT", self._cp_attention)
         dtype = self.patch_embed.weight.dtype
         h = self.patch_embed(split_sequence(self.patchify(x.to(dtype)), group))
         pos = sincos_position_embedding(grid, self.config.hidden, device=x.device).to(dtype)

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ..models.diffusers import FluxPolicy, SD3Policy, TextCondition, WanExpertsPolicy, WanPolicy, require_diffusers
 from .specs import Preflight, preflight
 
-__all__ = ["ModelBundle", "load_bundle"]
+__all__ = ["ModelBundle", "load_bundle", "policy_class"]
 
 # The pipelines' own defaults, used when max_sequence_length is None.
 _MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512, "wan": 226}
@@ -206,6 +206,11 @@ class ModelBundle:
 
 
 _POLICIES = {"sd3": SD3Policy, "flux": FluxPolicy, "wan": WanPolicy}
+
+
+def policy_class(kind: str) -> type:
+    """The adapter class a pipeline folder of `kind` ("sd3", "flux", "wan") loads into."""
+    return _POLICIES[kind]
 
 
 def _num_train_timesteps(pre: Preflight) -> int:

@@ -17,7 +17,6 @@ reverse); both experts must agree on channels, patch size and text width (`Prefl
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,16 +89,11 @@ class Preflight:
 
     @property
     def patch_tokens(self) -> int:
-        """Image / video tokens per sample (what context parallelism splits), as the adapters count them:
-        SD3 (h / p)(w / p), FLUX packed 2x2 (h / 2)(w / 2), Wan (t / p_t)(h / p_h)(w / p_w)."""
-        dims = self.latent_shape[1:]
-        if self.spec.name == "flux":
-            patch = (2, 2)
-        elif self.spec.name == "sd3":
-            patch = (int(self.transformer_config.get("patch_size", 2)),) * 2
-        else:
-            patch = tuple(self.transformer_config.get("patch_size", (1, 2, 2)))
-        return math.prod(d // p for d, p in zip(dims, patch))
+        """Image / video tokens per sample (what context parallelism splits): the adapter's own count
+        (`DiffusersPolicy.count_tokens`) from the folder's transformer config, no weights loaded."""
+        from .bundle import policy_class
+
+        return policy_class(self.spec.name).count_tokens(self.latent_shape, self.transformer_config)
 
 
 def _read_json(path: Path, field: str) -> dict:

@@ -47,6 +47,7 @@ PHASES: dict[str, str] = {
     "eval": "the held-out evaluation",
     "cp/all_to_all": "context parallelism: one Ulysses all-to-all (q, k, v to whole sequences, or the output back)",
     "cp/all_gather": "context parallelism: gathering a cp group's token slices into whole sequences",
+    "cp/ring": "context parallelism: one ring attention (K/V rotations round the cp group and the blocks' attention)",
 }
 
 _COLORS = {"step": "white", "collect": "blue", "rollout": "green", "reward": "orange", "advantage": "yellow",

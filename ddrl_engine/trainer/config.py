@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ddrl_engine.algorithms import BaselineForms, DDRLConfig, expand_recipe
+from ddrl_engine.attention.context_parallel import CP_ATTENTION
 from ddrl_engine.models.dit import DiTConfig
 from ddrl_engine.sampling.factory import SAMPLERS, make_sampler, sampler_fields
 
@@ -415,6 +416,10 @@ class DistributedConfig:
         FLUX's; attention by a Ulysses all-to-all, so heads and tokens must be divisible by N); the
         batches are split over the world size / N data ranks; the run reproduces the one-process run
         and its checkpoints resume at any N (docs/distributed.md). Needs parallel = "ddp" or "fsdp".
+    context_parallel_attention: how attention crosses the shards: "ulysses" (all-to-all sequence <->
+        heads, every backend; heads divisible by N) or "ring" (PyTorch's ring: keys / values travel
+        round the group; any head count, the 'sdpa' backend only, self-attention without text tokens:
+        the DiT and Wan, not SD3 / FLUX).
     """
 
     parallel: str = "none"
@@ -422,6 +427,7 @@ class DistributedConfig:
     grad_sync: str = "auto"
     shard_size: int = 0
     context_parallel: int = 1
+    context_parallel_attention: str = "ulysses"
 
 
 @dataclass
@@ -487,6 +493,7 @@ _CHOICES = {
     "rollout.attention_backend": ("sdpa", "fp8"),
     "distributed.parallel": ("none", "ddp", "fsdp"),
     "distributed.grad_sync": ("auto", "update", "backward"),
+    "distributed.context_parallel_attention": CP_ATTENTION,
     "reward_workers.on_failure": ("drop", "raise"),
 }
 _POSITIVE = {"run.steps", "run.eval_every", "rollout.conditions_per_step", "optim.lr",
@@ -673,6 +680,10 @@ def check_config(cfg: TrainConfig) -> None:
     if cp > 1 and cfg.distributed.parallel == "none":
         raise ValueError("config: 'distributed.context_parallel' > 1 needs distributed.parallel = 'ddp' or 'fsdp' "
                          "(a torchrun launch)")
+    if cp > 1 and cfg.distributed.context_parallel_attention == "ring" and cfg.rollout.attention_backend != "sdpa":
+        raise ValueError(f"config: 'distributed.context_parallel_attention' = 'ring' needs rollout.attention_backend "
+                         f"= 'sdpa' (the ring runs torch's own attention kernels), got "
+                         f"{cfg.rollout.attention_backend!r}; use context_parallel_attention = 'ulysses' for fp8")
     if cp > 1 and cfg.rollout.cuda_graph:
         raise ValueError("config: 'rollout.cuda_graph' = true is not supported with distributed.context_parallel > 1 "
                          "(untested: the capture would contain the all-to-alls)")

@@ -51,6 +51,7 @@ class Distributed:
     device: str
     shard_size: int = 0
     context_parallel: int = 1
+    cp_attention: str = "ulysses"  # distributed.context_parallel_attention
     _mesh: object = field(default=None, init=False, repr=False, compare=False)
     _cp_mesh: object = field(default=None, init=False, repr=False, compare=False)
 
@@ -58,7 +59,7 @@ class Distributed:
 
     @classmethod
     def from_env(cls, mode: str, device: str, timeout_s: float = 600, shard_size: int = 0,
-                 context_parallel: int = 1) -> "Distributed":
+                 context_parallel: int = 1, cp_attention: str = "ulysses") -> "Distributed":
         """Joins the torchrun job described by RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR (gloo on CPU,
         NCCL on CUDA; "cuda" becomes cuda:LOCAL_RANK). Raises with the cause outside torchrun."""
         missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -75,7 +76,7 @@ class Distributed:
             timeout = timedelta(seconds=timeout_s)
             dist.init_process_group(backend, store=_attempt_store(timeout), rank=int(os.environ["RANK"]),
                                     world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
-        ctx = cls(mode, dist.get_rank(), dist.get_world_size(), device, shard_size, context_parallel)
+        ctx = cls(mode, dist.get_rank(), dist.get_world_size(), device, shard_size, context_parallel, cp_attention)
         if shard_size and (mode != "fsdp" or ctx.world_size % shard_size):
             raise ValueError(f"distributed.shard_size = {shard_size} needs parallel = 'fsdp' and a world size "
                              f"divisible by it (world size {ctx.world_size}, parallel {mode!r})")
@@ -189,7 +190,7 @@ class Distributed:
         """(policy, reference, ema) ready for training: rank 0's weights broadcast, then FSDP2 (each of
         them sharded per block) or DDP (the policy wrapped; reference and EMA replicated). With
         context_parallel > 1 each model first shards its tokens over the cp group
-        (`set_context_parallel(group)`, which the model must have)."""
+        (`set_context_parallel(group, attention=cp_attention)`, which the model must have)."""
         for m in (policy, reference, ema):
             if m is not None:
                 for t in list(m.parameters()) + list(m.buffers()):
@@ -202,7 +203,7 @@ class Distributed:
                     raise ValueError(f"distributed.context_parallel = {self.context_parallel}: the model "
                                      f"({type(m).__name__}) cannot shard its tokens (no set_context_parallel); "
                                      "the built-in DiT and the SD3, FLUX and Wan adapters have it")
-                m.set_context_parallel(self.cp_group)
+                m.set_context_parallel(self.cp_group, attention=self.cp_attention)
         if activation_checkpointing:
             checkpoint_blocks(policy)
         if self.mode == "ddp":

@@ -113,8 +113,8 @@ class Evaluator:
         if self.fd is not None:
             metrics["fd"] = self.fd(samples)
         if self.logits_fn is not None:
-            metrics["class_entropy"] = class_entropy(samples, self.logits_fn)
-            logits = self.logits_fn(samples)
+            logits = self.logits_fn(samples)  # once, for every class statistic
+            metrics["class_entropy"] = class_entropy(samples, lambda _: logits)  # (it checks the logits' shape)
             metrics["class_accuracy"] = (logits.argmax(-1) == cond).float().mean().item()
             # The learned class_margin reward's quantity under this (independent) classifier.
             metrics["class_margin_heldout"] = class_margin(logits, cond).float().mean().item()

@@ -49,6 +49,14 @@ from ddrl_engine.trainer.optim import build_optimizer
 from ddrl_engine.trainer.reward_requests import RewardRequests
 
 
+def frozen_copy(module: torch.nn.Module, share_frozen: bool) -> torch.nn.Module:
+    """A copy of `module` with every parameter frozen (the KL reference, the EMA). share_frozen: the
+    parameters that are already frozen (a LoRA run's base) are the module's own tensors, not copies,
+    so a copy costs the adapters only; nothing writes them (no optimizer, no EMA update)."""
+    memo = {id(p): p for p in module.parameters() if not p.requires_grad} if share_frozen else {}
+    return copy.deepcopy(module, memo).requires_grad_(False)
+
+
 def _rng_state(device: str) -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if device.startswith("cuda"):
@@ -265,7 +273,8 @@ class Trainer:
         self.sync_timing = sync_timing
         par = cfg.distributed.parallel
         self.dist = (Distributed.from_env(par, cfg.run.device, shard_size=cfg.distributed.shard_size,
-                                          context_parallel=cfg.distributed.context_parallel)
+                                          context_parallel=cfg.distributed.context_parallel,
+                                          cp_attention=cfg.distributed.context_parallel_attention)
                      if par != "none" else None)
         self.device = cfg.run.device if self.dist is None else self.dist.device
         usable, why = available_backends(self.device).get(cfg.rollout.attention_backend, (False, "unknown backend"))
@@ -294,8 +303,12 @@ class Trainer:
         # Network evaluations per sample of one rollout: guidance runs both branches in one forward on
         # twice the rows (scale 0 and 1: one branch).
         self._rollout_nfe = sampler.nfe * (1 if cfg.rollout.guidance_scale in (0.0, 1.0) else 2)
-        self.reference = copy.deepcopy(policy).requires_grad_(False).eval() if self.algo.beta_kl > 0 else None
-        self.ema = copy.deepcopy(policy).requires_grad_(False) if cfg.optim.ema_decay > 0 else None
+        # A LoRA run's frozen base is shared by the KL reference and the EMA (they copy only the adapters)
+        # except under FSDP2, which shards each model's parameters itself (a shared tensor would be
+        # sharded twice): there each is a sharded copy, 1 / W of the base per GPU.
+        share = self.dist is None or self.dist.mode != "fsdp"
+        self.reference = frozen_copy(policy, share).eval() if self.algo.beta_kl > 0 else None
+        self.ema = frozen_copy(policy, share) if cfg.optim.ema_decay > 0 else None
         self._rollout_shard = self._data_shard = None
         if self.dist is not None:
             first, _ = self.dist.shard(self.rollout_batch, "rollout batch (conditions_per_step x group_size)")
@@ -639,7 +652,7 @@ class Trainer:
     def _update_ema(self):
         if self.ema is not None:
             for pe, pm in zip(self.ema.parameters(), self.policy.parameters()):
-                if pm.requires_grad:  # a frozen base (LoRA) stays the base
+                if pm.requires_grad:  # a frozen base (LoRA) stays the base (shared, or a copy under FSDP2)
                     pe.lerp_(pm, 1 - self.cfg.optim.ema_decay)
 
     # ---- evaluation, logging, checkpoints -----------------------------------------------------

@@ -58,7 +58,10 @@ b_r, b_d are rows per data rank (the global batch over W / n_cp). The communicat
 bytes SENT per GPU (`cp_communication`): per block and per row of a forward, four all-to-alls (q, k, v
 and the attention output) of (N / n_cp) h c bytes each, of which a share (n_cp - 1) / n_cp leaves the GPU,
 plus the output all-gather ((n_cp - 1) / n_cp of N v c); a backward sends the same again (a third time
-when activation checkpointing recomputes the forward).
+when activation checkpointing recomputes the forward). With ring attention (cp_attention = "ring") each
+block's K and V of (N / n_cp) h c bytes each travel n_cp - 1 hops instead (n_cp / 2 times Ulysses' volume,
+but neighbour-to-neighbour and overlapped with the blocks' attention), and a backward adds n_cp hops of
+their fp32 gradients (2 n_cp (N / n_cp) h 4 bytes a block).
 
 The policy's dtype (`dtype`, the [model] dtype of a pipeline run; the built-in DiT is fp32): a pipeline
 run loads the transformer in that dtype and trains it there, so its weights, gradients, AdamW states, the
@@ -72,7 +75,8 @@ base and peft creates the adapters in the base's dtype, so with P_L = R x 2 h x 
 one h -> h: `throughput.LORA_ADAPTERS` per block kind)
     frozen base    p S                        FSDP2 shards it like any parameter (no gradient, no state)
     LoRA weights   p S_L, gradients p S_L (+ p P_L under DDP), AdamW states 2 p S_L   S_L = P_L / W
-    reference, EMA p (S + S_L) each            deep copies of the whole policy, base included
+    reference, EMA p S_L each                  copies of the adapters, the base shared with the policy
+                   (FSDP2: p (S + S_L) each, every model sharded on its own)
     fsdp in flight c (2 (Pb + Pb_L) + Pr) + (c + 4) Pb_L   gradients for the block's adapters only
     activations    as above with LORA_ACTIVATION_FACTORS (Wan) / LORA_BLOCK_FACTORS, LORA_OUT_FACTORS
                    (MMDiT), plus c R per token and adapter of the block (each adapter saves x A^T)
@@ -99,6 +103,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ddrl_engine.attention.context_parallel import CP_ATTENTION
 from ddrl_engine.trainer.throughput import (DEFAULT_MFU, LORA_ADAPTERS, MatmulShape, StepPlan, matmul_shape, step_flops,
                                            step_seconds)
 
@@ -316,14 +321,17 @@ def estimate_memory(model: ModelShape | nn.Module, *, tokens: int, world_size: i
                     data_per_rank: int = 1, parallel: str = "fsdp", activation_checkpointing: bool = False,
                     kl_reference: bool = False, ema: bool = False, sampler_steps: int = 10,
                     prompts: int = 0, micro_batch: int = 0, guidance_scale: float = 1.0,
-                    context_parallel: int = 1, lora_rank: int = 0, dtype: str = "fp32") -> MemoryEstimate:
+                    context_parallel: int = 1, lora_rank: int = 0, dtype: str = "fp32",
+                    cp_attention: str = "ulysses") -> MemoryEstimate:
     """Per-GPU bytes of one training step (see the module docstring for every term). `model` is a
     ModelShape or a module with `blocks` (see ModelShape.from_module). micro_batch: the trainer's
     optim.micro_batch (rows per forward/backward; 0 = all of the rank's rows), which bounds b.
     guidance_scale: rollout.guidance_scale (not 1 or 0: the policy loss's forward has two rows per sample).
     context_parallel: distributed.context_parallel (n_cp ranks split each sample's tokens; must divide
     world_size, tokens and, when known, the heads); rollout_per_rank / data_per_rank are then rows per
-    data rank (per cp group). lora_rank: model.lora_rank (0: full fine-tuning). dtype: the policy's
+    data rank (per cp group); cp_attention: distributed.context_parallel_attention ("ring" needs no
+    head divisibility; its activations are counted as Ulysses': it saves the same q, k, v, output and
+    log-sum-exp per attention). lora_rank: model.lora_rank (0: full fine-tuning). dtype: the policy's
     parameter dtype (a pipeline run's model.dtype; "fp32" for the built-in DiT)."""
     shape = model if isinstance(model, ModelShape) else ModelShape.from_module(model)
     if dtype not in DTYPE_BYTES:
@@ -343,7 +351,7 @@ def estimate_memory(model: ModelShape | nn.Module, *, tokens: int, world_size: i
         raise ValueError("memory estimate: 'rollout_per_rank' + 'data_per_rank' must be >= 1 (nothing is trained)")
     if parallel == "none" and world_size != 1:
         raise ValueError(f"memory estimate: parallel = 'none' runs one process; 'world_size' must be 1, got {world_size}")
-    cp = _check_cp(shape, tokens, world_size, context_parallel)
+    cp = _check_cp(shape, tokens, world_size, context_parallel, cp_attention)
     fsdp = parallel == "fsdp"
     held = shape.shard(world_size) if fsdp else shape.params
     p, r = DTYPE_BYTES[dtype], lora_rank
@@ -360,7 +368,8 @@ def estimate_memory(model: ModelShape | nn.Module, *, tokens: int, world_size: i
     parts |= {f"{pre}weights ({dtype})": p * trained_held,
               f"{pre}gradients ({dtype})": p * trained_held + (p * trained if parallel == "ddp" else 0),
               f"{pre}AdamW states ({dtype})": 2 * p * trained_held}
-    copy = p * (held + (trained_held if r else 0))  # a deep copy of the policy (base and adapters)
+    # a frozen copy of the policy: a LoRA run's base is shared with it, except under FSDP2 (Trainer's frozen_copy)
+    copy = p * ((held + trained_held) if fsdp else trained) if r else p * held
     if kl_reference:
         parts[f"KL reference ({dtype})"] = copy
     if ema:
@@ -386,36 +395,52 @@ def estimate_memory(model: ModelShape | nn.Module, *, tokens: int, world_size: i
     return MemoryEstimate(parts, inputs)
 
 
-def _check_cp(shape: ModelShape, tokens: int, world_size: int, cp) -> int:
+def _check_cp(shape: ModelShape, tokens: int, world_size: int, cp, cp_attention: str = "ulysses") -> int:
     _positive("context_parallel", cp)
+    if cp_attention not in CP_ATTENTION:
+        raise ValueError(f"memory estimate: 'cp_attention' must be one of {CP_ATTENTION}, got {cp_attention!r}")
     if world_size % cp:
         raise ValueError(f"memory estimate: 'context_parallel' = {cp} must divide 'world_size' ({world_size})")
     if tokens % cp:
         raise ValueError(f"memory estimate: 'context_parallel' = {cp} must divide the tokens per sample ({tokens:,})")
-    if shape.heads and shape.heads % cp:
+    if cp_attention == "ulysses" and shape.heads and shape.heads % cp:
         raise ValueError(f"memory estimate: 'context_parallel' = {cp} must divide the model's attention heads "
-                         f"({shape.heads}; Ulysses all-to-all)")
+                         f"({shape.heads}; Ulysses all-to-all; cp_attention = 'ring' has no such condition)")
     return cp
 
 
 def cp_communication(model: ModelShape, *, tokens: int, context_parallel: int, rollout_rows: int = 1,
                      data_rows: int = 1, sampler_steps: int = 10, trained_steps: int = 5,
-                     compute_bytes: int = 2, activation_checkpointing: bool = False) -> dict[str, int]:
+                     compute_bytes: int = 2, activation_checkpointing: bool = False,
+                     cp_attention: str = "ulysses") -> dict[str, int]:
     """Bytes one GPU SENDS per training step for context parallelism (the module docstring's count):
     the rollout (sampler_steps forwards of rollout_rows, no grad) and the update (per trained step a
     forward and backward of the data rows and of the rollout rows). Rows per data rank. Returns
-    {"per forward row": ..., "rollout": ..., "update": ..., "step": ...}; all 0 at context_parallel = 1.
-    FSDP2's parameter all-gathers and gradient reduce-scatters are not counted here."""
+    {"per forward row": ..., "per backward row": ..., "rollout": ..., "update": ..., "step": ...}; all 0
+    at context_parallel = 1. cp_attention "ring": per block the K and V blocks travel n_cp - 1 hops
+    forward, and again in backward with n_cp hops of their fp32 gradients (torch's ring), instead of
+    Ulysses' four all-to-alls. FSDP2's parameter all-gathers and gradient reduce-scatters are not
+    counted here."""
     cp = _positive("context_parallel", context_parallel)
     if tokens % cp:
         raise ValueError(f"memory estimate: 'context_parallel' = {cp} must divide the tokens per sample ({tokens:,})")
+    if cp_attention not in CP_ATTENTION:
+        raise ValueError(f"memory estimate: 'cp_attention' must be one of {CP_ATTENTION}, got {cp_attention!r}")
     leave = (cp - 1) / cp
     c, n = compute_bytes, tokens
-    per_row = round(leave * (4 * model.num_blocks * (n // cp) * model.hidden * c + n * model.latent_per_token * c))
-    rollout = sampler_steps * rollout_rows * per_row
-    passes = 3 if activation_checkpointing else 2  # forward + backward (+ the recomputed forward)
-    update = trained_steps * (rollout_rows + data_rows) * passes * per_row
-    return {"per forward row": per_row, "rollout": rollout, "update": update, "step": rollout + update}
+    block = (n // cp) * model.hidden  # one rank's k (or v, q, out) of one block and row, in values
+    gather = leave * n * model.latent_per_token * c  # the output all-gather (backward: its reduce-scatter)
+    if cp_attention == "ulysses":
+        forward = backward = round(leave * 4 * model.num_blocks * block * c + gather)
+    else:
+        kv_hops = 2 * (cp - 1) * block * c
+        forward = round(model.num_blocks * kv_hops + gather)
+        backward = round(model.num_blocks * (kv_hops + 2 * cp * block * 4) + gather)
+    rollout = sampler_steps * rollout_rows * forward
+    forwards = 2 if activation_checkpointing else 1  # (+ the recomputed forward)
+    update = trained_steps * (rollout_rows + data_rows) * (forwards * forward + backward)
+    return {"per forward row": forward, "per backward row": backward, "rollout": rollout, "update": update,
+            "step": rollout + update}
 
 
 def saved_tensor_bytes(fn: Callable[[], object], exclude: list[torch.Tensor] = ()) -> int:

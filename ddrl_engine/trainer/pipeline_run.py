@@ -175,8 +175,12 @@ def build_pipeline_run(cfg: TrainConfig, *, log=print, progress: bool = True) ->
     cp = cfg.distributed.context_parallel
     if cp > 1:  # heads and tokens from the folder's config, before any weight loads
         from ddrl_engine.attention.context_parallel import check_context_parallel
+        from ddrl_engine.models.diffusers import check_ring_applies
+        from ddrl_engine.pipelines.bundle import policy_class
 
-        check_context_parallel(pre.attention_heads, pre.patch_tokens, cp, f"{m.kind} transformer ({m.path})")
+        how = cfg.distributed.context_parallel_attention
+        check_ring_applies(policy_class(m.kind), how, cp)
+        check_context_parallel(pre.attention_heads, pre.patch_tokens, cp, f"{m.kind} transformer ({m.path})", how)
     sampler = build_sampler(cfg, pre)  # the folder's scheduler config only (schedule = "diffusers"): no weights
     texts = _texts(prompts, eval_prompts, [c for _, c in items])
     # Reward names and model folders are checked before any reward model (then the pipeline) loads.

@@ -129,6 +129,9 @@ struct KernelParams {
   decltype(make_tma_k<D>(nullptr, 0, 0)) tma_k;
   decltype(make_tma_v<D>(nullptr, 0, 0)) tma_v;
   Fp8AttentionParams p;
+  // ceil(sk / kBN), set with p: the loops compare against this kernel parameter (constant bank)
+  // instead of keeping a computed trip count live across them (it was spilled at D = 128).
+  int n_tiles;
 };
 
 // ---- P from the S accumulator layout to the A-operand layout of the RS wgmma ---------------------
@@ -307,10 +310,11 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_attention_sm90_kernel(const _
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const Fp8AttentionParams& p = kp.p;
   const int warp_group = cutlass::canonical_warp_group_idx();
-  const int64_t m_blocks = p.sq_pad / kBM;
+  // 32-bit block index math (check_params: the grid is below 2^31 blocks, sq_pad below 2^32): no
+  // 64-bit division, and bh, m_block are known to be zero-extended (no high words kept live).
+  const uint32_t m_blocks = uint32_t(p.sq_pad / kBM);
   const int64_t bh = blockIdx.x / m_blocks, m_block = blockIdx.x % m_blocks;
   const int64_t m0 = m_block * kBM;
-  const int n_tiles = int((p.sk + kBN - 1) / kBN);
 
   typename Pipeline::Params pipe_params;
   pipe_params.transaction_bytes = T::kStageBytes;
@@ -354,7 +358,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_attention_sm90_kernel(const _
 
       const float* k_scale = p.k_scale + bh * p.sk_pad;
       auto state = cutlass::make_producer_start_state<Pipeline>();
-      for (int n = 0; n < n_tiles; ++n) {
+      for (int n = 0; n < kp.n_tiles; ++n) {
         pipeline.producer_acquire(state);  // waits for a free stage, expects kStageBytes
         uint64_t* bar = pipeline.producer_get_barrier(state);
         const int s = state.index();
@@ -467,7 +471,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_attention_sm90_kernel(const _
   softmax(rd.index(), 0, pw, alpha_prev);
   auto prev = rd;
   ++rd;
-  for (int n = 1; n < n_tiles; ++n) {
+  for (int n = 1; n < kp.n_tiles; ++n) {
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < 16; ++r) tOrPw(r) = pw[r];  // P of tile n - 1 (the last PV has completed)
     warpgroup_fence_operand(tOrPw);
@@ -621,7 +625,7 @@ KernelParams<D> kernel_params(int dev, const Fp8AttentionParams& p) {
   } else {
     e = table[kEntries - 1];  // reuse the least recent slot's storage
     const KernelParams<D> fresh{make_tma_q<D>(p.q8, p.sq_pad, p.bh), make_tma_k<D>(p.k8, p.sk_pad, p.bh),
-                                make_tma_v<D>(p.v8t, p.sk_pad, p.bh), p};
+                                make_tma_v<D>(p.v8t, p.sk_pad, p.bh), p, 0};
     if (e == nullptr) e = new Entry{key, fresh};
     else *e = Entry{key, fresh};
     hit = kEntries - 1;
@@ -630,6 +634,7 @@ KernelParams<D> kernel_params(int dev, const Fp8AttentionParams& p) {
   table[0] = e;
   KernelParams<D> kp = e->kp;
   kp.p = p;  // scales, v_mean and the output change from call to call
+  kp.n_tiles = int((p.sk + kBN - 1) / kBN);  // < 2^25: sk_pad < 2^32 (check_params)
   return kp;
 }
 
