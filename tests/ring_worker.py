@@ -8,6 +8,7 @@ MODE "ops": `ring_attention` over a cp group of all N ranks for each case of RIN
 MODE "models": the DiT (3 heads: Ulysses could not split them) and the tiny Wan adapter sharded with
     context_parallel_attention = "ring"; rank 0 writes output, profiler ranges and gradients of the
     sharded and the unsharded model (tests/cp_worker.compare's layout).
+MODE "both": "ops" (to RESULT.ops.rank<r>.pt) then "models" (to RESULT), in one launch.
 MODE "train": the video DiT trainer config (tests/test_context_parallel.cp_config) under FSDP2 at
     context_parallel = N with ring attention, 2 steps; rank 0 writes the records and final weights.
 """
@@ -26,7 +27,7 @@ RING_CASES = [(torch.float64, (2, 3, 16, 8)), (torch.float32, (1, 5, 32, 12)), (
               (torch.bfloat16, (2, 4, 16, 16)), (torch.float16, (1, 3, 24, 8))]
 
 
-def ops_mode(a):
+def ops_mode(a, result=None):
     from ddrl_engine.attention.ring import ring_attention
 
     n, rank = dist.get_world_size(), dist.get_rank()
@@ -49,8 +50,9 @@ def ops_mode(a):
         out.append({"dtype": str(dtype), "out": got.detach(), "want": want.detach()[:, :, mine],
                     "plain": plain.detach()[:, :, mine], "grads": [t.grad for t in local],
                     "want_grads": [t.grad[:, :, mine] for t in full], "plain_grads": [t.grad[:, :, mine] for t in same]})
-    torch.save(out, f"{a.result}.rank{rank}.pt")
-    dist.destroy_process_group()
+    torch.save(out, f"{result or a.result}.rank{rank}.pt")
+    if result is None:
+        dist.destroy_process_group()
 
 
 def models_mode(a):
@@ -105,12 +107,15 @@ def train_mode(a):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=("ops", "models", "train"))
+    p.add_argument("mode", choices=("ops", "models", "both", "train"))
     p.add_argument("result")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     if a.mode != "train":
         dist.init_process_group("gloo")
+    if a.mode == "both":  # one launch for both (each torchrun start costs ~10 s here)
+        ops_mode(a, result=a.result + ".ops")
+        a.mode = "models"
     {"ops": ops_mode, "models": models_mode, "train": train_mode}[a.mode](a)
 
 

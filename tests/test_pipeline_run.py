@@ -5,6 +5,7 @@ reward, checkpoints of the LoRA adapters only, exact resume, export loaded by di
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -114,14 +115,15 @@ def untimed(m):
 
 def assert_same_metrics(got: dict, want: dict) -> None:
     """A run's step metrics equal another run's to float rounding (another world size, sharding or
-    reduction order). The policy loss is a mean of +-A r terms that cancels to ~0 (group-normalised
-    advantages, ratios ~1), so its rounding scales with the terms, |A| ~ adv_abs, not with the loss:
-    its absolute tolerance is 2e-5 adv_abs (seen: 2.1e-6 and 8.1e-6 apart on an AMD EPYC, <1e-6 on the
-    machines of earlier sessions). Everything else: rel 1e-4, abs 1e-6."""
+    reduction order): rel 1e-4, abs 1e-6. The policy loss is a mean of +-A r terms that cancels to ~0
+    (group-normalised advantages, ratios ~1), so its error is the advantages' own, not a fraction of the
+    loss: its absolute tolerance is the advantages' relative one, 1e-4 adv_abs (seen on an AMD EPYC:
+    1.6e-5 apart at adv_abs 0.35, the advantages 4e-5 apart relatively; below 1e-6 on the machines of
+    earlier sessions)."""
     for k, v in untimed(want).items():
         if isinstance(v, str):
             continue
-        atol = max(1e-6, 2e-5 * abs(want.get("adv_abs", 0.0))) if k == "policy_loss" else 1e-6
+        atol = max(1e-6, 1e-4 * abs(want.get("adv_abs", 0.0))) if k == "policy_loss" else 1e-6
         assert got[k] == pytest.approx(v, rel=1e-4, abs=atol), (got["step"], k, got[k], v)
 
 
@@ -479,6 +481,35 @@ def test_sd3_two_rank_fsdp_matches_one_process(assets, sd3_run, tmp_path, capsys
     assert two.keys() == one.keys() and two
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+
+
+def test_full_fine_tune_in_bf16_trains_fp32_master_weights(assets, tmp_path, capsys):
+    """[model] dtype = "bf16" with lora_rank = 0: the text encoders and VAE load in bf16, the trained
+    transformer is fp32 (AdamW on bf16 weights rounds most updates at lr 1e-5 away); one step from the
+    CLI moves every weight matrix, and eval / export rebuild the policy in fp32 too."""
+    c = config(assets, tmp_path / "run", model__lora_rank=0, model__dtype="bf16", run__steps=1, eval__heldout_loss_levels=1)
+    c["optim"] = {"lr": 1e-5}  # DanceGRPO's full fine-tuning rate
+    path = write(tmp_path / "run.toml", c)
+    cfg = load_config(path)
+    logs = []
+    bundle = load_policy(cfg, log=logs.append)
+    assert {p.dtype for p in bundle.policy.parameters()} == {torch.float32}
+    assert any("trained in fp32 (loaded in bf16" in line for line in logs)
+    encoders = [bundle.vae, bundle.pipeline.text_encoder]
+    assert all({p.dtype for p in e.parameters()} == {torch.bfloat16} for e in encoders)
+    lora = load_policy(replace(cfg, model=replace(cfg.model, lora_rank=4)), log=lambda *_: None).policy
+    assert {p.dtype for p in lora.parameters() if not p.requires_grad} == {torch.bfloat16}  # a LoRA base stays bf16
+    start = {k: v.clone() for k, v in bundle.policy.state_dict().items()}
+    rc, _, err = cli(capsys, "train", "--config", path)
+    assert rc == 0, err
+    _, trained = trained_policy(tmp_path / "run")
+    after = trained.state_dict()
+    assert {p.dtype for p in trained.parameters()} == {torch.float32}  # (buffers keep the load dtype)
+    # one AdamW step moves every entry with a gradient by ~lr: in fp32 nearly all of them change (the
+    # last SD3 block's unused text-query projection gets none); on bf16 weights most would round back
+    matrices = [k for k, v in start.items() if v.dim() == 2 and "weight" in k]
+    changed = sum((after[k] != start[k]).sum().item() for k in matrices)
+    assert changed > 0.9 * sum(start[k].numel() for k in matrices)
 
 
 @pytest.mark.slow

@@ -140,14 +140,41 @@ def test_pipeline_run_refuses_ring_for_sd3_before_loading(tmp_path, monkeypatch)
 
 # ---- multi-process (torchrun, gloo) ---------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    """(folder, seed) of one 2-process launch for the op cases and the models (tests.ring_worker "both");
+    the seed as the `seed` fixture draws it ($DDRL_TEST_SEED, else fresh)."""
+    from tests.conftest import _seed_from_env
+
+    s = _seed_from_env()
+    s = torch.seed() % (2**31) if s is None else s
+    tmp = tmp_path_factory.mktemp("ring")
+    _worker(2, "both", tmp / "models.pt", s)
+    return tmp, s
+
+
+@pytest.fixture
+def two_ranks(two_rank_run, request):
+    """The shared launch's folder; its seed is reported like the `seed` fixture's on a failure."""
+    from tests.conftest import _SEED_PROPERTY
+
+    request.node.user_properties.append((_SEED_PROPERTY, two_rank_run[1]))
+    return two_rank_run[0]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [2, 4])
-def test_ring_attention_matches_whole_sequence(tmp_path, nproc, seed):
-    _worker(nproc, "ops", tmp_path / "ops", seed)
+def test_ring_attention_matches_whole_sequence(request, tmp_path, nproc):
     from tests.ring_worker import RING_CASES
 
+    if nproc == 2:
+        prefix = request.getfixturevalue("two_ranks") / "models.pt.ops"
+    else:
+        seed = request.getfixturevalue("seed")
+        _worker(nproc, "ops", tmp_path / "ops", seed)
+        prefix = tmp_path / "ops"
     for rank in range(nproc):
-        cases = torch.load(tmp_path / f"ops.rank{rank}.pt")
+        cases = torch.load(f"{prefix}.rank{rank}.pt")
         assert len(cases) == len(RING_CASES)
         for c in cases:
             where = f"rank {rank} {c['dtype']} {tuple(c['want'].shape)}"
@@ -160,11 +187,9 @@ def test_ring_attention_matches_whole_sequence(tmp_path, nproc, seed):
 
 
 @pytest.mark.slow
-def test_ring_sharded_models_match_one_process(tmp_path, seed):
+def test_ring_sharded_models_match_one_process(two_ranks):
     """The DiT with 3 heads and the tiny Wan adapters (one transformer, two experts) under ring attention."""
-    result = tmp_path / "models.pt"
-    _worker(2, "models", result, seed)
-    got = torch.load(result)
+    got = torch.load(two_ranks / "models.pt")
     names = {"dit"} | ({"wan", "experts"} if _have_diffusers() else set())
     assert set(got) == names
     attentions = {"dit": 2, "wan": 2, "experts": 4}  # self-attentions per forward

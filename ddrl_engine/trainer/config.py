@@ -312,7 +312,10 @@ class PipelineModelConfig:
     lora_alpha: LoRA alpha (0 = lora_rank).
     lora_targets: the transformer's modules that get adapters.
     resolution: pixels [H, W]; for video [frames, H, W].
-    dtype: "fp32", "bf16" or "fp16": compute dtype of the frozen parts (text encoders, VAE) and the policy.
+    dtype: "fp32", "bf16" or "fp16": the dtype the folder loads in: the frozen parts (text encoders, VAE),
+        a LoRA run's base and adapters; a full fine-tune (lora_rank = 0) keeps the trained transformer in
+        fp32 (master weights: AdamW on bf16 weights rounds most updates away; FSDP2 computes in bf16 on
+        CUDA, one process and DDP in fp32).
     guidance: the distilled guidance value of a guidance-distilled FLUX (FLUX.1-dev; 0 = FluxPipeline's
         default 3.5); must stay 0 for other models.
     max_sequence_length: text tokens per prompt (0 = the pipeline's default).

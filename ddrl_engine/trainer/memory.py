@@ -64,9 +64,12 @@ but neighbour-to-neighbour and overlapped with the blocks' attention), and a bac
 their fp32 gradients (2 n_cp (N / n_cp) h 4 bytes a block).
 
 The policy's dtype (`dtype`, the [model] dtype of a pipeline run; the built-in DiT is fp32): a pipeline
-run loads the transformer in that dtype and trains it there, so its weights, gradients, AdamW states, the
-KL reference and the EMA take p = 2 bytes a value in bf16 / fp16 (4 in fp32), and under DDP or one
-process the compute dtype is the same (c = p). The table above is p = 4. (diffusers keeps a few Wan modules,
+run loads the transformer in that dtype. A LoRA run trains its adapters there, so the frozen base, the
+adapters, their gradients and AdamW states take p = 2 bytes a value in bf16 / fp16 (4 in fp32), and under
+DDP or one process the compute dtype is the same (c = p). A full fine-tune keeps the trained transformer in
+fp32 whatever the dtype (master weights: AdamW steps on bf16 weights round most updates away at the usual
+learning rates), so its figures are the fp32 ones (p = 4; c = 2 under FSDP2 on CUDA, 4 otherwise). The
+table above is p = 4. (diffusers keeps a few Wan modules,
 the timestep embedder, modulation tables and norms, in fp32 when it loads in bf16: ~29M parameters a 14B
 expert, left out.)
 
@@ -332,7 +335,8 @@ def estimate_memory(model: ModelShape | nn.Module, *, tokens: int, world_size: i
     data rank (per cp group); cp_attention: distributed.context_parallel_attention ("ring" needs no
     head divisibility; its activations are counted as Ulysses': it saves the same q, k, v, output and
     log-sum-exp per attention). lora_rank: model.lora_rank (0: full fine-tuning). dtype: the policy's
-    parameter dtype (a pipeline run's model.dtype; "fp32" for the built-in DiT)."""
+    parameter dtype (a pipeline run's model.dtype; "fp32" for the built-in DiT); a full fine-tune's
+    trained weights are fp32 whatever it is (master weights)."""
     shape = model if isinstance(model, ModelShape) else ModelShape.from_module(model)
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"memory estimate: 'dtype' must be one of {tuple(DTYPE_BYTES)}, got {dtype!r}")
@@ -355,6 +359,10 @@ def estimate_memory(model: ModelShape | nn.Module, *, tokens: int, world_size: i
     fsdp = parallel == "fsdp"
     held = shape.shard(world_size) if fsdp else shape.params
     p, r = DTYPE_BYTES[dtype], lora_rank
+    # A full fine-tune keeps its trained weights in fp32 whatever the dtype (master weights; load_policy's
+    # upcast_trained): p then only sizes a LoRA run's frozen base and adapters.
+    if not r:
+        p, dtype = MASTER_BYTES, "fp32"
     c = 2 if fsdp else p  # FSDP2 computes in bf16 on CUDA; DDP and one process in the weights' dtype
     bound = (lambda rows: min(rows, micro_batch)) if micro_batch else (lambda rows: rows)
     b = max(rows_per_sample * bound(rollout_per_rank), bound(data_per_rank))

@@ -30,6 +30,7 @@ import torch
 
 from ddrl_engine.data import (Dataset, LatentCache, PromptCache, default_cache_dir, read_captioned,
                               read_prompts)
+from ddrl_engine.models.trainable import upcast_trained
 from ddrl_engine.rewards import build_named_rewards
 from ddrl_engine.trainer.config import PipelineModelConfig, TrainConfig
 from ddrl_engine.trainer.evaluate import Evaluator
@@ -126,6 +127,9 @@ def load_policy(cfg: TrainConfig, *, log=print):
         n = bundle.policy.enable_lora(m.lora_rank, alpha=m.lora_alpha or None, target_modules=tuple(m.lora_targets),
                                       seed=cfg.run.seed)
         log(f"LoRA rank {m.lora_rank}: {n:,} trainable parameters")
+    elif n := upcast_trained(bundle.policy):  # full fine-tuning: fp32 master weights (trainable.upcast_trained)
+        log(f"full fine-tuning: the transformer's {n:,} parameters are trained in fp32 (loaded in {m.dtype}; "
+            f"AdamW on {m.dtype} weights would round most updates away)")
     return bundle
 
 
