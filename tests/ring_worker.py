@@ -14,6 +14,7 @@ MODE "train": the video DiT trainer config (tests/test_context_parallel.cp_confi
 """
 import argparse
 import copy
+import dataclasses
 import json
 import os
 from dataclasses import replace
@@ -30,7 +31,10 @@ RING_CASES = [(torch.float64, (2, 3, 16, 8)), (torch.float32, (1, 5, 32, 12)), (
 def ops_mode(a, result=None):
     from ddrl_engine.attention.ring import ring_attention
 
+    from torch.distributed.tensor.experimental._context_parallel import _cp_options
+
     n, rank = dist.get_world_size(), dist.get_rank()
+    options = dataclasses.asdict(_cp_options)  # torch's global ring options, which each call sets and restores
     out = []
     for i, (dtype, shape) in enumerate(RING_CASES):
         g = torch.Generator().manual_seed(a.seed * 100 + i)  # the same inputs on every rank
@@ -50,6 +54,7 @@ def ops_mode(a, result=None):
         out.append({"dtype": str(dtype), "out": got.detach(), "want": want.detach()[:, :, mine],
                     "plain": plain.detach()[:, :, mine], "grads": [t.grad for t in local],
                     "want_grads": [t.grad[:, :, mine] for t in full], "plain_grads": [t.grad[:, :, mine] for t in same]})
+    out.append({"options_restored": dataclasses.asdict(_cp_options) == options})
     torch.save(out, f"{result or a.result}.rank{rank}.pt")
     if result is None:
         dist.destroy_process_group()

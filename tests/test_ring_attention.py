@@ -174,7 +174,8 @@ def test_ring_attention_matches_whole_sequence(request, tmp_path, nproc):
         _worker(nproc, "ops", tmp_path / "ops", seed)
         prefix = tmp_path / "ops"
     for rank in range(nproc):
-        cases = torch.load(f"{prefix}.rank{rank}.pt")
+        *cases, last = torch.load(f"{prefix}.rank{rank}.pt")
+        assert last == {"options_restored": True}  # torch's global ring options are as the calls found them
         assert len(cases) == len(RING_CASES)
         for c in cases:
             where = f"rank {rank} {c['dtype']} {tuple(c['want'].shape)}"
