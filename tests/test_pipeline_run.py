@@ -535,5 +535,5 @@ def test_sd3_full_fine_tune_under_two_rank_fsdp_matches_one_process_and_exports(
     two = diffusers.SD3Transformer2DModel.from_pretrained(tmp_path / "two_transformer", local_files_only=True)
     a, b = one.state_dict(), two.state_dict()
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    for k in a:  # atol: 5% of one Adam step at lr 1e-4 (an entry with a gradient near Adam's eps moves noisily)
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=5e-6, msg=k)

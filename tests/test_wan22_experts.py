@@ -300,7 +300,9 @@ def test_two_rank_fsdp_matches_one_process_and_exports(assets, tmp_path, capsys)
         a, b = load_file(tmp_path / "one_lora" / name), load_file(tmp_path / "two_lora" / name)
         assert a.keys() == b.keys() and a
         for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+            # Adam normalises each entry's gradient: an entry whose gradient is near Adam's eps moves by a
+            # rounding-sensitive fraction of lr (1e-4) per step; 5% of one step (seen: 1.2e-6 on an AMD EPYC)
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=5e-6)
 
 
 @pytest.mark.parametrize("levels", [(0.9, 0.95), (0.3, 0.5)])
