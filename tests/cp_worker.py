@@ -72,10 +72,10 @@ def _loss(o):
     return (o.double() * torch.linspace(-1, 1, o.numel(), dtype=torch.float64).view_as(o)).sum()
 
 
-def compare(plain, sharded, inputs):
+def compare(plain, sharded, inputs, attention: str = "ulysses"):
     """Output, cp profiler ranges and parameter gradients of `plain` and of `sharded` (the same weights)
-    over a cp group of all ranks."""
-    sharded.set_context_parallel(dist.group.WORLD)
+    over a cp group of all ranks, attended across the shards by `attention`."""
+    sharded.set_context_parallel(dist.group.WORLD, attention=attention)
     out = {}
     for name, model in (("plain", plain), ("cp", sharded)):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

@@ -93,10 +93,11 @@ def run_records(trainer, gather=None, save_every: int = 0) -> list[dict]:
     return records
 
 
-def _torchrun(nproc: int, *args, env: dict | None = None) -> subprocess.CompletedProcess:
-    """tests/cp_worker.py ARGS on `nproc` gloo ranks (one thread each; `env` added to the environment)."""
+def _torchrun(nproc: int, *args, env: dict | None = None, worker: str = "tests.cp_worker") -> subprocess.CompletedProcess:
+    """The `worker` module (tests/cp_worker.py) with ARGS on `nproc` gloo ranks (one thread each; `env` added
+    to the environment)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "tests.cp_worker", *map(str, args)]
+           "-m", worker, *map(str, args)]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
                **(env or {}))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -268,7 +268,7 @@ def test_frozen_copy_shares_the_frozen_base(name):
     """The KL reference / EMA of a LoRA run (Trainer's frozen_copy): the base tensors are the policy's own,
     the adapters are copies, everything is frozen; without sharing (FSDP2) or for a full fine-tune
     (nothing frozen to share) every tensor is a copy."""
-    from ddrl_engine.trainer.loop import frozen_copy
+    from ddrl_engine.models.trainable import frozen_copy
 
     policy, _ = build(name)
     policy.enable_lora(4, seed=0)

@@ -538,7 +538,7 @@ def test_lora_parts_match_a_real_optimizer_step(family, dtype, rank, seed):
            f"LoRA AdamW states ({name})": nbytes(s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))}
     assert {k: est.parts[k] for k in got} == got
     # the KL reference and the EMA (Trainer's frozen_copy, one process: the base shared) add the adapters
-    from ddrl_engine.trainer.loop import frozen_copy
+    from ddrl_engine.models.trainable import frozen_copy
 
     own = {id(p) for p in policy.parameters()}
     added = nbytes(p for p in frozen_copy(policy, True).parameters() if id(p) not in own)

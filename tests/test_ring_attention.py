@@ -19,7 +19,8 @@ import torch
 from ddrl_engine.attention.context_parallel import check_context_parallel
 from ddrl_engine.models.dit import DiT, DiTConfig
 from ddrl_engine.trainer.config import config_from_dict
-from tests.test_context_parallel import _assert_same, _assert_weights, cp_config, make_cp_trainer, run_records
+from tests.test_context_parallel import (_assert_same, _assert_weights, _torchrun, cp_config, make_cp_trainer,
+                                         run_records)
 
 # max |error| against float64, relative to the unsharded same-dtype attention's own error: the ring
 # merges N partial softmaxes in fp32 (float64 stays float64), so it may differ from one kernel call by
@@ -27,22 +28,9 @@ from tests.test_context_parallel import _assert_same, _assert_weights, cp_config
 SLACK = {"torch.float64": 1e-13, "torch.float32": 2e-6, "torch.bfloat16": 3e-2, "torch.float16": 3e-3}
 
 
-def _worker(nproc, mode, result, seed):
-    _torchrun_ring(nproc, mode, result, "--seed", seed)
-
-
-def _torchrun_ring(nproc, *args):
-    import os
-    import subprocess
-    import sys
-
-    from tests.test_context_parallel import ROOT
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "tests.ring_worker", *map(str, args)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+def _ring_worker(nproc, *args):
+    """tests/ring_worker.py ARGS on `nproc` gloo ranks."""
+    _torchrun(nproc, *args, worker="tests.ring_worker")
 
 
 # ---- fast checks (one process) -----------------------------------------------------------------
@@ -149,7 +137,7 @@ def two_rank_run(tmp_path_factory):
     s = _seed_from_env()
     s = torch.seed() % (2**31) if s is None else s
     tmp = tmp_path_factory.mktemp("ring")
-    _worker(2, "both", tmp / "models.pt", s)
+    _ring_worker(2, "both", tmp / "models.pt", "--seed", s)
     return tmp, s
 
 
@@ -171,7 +159,7 @@ def test_ring_attention_matches_whole_sequence(request, tmp_path, nproc):
         prefix = request.getfixturevalue("two_ranks") / "models.pt.ops"
     else:
         seed = request.getfixturevalue("seed")
-        _worker(nproc, "ops", tmp_path / "ops", seed)
+        _ring_worker(nproc, "ops", tmp_path / "ops", "--seed", seed)
         prefix = tmp_path / "ops"
     for rank in range(nproc):
         *cases, last = torch.load(f"{prefix}.rank{rank}.pt")
@@ -211,7 +199,7 @@ def test_ring_sharded_models_match_one_process(two_ranks):
 def test_ring_cp2_fsdp_training_reproduces_one_process(tmp_path):
     plain = make_cp_trainer(cp_config(tmp_path / "plain", True, 2))
     records = run_records(plain)
-    _torchrun_ring(2, "train", tmp_path / "ring.json")
+    _ring_worker(2, "train", tmp_path / "ring.json")
     run = json.loads((tmp_path / "ring.json").read_text())
     assert run["cp_size"] == 2 and run["cp_attention"] == "ring"
     _assert_same(run["records"], records)
@@ -328,3 +316,13 @@ def test_block_ops_refuse_fp32_cuda_rows_the_kernel_pads():
         _block_ops(_FakeQ("cuda", torch.float32, 33))
     with pytest.raises(ValueError, match=r"no block attention op for device type 'mps'"):
         _block_ops(_FakeQ("mps", torch.float32, 32))
+
+
+def test_ring_refuses_unequal_shards():
+    """q, k, v of other shapes (cross-attention, unequal shards) are one error naming the shapes, before
+    any communication (the group is a stand-in)."""
+    from ddrl_engine.attention.ring import ring_attention
+
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match=r"q, k, v of one shape .* got q \(1, 2, 4, 8\), k \(1, 2, 6, 8\)"):
+        ring_attention(q, torch.zeros(1, 2, 6, 8), torch.zeros(1, 2, 6, 8), object())

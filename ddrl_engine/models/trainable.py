@@ -9,7 +9,7 @@ The rule (`trainable_keys`):
 - Any other module (every parameter trainable: a full fine-tune; or none: a frozen copy such as the
   trainer's reference or EMA of a full fine-tune) writes its whole `state_dict()`, buffers included.
 - `like=`: a frozen copy of a partially trained module (the EMA or the reference of a LoRA run:
-  `trainer.loop.frozen_copy`, its base shared with the policy or copied) has no trainable parameter
+  `frozen_copy`, its base shared with the policy or copied) has no trainable parameter
   left to tell which tensors are trained; pass the trained module as `like` to take its keys, so the
   copy writes the EMA (or the reference) of the adapters only.
 
@@ -21,12 +21,14 @@ tensor) and state-dict hooks that rename keys are handled.
 
 from __future__ import annotations
 
+import copy
+
 from typing import Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["select_trainable", "trainable_keys", "trainable_state_dict", "upcast_trained"]
+__all__ = ["frozen_copy", "select_trainable", "trainable_keys", "trainable_state_dict", "upcast_trained"]
 
 
 def trainable_keys(module: nn.Module, *, like: Optional[nn.Module] = None) -> Optional[frozenset[str]]:
@@ -85,3 +87,11 @@ def upcast_trained(module: nn.Module) -> int:
             p.data = p.data.float()
             n += p.numel()
     return n
+
+
+def frozen_copy(module: nn.Module, share_frozen: bool) -> nn.Module:
+    """A copy of `module` with every parameter frozen (the trainer's KL reference and EMA). share_frozen:
+    the parameters that are already frozen (a LoRA run's base) are the module's own tensors, not copies,
+    so a copy costs the adapters only; nothing writes them (no optimizer, no EMA update)."""
+    memo = {id(p): p for p in module.parameters() if not p.requires_grad} if share_frozen else {}
+    return copy.deepcopy(module, memo).requires_grad_(False)

@@ -7,7 +7,6 @@ sampler, any rewards and any dataset of (x, condition id) pairs: nothing here kn
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from ddrl_engine.algorithms import (BaselineForms, clipped_policy_loss, combine,
                                    policy_data_loss)
 from ddrl_engine.attention import attention_backend, available_backends
 from ddrl_engine.data import DataStream
-from ddrl_engine.models.trainable import select_trainable, trainable_keys
+from ddrl_engine.models.trainable import frozen_copy, select_trainable, trainable_keys
 from ddrl_engine.monitors import HeldoutLossMonitor
 from ddrl_engine.ops import selftest as ops_selftest
 from ddrl_engine.profiling import phase
@@ -47,14 +46,6 @@ from ddrl_engine.trainer.distributed import Distributed
 from ddrl_engine.trainer.evaluate import Evaluator, decode
 from ddrl_engine.trainer.optim import build_optimizer
 from ddrl_engine.trainer.reward_requests import RewardRequests
-
-
-def frozen_copy(module: torch.nn.Module, share_frozen: bool) -> torch.nn.Module:
-    """A copy of `module` with every parameter frozen (the KL reference, the EMA). share_frozen: the
-    parameters that are already frozen (a LoRA run's base) are the module's own tensors, not copies,
-    so a copy costs the adapters only; nothing writes them (no optimizer, no EMA update)."""
-    memo = {id(p): p for p in module.parameters() if not p.requires_grad} if share_frozen else {}
-    return copy.deepcopy(module, memo).requires_grad_(False)
 
 
 def _rng_state(device: str) -> dict:

@@ -376,7 +376,7 @@ def estimate_memory(model: ModelShape | nn.Module, *, tokens: int, world_size: i
     parts |= {f"{pre}weights ({dtype})": p * trained_held,
               f"{pre}gradients ({dtype})": p * trained_held + (p * trained if parallel == "ddp" else 0),
               f"{pre}AdamW states ({dtype})": 2 * p * trained_held}
-    # a frozen copy of the policy: a LoRA run's base is shared with it, except under FSDP2 (Trainer's frozen_copy)
+    # a frozen copy of the policy: a LoRA run's base is shared with it, except under FSDP2 (models.trainable.frozen_copy)
     copy = p * ((held + trained_held) if fsdp else trained) if r else p * held
     if kl_reference:
         parts[f"KL reference ({dtype})"] = copy
@@ -403,10 +403,14 @@ def estimate_memory(model: ModelShape | nn.Module, *, tokens: int, world_size: i
     return MemoryEstimate(parts, inputs)
 
 
-def _check_cp(shape: ModelShape, tokens: int, world_size: int, cp, cp_attention: str = "ulysses") -> int:
-    _positive("context_parallel", cp)
+def _check_cp_attention(cp_attention: str) -> None:
     if cp_attention not in CP_ATTENTION:
         raise ValueError(f"memory estimate: 'cp_attention' must be one of {CP_ATTENTION}, got {cp_attention!r}")
+
+
+def _check_cp(shape: ModelShape, tokens: int, world_size: int, cp, cp_attention: str = "ulysses") -> int:
+    _positive("context_parallel", cp)
+    _check_cp_attention(cp_attention)
     if world_size % cp:
         raise ValueError(f"memory estimate: 'context_parallel' = {cp} must divide 'world_size' ({world_size})")
     if tokens % cp:
@@ -432,8 +436,7 @@ def cp_communication(model: ModelShape, *, tokens: int, context_parallel: int, r
     cp = _positive("context_parallel", context_parallel)
     if tokens % cp:
         raise ValueError(f"memory estimate: 'context_parallel' = {cp} must divide the tokens per sample ({tokens:,})")
-    if cp_attention not in CP_ATTENTION:
-        raise ValueError(f"memory estimate: 'cp_attention' must be one of {CP_ATTENTION}, got {cp_attention!r}")
+    _check_cp_attention(cp_attention)
     leave = (cp - 1) / cp
     c, n = compute_bytes, tokens
     block = (n // cp) * model.hidden  # one rank's k (or v, q, out) of one block and row, in values

@@ -5,7 +5,6 @@ keyed by everything that determines it (model, pretraining config, data).
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ddrl_engine.algorithms import policy_data_loss
 from ddrl_engine.data import Dataset, default_cache_dir
+from ddrl_engine.models.trainable import frozen_copy
 from ddrl_engine.sampling import RectifiedFlowSDE
 from ddrl_engine.trainer.builders import build_model
 from ddrl_engine.trainer.config import TrainConfig
@@ -52,7 +52,7 @@ def pretrain_base(cfg: TrainConfig, dataset: Dataset, *, device="cpu", progress=
 
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = frozen_copy(model, share_frozen=False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain.lr, weight_decay=0.0,
                             fused=device != "cpu" and torch.cuda.is_available())
     gen = torch.Generator(device).manual_seed(cfg.run.seed)
