@@ -335,9 +335,10 @@ def cmd_memory(args):
               f"{tp['attention'] / tp['forward']:.0%} attention); at an ASSUMED MFU of {args.mfu:g} of the "
               f"{PEAK_TFLOPS['H100 SXM']:g} TFLOP/s bf16 dense peak (H100 SXM = H200 SXM): {tp['seconds']:,.2f} s/step, "
               f"{tp['samples_per_s']:.3g} rollout samples/s per GPU ({tp['samples_per_s'] * w:.3g} over {w} GPUs)")
-        tuning = (f"LoRA rank {args.lora_rank} (frozen {args.dtype} base; adapters, their gradients and AdamW states in "
-                  f"{args.dtype})" if args.lora_rank else
-                  f"full fine-tuning (every parameter trained; {args.dtype} weights, gradients and AdamW states)")
+        tuning = (f"LoRA rank {args.lora_rank} (frozen {args.dtype} base; fp32 adapters, their gradients and AdamW "
+                  "states)" if args.lora_rank else
+                  "full fine-tuning (every parameter trained; fp32 master weights, gradients and AdamW states "
+                  "whatever --dtype)")
         print(f"ESTIMATE from the formulas in ddrl_engine/trainer/memory.py and throughput.py (not measured), for {tuning}; "
               "CUDA context, NCCL buffers and fragmentation are not included; the time leaves out rewards, evaluation, "
               "communication and the optimizer\n")

@@ -338,3 +338,47 @@ def test_lora_trainer_reference_and_ema_share_the_base(tmp_path, monkeypatch):
         assert all(torch.equal(v, lora_tensors(b)[k]) for k, v in lora_tensors(a).items())
     assert all(p is dict(resumed.policy.named_parameters())[k] for k, p in resumed.reference.named_parameters()
                if "lora_" not in k)  # resuming keeps the base shared
+
+
+# ------------------------------------------------------------------------------------ adapters' dtype
+
+
+def _changed_fraction_after_one_step(policy, shape, lr):
+    """Fraction of the lora_A entries one AdamW step at `lr` moves (the loss reaches A through a non-zero B)."""
+    perturb_lora_b(policy)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_A" in n}
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    x, t, cond = inputs(shape)
+    policy(x, t, cond).float().square().mean().backward()
+    opt.step()
+    after = dict(policy.named_parameters())
+    moved = sum(int((after[n].detach() != v).sum()) for n, v in before.items())
+    return moved / sum(v.numel() for v in before.values())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_adapters_of_a_bf16_base_are_fp32_and_train(name, seed):
+    """enable_lora on a bf16 base makes fp32 adapters (peft's autocast_adapter_dtype): the seeded draws are
+    the fp32 base's exactly, the base stays bf16, and one AdamW step at lr 1e-4 moves (nearly) every lora_A
+    entry. With autocast_adapter_dtype=False (bf16 adapters, the old behaviour) most of those updates round
+    away: lora_A's entries ~1/sqrt(fan_in) have a bf16 resolution above the step."""
+    torch.manual_seed(seed)
+    ref, shape = build(name)
+    ref.enable_lora(rank=4, seed=seed)
+    policy, _ = build(name)
+    policy.model.to(torch.bfloat16)
+    policy.enable_lora(rank=4, seed=seed)
+    trained = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    assert trained and {p.dtype for p in trained.values()} == {torch.float32}
+    assert {p.dtype for p in policy.parameters() if not p.requires_grad} == {torch.bfloat16}
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(trained[n], p), n  # the fp32 seeded draw, not its bf16 rounding
+    fp32 = _changed_fraction_after_one_step(policy, shape, lr=1e-4)
+    bf16, _ = build(name)
+    bf16.model.to(torch.bfloat16)
+    bf16.enable_lora(rank=4, seed=seed, autocast_adapter_dtype=False)
+    assert {p.dtype for p in bf16.parameters() if p.requires_grad} == {torch.bfloat16}
+    rounded = _changed_fraction_after_one_step(bf16, shape, lr=1e-4)
+    print(f"{name}: lora_A entries moved by one step at lr 1e-4: fp32 adapters {fp32:.1%}, bf16 adapters {rounded:.1%}")
+    assert fp32 > 0.95 and rounded < 0.5 * fp32, (fp32, rounded)

@@ -61,50 +61,51 @@ def test_one_process_matches_a_real_model_after_an_optimizer_step():
     assert "FSDP2 unsharded in flight" not in est.parts
 
 
-def _lora_held_bytes(policy, opt) -> dict:
+def _lora_held_bytes(policy, opt, dtype="fp32") -> dict:
     """held_bytes of a LoRA policy: the frozen base, and the adapters with their gradients and moments."""
     nbytes = lambda ts: sum(_local(t).numel() * _local(t).element_size() for t in ts)  # noqa: E731
     trained = [p for p in policy.parameters() if p.requires_grad]
     moments = [s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]
-    return {"frozen base (fp32)": nbytes(p for p in policy.parameters() if not p.requires_grad),
+    return {f"frozen base ({dtype})": nbytes(p for p in policy.parameters() if not p.requires_grad),
             "LoRA weights (fp32)": nbytes(trained), "LoRA gradients (fp32)": nbytes(p.grad for p in trained),
             "LoRA AdamW states (fp32)": nbytes(moments)}
 
 
-def _fsdp_worker(rank: int, world: int, store: str, out: str, lora_rank: int) -> None:
+def _fsdp_worker(rank: int, world: int, store: str, out: str, lora_rank: int, dtype: str) -> None:
     import torch.distributed as dist
 
     from ddrl_engine.trainer.distributed import Distributed
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        policy = tiny_wan_policy()
+        policy = tiny_wan_policy(dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
         if lora_rank:
-            policy.enable_lora(lora_rank, seed=0)
+            policy.enable_lora(lora_rank, seed=0)  # fp32 adapters on a bf16 base: FSDP2 shards both dtypes
         Distributed("fsdp", rank, world, "cpu").fully_shard(policy)
         torch.manual_seed(1)  # the same batch on every rank
         opt = one_step(policy)
         with open(f"{out}.{rank}", "w") as f:
-            json.dump((_lora_held_bytes if lora_rank else held_bytes)(policy, opt), f)
+            json.dump(_lora_held_bytes(policy, opt, dtype) if lora_rank else held_bytes(policy, opt), f)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lora_rank", [0, 3])
-def test_fsdp2_shards_match_at_world_size_2(tmp_path, lora_rank):
-    """FSDP2 shards of a full and a LoRA fine-tune (the frozen base is sharded too; rank 3: odd rows)."""
+@pytest.mark.parametrize("lora_rank,dtype", [(0, "fp32"), (3, "fp32"), (3, "bf16")])
+def test_fsdp2_shards_match_at_world_size_2(tmp_path, lora_rank, dtype):
+    """FSDP2 shards of a full and a LoRA fine-tune (the frozen base is sharded too; rank 3: odd rows); a
+    LoRA run's adapters are fp32 on a bf16 base."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "held"), lora_rank), nprocs=2)
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "held"), lora_rank, dtype), nprocs=2)
     ranks = [json.loads((tmp_path / f"held.{r}").read_text()) for r in range(2)]
     policy = tiny_wan_policy()
-    est = estimate_memory(policy, tokens=48, world_size=2, lora_rank=lora_rank)
-    base = 4 * sum(p.numel() for p in policy.parameters())
+    est = estimate_memory(policy, tokens=48, world_size=2, lora_rank=lora_rank, dtype=dtype)
+    base = (4 if dtype == "fp32" else 2) * sum(p.numel() for p in policy.parameters())
     total = 4 * ModelShape.from_module(policy).lora_params(lora_rank) if lora_rank else base
     pre = "LoRA " if lora_rank else ""
     parts = [(f"{pre}weights (fp32)", 1), (f"{pre}gradients (fp32)", 1), (f"{pre}AdamW states (fp32)", 2)]
-    for part, factor in parts + ([("frozen base (fp32)", 1)] if lora_rank else []):
+    for part, factor in parts + ([(f"frozen base ({dtype})", 1)] if lora_rank else []):
         # The estimate is the largest rank's shard (rank 0: ceil(rows / 2) rows of every parameter).
         assert est.parts[part] == max(r[part] for r in ranks) == ranks[0][part], part
         assert sum(r[part] for r in ranks) == factor * (base if part.startswith("frozen") else total), part
@@ -518,8 +519,8 @@ def _tiny_policy(family, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rank", [2, 8])
 def test_lora_parts_match_a_real_optimizer_step(family, dtype, rank, seed):
-    """enable_lora (what a pipeline run with model.lora_rank does) then one AdamW step: the frozen base and the
-    adapters, their gradients and AdamW states are what the estimate says, in the policy's dtype."""
+    """enable_lora (what a pipeline run with model.lora_rank does) then one AdamW step: the frozen base in the
+    policy's dtype, and the fp32 adapters, their gradients and AdamW states are what the estimate says."""
     policy, (x, t, cond) = _tiny_policy(family, dtype, seed)
     shape = ModelShape.from_module(policy)
     assert policy.enable_lora(rank, seed=seed) == shape.lora_params(rank)
@@ -532,17 +533,18 @@ def test_lora_parts_match_a_real_optimizer_step(family, dtype, rank, seed):
                           kl_reference=True, ema=True)
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
     trained = [p for p in policy.parameters() if p.requires_grad]
-    assert all(p.grad is None for p in frozen) and {p.dtype for p in trained} == {dtype}
-    got = {f"frozen base ({name})": nbytes(frozen), f"LoRA weights ({name})": nbytes(trained),
-           f"LoRA gradients ({name})": nbytes(p.grad for p in trained),
-           f"LoRA AdamW states ({name})": nbytes(s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))}
+    assert all(p.grad is None for p in frozen) and {p.dtype for p in trained} == {torch.float32}
+    assert {p.dtype for p in frozen if p.is_floating_point()} >= {dtype}
+    got = {f"frozen base ({name})": nbytes(frozen), "LoRA weights (fp32)": nbytes(trained),
+           "LoRA gradients (fp32)": nbytes(p.grad for p in trained),
+           "LoRA AdamW states (fp32)": nbytes(s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))}
     assert {k: est.parts[k] for k in got} == got
     # the KL reference and the EMA (Trainer's frozen_copy, one process: the base shared) add the adapters
     from ddrl_engine.models.trainable import frozen_copy
 
     own = {id(p) for p in policy.parameters()}
     added = nbytes(p for p in frozen_copy(policy, True).parameters() if id(p) not in own)
-    assert est.parts[f"KL reference ({name})"] == est.parts[f"EMA weights ({name})"] == added == nbytes(trained)
+    assert est.parts["KL reference (fp32 adapters)"] == est.parts["EMA weights (fp32 adapters)"] == added == nbytes(trained)
 
 
 def test_lora_and_dtype_shrink_the_weight_parts():
@@ -555,37 +557,51 @@ def test_lora_and_dtype_shrink_the_weight_parts():
     n_lora = shape.lora_params(32)
     assert n_lora == 32 * 2 * 3072 * (19 * 4 + 38 * 3)  # double blocks q, k, v, out; single blocks q, k, v
     # lora_A [32, h] and lora_B [h, 32] split by rows over 8 ranks
-    assert lora.parts["LoRA weights (bf16)"] == 2 * (19 * 4 + 38 * 3) * (4 * 3072 + 384 * 32)
-    assert lora.parts["LoRA AdamW states (bf16)"] == 2 * lora.parts["LoRA weights (bf16)"]
+    assert lora.parts["LoRA weights (fp32)"] == 4 * (19 * 4 + 38 * 3) * (4 * 3072 + 384 * 32)  # fp32 adapters
+    assert lora.parts["LoRA AdamW states (fp32)"] == 2 * lora.parts["LoRA weights (fp32)"]
     assert _act(lora) < 0.65 * _act(full16) and lora.total < 0.5 * full16.total
     ddp = estimate_memory(shape, tokens=4096, world_size=8, parallel="ddp", dtype="bf16", lora_rank=32)
-    assert ddp.parts["LoRA gradients (bf16)"] == 2 * 2 * n_lora  # + DDP's buckets of the trained parameters
+    assert ddp.parts["LoRA gradients (fp32)"] == 2 * 4 * n_lora  # + DDP's buckets of the trained parameters
+    # One process: peft runs the fp32 adapters over a bf16 base on fp32 copies of their inputs (factors (2, 4));
+    # under FSDP2 on CUDA both compute in bf16 (factors (2, 2)).
+    wan = PRESETS["wan2.1-1.3b"].shape
+    h, f, r, n = wan.hidden, wan.ffn_dim, 32, 1000
+    for parallel, key in (("none", (2, 4)), ("fsdp", (2, 2))):
+        est = estimate_memory(wan, tokens=n, world_size=1, parallel=parallel, dtype="bf16", lora_rank=r, data_per_rank=0)
+        ah, af, ao = LORA_ACTIVATION_FACTORS[key]
+        assert _act(est) == n * (wan.num_blocks * (ah * h + af * f + key[1] * r * LORA_ADAPTERS["wan"][1]) + ao * h)
+        assert est.inputs["adapter_bytes"] == key[1]
     with pytest.raises(ValueError, match="'dtype'"):
         estimate_memory(shape, tokens=4096, world_size=8, dtype="int8")
     with pytest.raises(ValueError, match="'lora_rank'"):
         estimate_memory(shape, tokens=4096, world_size=8, lora_rank=-1)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_lora_activation_factors_match_what_autograd_saves(dtype, seed):
+@pytest.mark.parametrize("dtype,fp32_adapters", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, True)],
+                         ids=["bf16 adapters (FSDP2 compute)", "bf16 base fp32 adapters", "fp32"])
+def test_lora_activation_factors_match_what_autograd_saves(dtype, fp32_adapters, seed):
     """Re-measures LORA_ACTIVATION_FACTORS (Wan) and LORA_BLOCK_FACTORS / LORA_OUT_FACTORS (MMDiT) with adapters
-    of ranks 4 and 8 on a frozen base: the intercept is the factor, the slope c R per adapter and token."""
+    of ranks 4 and 8 on a frozen base, per (base, adapter) compute bytes: the intercept is the factor, the
+    slope a R per adapter and token. bf16 adapters are what FSDP2's MixedPrecisionPolicy computes with."""
     from ddrl_engine.models.diffusers import TextCondition
 
-    c, h = dtype.itemsize, 64
+    h = 64
+    a = 4 if fp32_adapters else dtype.itemsize
+    key = (dtype.itemsize, a)
 
     def lora(policy, rank):
-        policy.enable_lora(rank, seed=seed)
+        policy.enable_lora(rank, seed=seed, autocast_adapter_dtype=fp32_adapters)
+        assert {p.dtype for p in policy.parameters() if p.requires_grad} == {torch.float32 if a == 4 else dtype}
         return policy
 
     def wan_per_token(layers, ffn, rank):
         return _wan_saved_bytes_per_token(lora(tiny_wan_policy(layers=layers, ffn=ffn, dtype=dtype), rank), dtype)
 
-    ah, af, ao = LORA_ACTIVATION_FACTORS[c]
+    ah, af, ao = LORA_ACTIVATION_FACTORS[key]
     for ffn in (128, 512):
         block = {r: wan_per_token(2, ffn, r) - wan_per_token(1, ffn, r) for r in (4, 8)}
-        assert block[8] - block[4] == pytest.approx(c * 4 * LORA_ADAPTERS["wan"][1], rel=0.02), block
-        assert block[4] - c * 4 * LORA_ADAPTERS["wan"][1] == pytest.approx(ah * h + af * ffn, rel=0.1), (ffn, block)
+        assert block[8] - block[4] == pytest.approx(a * 4 * LORA_ADAPTERS["wan"][1], rel=0.02), block
+        assert block[4] - a * 4 * LORA_ADAPTERS["wan"][1] == pytest.approx(ah * h + af * ffn, rel=0.1), (ffn, block)
     one = wan_per_token(1, 128, 4)
     assert one - (wan_per_token(2, 128, 4) - one) == pytest.approx(ao * h, rel=0.35, abs=h)
 
@@ -601,12 +617,12 @@ def test_lora_activation_factors_match_what_autograd_saves(dtype, seed):
     for r in (4, 8):
         one, block = _mmdit_block_bytes(lambda policy: per_token(lora(policy, r)), dtype)
         for kind, (img, txt) in block.items():
-            want_img, want_txt = LORA_BLOCK_FACTORS[kind][c]
+            want_img, want_txt = LORA_BLOCK_FACTORS[kind][key]
             _, on_img, on_txt = LORA_ADAPTERS[kind]
-            assert img == pytest.approx(want_img * h + c * r * on_img, rel=0.03), (kind, r, img / h)
-            assert txt == pytest.approx(want_txt * h + c * r * on_txt, rel=0.03), (kind, r, txt / h)
-        assert one["sd3"][0] - block["sd3"][0] == pytest.approx(LORA_OUT_FACTORS["sd3"][c] * h, rel=0.35, abs=h)
-        assert one["flux"][0] - block["flux_double"][0] == pytest.approx(LORA_OUT_FACTORS["flux"][c] * h, rel=0.35, abs=h)
+            assert img == pytest.approx(want_img * h + a * r * on_img, rel=0.03), (kind, r, img / h)
+            assert txt == pytest.approx(want_txt * h + a * r * on_txt, rel=0.03), (kind, r, txt / h)
+        assert one["sd3"][0] - block["sd3"][0] == pytest.approx(LORA_OUT_FACTORS["sd3"][key] * h, rel=0.35, abs=h)
+        assert one["flux"][0] - block["flux_double"][0] == pytest.approx(LORA_OUT_FACTORS["flux"][key] * h, rel=0.35, abs=h)
 
 
 def _tiny_experts(seed, dtype=torch.float32):

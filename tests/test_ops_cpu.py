@@ -149,6 +149,38 @@ def test_step_logprob_grad_only_model_out(seed):
 
 # ---- properties shared by both ops --------------------------------------------------------
 
+@pytest.mark.parametrize("op", ["diffusion_loss", "step_logprob"])
+def test_backward_is_one_scale_rows_per_input_and_nothing_else(op, seed):
+    """A backward reads the stored residual once per input gradient (ddrl::scale_rows) and does nothing of
+    the input's size besides: no zero-filled gradient of the residual output (autograd materialised one
+    on every backward, 2-3x the backward's own cost on CPU, before set_materialize_grads(False))."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.big = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            tensors = lambda tree: [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]  # noqa: E731
+            seen = {t.untyped_storage().data_ptr() for t in tensors((args, kwargs))}
+            # input-sized results in new memory (views and in-place results, e.g. detach, are not work)
+            if any(t.numel() >= 4 * 4096 and t.untyped_storage().data_ptr() not in seen for t in tensors(out)):
+                self.big.append(str(func.overloadpacket))
+            return out
+
+    a, b, c = (rand((4, 4096), torch.float32, True) for _ in range(3))
+    if op == "diffusion_loss":
+        loss = ops.diffusion_loss(a, b, c, noise_coef=torch.rand(4), data_coef=-1.0)
+    else:
+        loss = ops.step_logprob(a, b, c, x_coef=torch.rand(4), out_coef=0.3, std=torch.rand(4) + 0.5).sum()
+    with Calls() as calls:
+        loss.backward()
+    assert calls.big == ["ddrl.scale_rows"] * 3, calls.big
+    assert all(t.grad is not None and t.grad.shape == (4, 4096) for t in (a, b, c))
+
+
 @pytest.mark.parametrize("cols", [7, 8192, 20001])
 def test_batch_invariance_bitwise(cols, seed):
     """A row's result must not depend on what else is in the batch (on-policy ratio == 1)."""
@@ -325,10 +357,20 @@ def test_row_sums_follow_the_documented_order_bitwise(cols, dtype, seed):
         delta = f32(p[i]) - (np.float32(xc[i]) * f32(d[i]) + np.float32(oc[i]) * f32(e[i]) + f32(off[i]))
         s = np.float32(std[i])
         sum_sq = _lane_order_sum(delta * delta)
-        const = np.float32(np.log(s)) + np.float32(0.91893853320467274178)
+        # the C library's logf, which the kernel calls (numpy's float32 log differs in the last bit for
+        # ~3% of inputs, and with cancellation that is several ulps of lp)
+        const = np.float32(_libm_logf(float(s))) + np.float32(0.91893853320467274178)
         want_lp = -(sum_sq / (np.float32(2) * s * s)) - const * np.float32(cols)
-        # logf may differ from numpy's log in the last bit: allow 1 ulp on the constant term only.
-        assert abs(got_lp[i].item() - float(want_lp)) <= 2 * np.spacing(np.float32(abs(want_lp))), (i, got_lp[i].item(), float(want_lp))
+        assert got_lp[i].item() == float(want_lp), (i, got_lp[i].item(), float(want_lp))
+
+
+def _libm_logf(x: float) -> float:
+    import ctypes
+    import ctypes.util
+
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    libm.logf.restype, libm.logf.argtypes = ctypes.c_float, [ctypes.c_float]
+    return libm.logf(x)
 
 
 def _capability_outputs(ins: dict) -> dict:

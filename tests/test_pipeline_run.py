@@ -497,8 +497,11 @@ def test_full_fine_tune_in_bf16_trains_fp32_master_weights(assets, tmp_path, cap
     assert any("trained in fp32 (loaded in bf16" in line for line in logs)
     encoders = [bundle.vae, bundle.pipeline.text_encoder]
     assert all({p.dtype for p in e.parameters()} == {torch.bfloat16} for e in encoders)
-    lora = load_policy(replace(cfg, model=replace(cfg.model, lora_rank=4)), log=lambda *_: None).policy
+    lora_logs = []
+    lora = load_policy(replace(cfg, model=replace(cfg.model, lora_rank=4)), log=lora_logs.append).policy
     assert {p.dtype for p in lora.parameters() if not p.requires_grad} == {torch.bfloat16}  # a LoRA base stays bf16
+    assert {p.dtype for p in lora.parameters() if p.requires_grad} == {torch.float32}  # its adapters are fp32
+    assert any("fp32 adapters on the bf16 base" in line for line in lora_logs), lora_logs
     start = {k: v.clone() for k, v in bundle.policy.state_dict().items()}
     rc, _, err = cli(capsys, "train", "--config", path)
     assert rc == 0, err
@@ -510,6 +513,42 @@ def test_full_fine_tune_in_bf16_trains_fp32_master_weights(assets, tmp_path, cap
     matrices = [k for k, v in start.items() if v.dim() == 2 and "weight" in k]
     changed = sum((after[k] != start[k]).sum().item() for k in matrices)
     assert changed > 0.9 * sum(start[k].numel() for k in matrices)
+
+
+def test_lora_in_bf16_trains_fp32_adapters_and_exports(assets, tmp_path, capsys):
+    """[model] dtype = "bf16" with LoRA: the checkpoint's adapters are fp32 and moved by training, the base
+    stays bf16, and the export loads into a bf16 diffusers pipeline as those adapters rounded to bf16
+    (diffusers casts them into its bf16 LoRA layers), whose output is the trained policy's."""
+    c = config(assets, tmp_path / "run", model__dtype="bf16", run__steps=1, eval__heldout_loss_levels=1)
+    c["optim"] = {"lr": 1e-3}  # a step that moves the bf16 output visibly
+    rc, _, err = cli(capsys, "train", "--config", write(tmp_path / "run.toml", c))
+    assert rc == 0, err
+    cfg, policy = trained_policy(tmp_path / "run")
+    ours = {n.removeprefix("model.").replace(".default.", "."): p for n, p in policy.named_parameters() if p.requires_grad}
+    assert ours and {p.dtype for p in ours.values()} == {torch.float32}
+    assert {p.dtype for p in policy.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert any(p.abs().max() > 0 for n, p in ours.items() if "lora_B" in n)  # trained (B starts at zero)
+    rc, _, err = cli(capsys, "export", "--run", tmp_path / "run", "--out", tmp_path / "lora")
+    assert rc == 0, err
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(assets["sd3"], local_files_only=True, dtype=torch.bfloat16)
+    base = type(policy)(pipe.transformer, policy.sample_shape, ddrl_attention=False).eval()
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(2, *policy.sample_shape, generator=g), torch.tensor([0.3, 0.8])
+    cond = text_condition("sd3", assets["sd3"])
+    cond = type(cond)(cond.embeds.to(torch.bfloat16), cond.pooled.to(torch.bfloat16))
+    with torch.no_grad():
+        before = base(x, t, cond).float()
+        pipe.load_lora_weights(tmp_path / "lora")
+        (adapter,) = pipe.transformer.peft_config
+        loaded = {n.replace(f".{adapter}.", "."): p for n, p in pipe.transformer.named_parameters() if "lora_" in n}
+        assert loaded.keys() == ours.keys()
+        for k, p in loaded.items():
+            assert p.dtype == torch.bfloat16 and torch.equal(p, ours[k].to(torch.bfloat16)), k
+        theirs = base(x, t, cond).float()
+        trained = policy(x, t, cond).float()
+    moved, apart = (trained - before).abs().max(), (theirs - trained).abs().max()
+    print(f"bf16 LoRA export: training moved the output by {float(moved):.3g}; exported vs trained {float(apart):.3g}")
+    assert moved > 0 and apart <= 0.5 * moved, (float(apart), float(moved))  # the adapters above are exact
 
 
 @pytest.mark.slow

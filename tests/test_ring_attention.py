@@ -319,10 +319,12 @@ def test_block_ops_refuse_fp32_cuda_rows_the_kernel_pads():
 
 
 def test_ring_refuses_unequal_shards():
-    """q, k, v of other shapes (cross-attention, unequal shards) are one error naming the shapes, before
-    any communication (the group is a stand-in)."""
+    """q, k, v of other shapes (cross-attention, unequal shards) or of mixed dtypes are one error naming
+    them, before any communication (the group is a stand-in)."""
     from ddrl_engine.attention.ring import ring_attention
 
     q = torch.zeros(1, 2, 4, 8)
     with pytest.raises(ValueError, match=r"q, k, v of one shape .* got q \(1, 2, 4, 8\), k \(1, 2, 6, 8\)"):
         ring_attention(q, torch.zeros(1, 2, 6, 8), torch.zeros(1, 2, 6, 8), object())
+    with pytest.raises(ValueError, match=r"one dtype and device, got q torch.float32 on cpu, k torch.bfloat16"):
+        ring_attention(q, q.bfloat16(), q, object())

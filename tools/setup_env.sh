@@ -15,7 +15,7 @@ fi
 PY="$VENV/bin/python"
 echo "== installing $TORCH_SPEC and the build/runtime dependencies"
 "$PY" -m pip install -q --upgrade pip setuptools wheel
-"$PY" -m pip install -q "$TORCH_SPEC" ninja pybind11 numpy scipy scikit-learn safetensors tqdm matplotlib pillow nvtx pytest nvidia-cutlass \
+"$PY" -m pip install -q "$TORCH_SPEC" ninja pybind11 numpy scipy scikit-learn safetensors tqdm matplotlib pillow nvtx pytest pytest-xdist nvidia-cutlass \
   "diffusers==0.42.1" "peft==0.21.2" "open_clip_torch==3.3.0" "av==18.1.0"
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda

@@ -134,4 +134,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group, scale: float | None =
     if not (q.shape == k.shape == v.shape):
         raise ValueError(f"ring attention needs q, k, v of one shape [B, H, S/N, D] (self-attention over equally "
                          f"sharded tokens), got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError(f"ring attention needs q, k, v of one dtype and device, got q {q.dtype} on {q.device}, "
+                         f"k {k.dtype} on {k.device}, v {v.dtype} on {v.device}")
     return _RingAttention.apply(q, k, v, group, scale)

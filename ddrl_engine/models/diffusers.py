@@ -39,7 +39,8 @@ Two-expert Wan2.2 (A14B). `WanExpertsPolicy` holds `transformer` (high noise) an
 noise) and routes each row by its level as WanPipeline does (boundary_ratio * num_train_timesteps).
 
 LoRA. `enable_lora(rank=..., alpha=..., target_modules=..., seed=...)` adds peft LoRA adapters and
-freezes every other parameter (with a seed, the adapter does not depend on the global RNG).
+freezes every other parameter (with a seed, the adapter does not depend on the global RNG); the
+adapters of a bf16 / fp16 base are fp32, as peft's get_peft_model makes them (autocast_adapter_dtype).
 `trainable_state_dict()` / `load_trainable_state_dict(sd)` are the adapter tensors alone (the whole
 state dict without LoRA); `ddrl_engine.models.lora_export` writes them for `pipe.load_lora_weights`.
 
@@ -50,6 +51,7 @@ the cause and the fix. diffusers and peft are optional: `pip install ddrl-engine
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -65,6 +67,7 @@ from torch.overrides import TorchFunctionMode
 from ..attention import attention
 from ..attention.context_parallel import check_context_parallel, gather_sequence, split_sequence, ulysses_attention
 from .policy import Policy
+from .trainable import upcast_trained
 
 __all__ = [
     "DDRLAttnProcessor",
@@ -427,9 +430,17 @@ class DiffusersPolicy(Policy):
 
     def enable_lora(self, rank: int = 16, alpha: Optional[float] = None,
                     target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
-                    adapter_name: str = "default", seed: Optional[int] = None) -> int:
+                    adapter_name: str = "default", seed: Optional[int] = None,
+                    autocast_adapter_dtype: bool = True) -> int:
         """Adds peft LoRA adapters (rank, alpha = rank by default) to `target_modules` and freezes all
         other parameters; returns the number of trainable parameters.
+
+        autocast_adapter_dtype (peft's get_peft_model flag of the same name and default): adapters of a
+        bf16 / fp16 base are made fp32, so AdamW steps fp32 values (on bf16 adapters most updates round
+        away: lora_A's entries are ~1/sqrt(h), whose bf16 resolution exceeds an lr 1e-4 step; measured in
+        tests/test_lora.py). peft then runs each adapter in fp32 on an fp32 copy of its input
+        (more activation memory, trainer.memory); FSDP2's MixedPrecisionPolicy computes them in bf16 on
+        CUDA. False keeps peft's add_adapter behaviour: adapters in the base's dtype.
 
         seed: None keeps peft's initialisation, which draws lora_A from the global RNG in whatever state
         it is. With a seed, the adapter is a function of (model structure, seed) only:
@@ -459,12 +470,12 @@ class DiffusersPolicy(Policy):
             config = LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha),
                                 target_modules=list(target_modules), init_lora_weights=True)
             model.requires_grad_(False)
-            if seed is None:
+            cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+            with contextlib.nullcontext() if seed is None else torch.random.fork_rng(devices=cuda):
                 model.add_adapter(config, adapter_name=adapter_name)
-            else:
-                cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-                with torch.random.fork_rng(devices=cuda):
-                    model.add_adapter(config, adapter_name=adapter_name)
+            if autocast_adapter_dtype:  # before seeding, which then keeps its fp32 draws exactly
+                upcast_trained(model)
+            if seed is not None:
                 self._seed_lora(adapter_name, self.expert_seed(seed, index), model)
         return sum(p.numel() for model in self.experts for p in model.parameters() if p.requires_grad)
 

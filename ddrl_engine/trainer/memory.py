@@ -64,33 +64,37 @@ but neighbour-to-neighbour and overlapped with the blocks' attention), and a bac
 their fp32 gradients (2 n_cp (N / n_cp) h 4 bytes a block).
 
 The policy's dtype (`dtype`, the [model] dtype of a pipeline run; the built-in DiT is fp32): a pipeline
-run loads the transformer in that dtype. A LoRA run trains its adapters there, so the frozen base, the
-adapters, their gradients and AdamW states take p = 2 bytes a value in bf16 / fp16 (4 in fp32), and under
-DDP or one process the compute dtype is the same (c = p). A full fine-tune keeps the trained transformer in
-fp32 whatever the dtype (master weights: AdamW steps on bf16 weights round most updates away at the usual
-learning rates), so its figures are the fp32 ones (p = 4; c = 2 under FSDP2 on CUDA, 4 otherwise). The
-table above is p = 4. (diffusers keeps a few Wan modules,
+run loads the transformer in that dtype, p = 2 bytes a value in bf16 / fp16 (4 in fp32). Whatever was
+trained is fp32 whatever the dtype (master weights: AdamW steps on bf16 weights round most updates away at
+the usual learning rates): a full fine-tune's figures are the fp32 ones (p = 4; c = 2 under FSDP2 on CUDA,
+4 otherwise), and a LoRA run keeps a frozen base of p bytes a value with fp32 adapters. The table above is
+p = 4. (diffusers keeps a few Wan modules,
 the timestep embedder, modulation tables and norms, in fp32 when it loads in bf16: ~29M parameters a 14B
 expert, left out.)
 
 LoRA (`lora_rank` R > 0, the default lora_targets to_q, to_k, to_v, to_out.0): enable_lora freezes the
-base and peft creates the adapters in the base's dtype, so with P_L = R x 2 h x (adapted Linears, every
-one h -> h: `throughput.LORA_ADAPTERS` per block kind)
+base and makes the adapters fp32 (peft's autocast_adapter_dtype), so with P_L = R x 2 h x (adapted
+Linears, every one h -> h: `throughput.LORA_ADAPTERS` per block kind)
     frozen base    p S                        FSDP2 shards it like any parameter (no gradient, no state)
-    LoRA weights   p S_L, gradients p S_L (+ p P_L under DDP), AdamW states 2 p S_L   S_L = P_L / W
-    reference, EMA p S_L each                  copies of the adapters, the base shared with the policy
-                   (FSDP2: p (S + S_L) each, every model sharded on its own)
+    LoRA weights   4 S_L, gradients 4 S_L (+ 4 P_L under DDP), AdamW states 8 S_L   S_L = P_L / W
+    reference, EMA 4 S_L each                  copies of the adapters, the base shared with the policy
+                   (FSDP2: p S + 4 S_L each, every model sharded on its own)
     fsdp in flight c (2 (Pb + Pb_L) + Pr) + (c + 4) Pb_L   gradients for the block's adapters only
     activations    as above with LORA_ACTIVATION_FACTORS (Wan) / LORA_BLOCK_FACTORS, LORA_OUT_FACTORS
-                   (MMDiT), plus c R per token and adapter of the block (each adapter saves x A^T)
-With the base frozen, autograd keeps far less: a frozen Linear computes no weight gradient, so the
-inputs that only such a gradient needs (the FFN's, the projections') are not saved (Wan in bf16: 40 h +
-2 f per token and block against 68 h + 4 f). The factors were counted like the others
-(`saved_tensor_bytes`, tiny diffusers models with adapters, bf16 / fp32):
-    Wan block (alpha_h, alpha_f, alpha_out)        (40, 2, 2) / (56, 4, 4)
-    SD3 block, SD3.5 dual, per image / text token  36 / 34, 58 / 34; fp32 56 / 52, 85 / 52
-    FLUX double, single                            30 / 28, 28 / 30; fp32 52 / 48, 48 / 52
-    output layers                                  SD3 0, FLUX 4 (both dtypes)
+                   (MMDiT), plus a R per token and adapter of the block (each adapter saves x A^T)
+The adapters compute in a = c bytes under FSDP2 (its MixedPrecisionPolicy casts them); under DDP or one
+process in fp32 (a = 4) over a base computing in c = p, where peft casts each adapter's input to fp32 and
+autograd keeps those copies: the factors are per (c, a). With the base frozen, autograd keeps far less
+than a full fine-tune: a frozen Linear computes no weight gradient, so the inputs that only such a
+gradient needs (the FFN's, the projections') are not saved (Wan in bf16: 40 h + 2 f per token and block
+against 68 h + 4 f). The factors were counted like the others (`saved_tensor_bytes`, tiny diffusers
+models with adapters), (c, a) = (2, 2) / (2, 4) / (4, 4):
+    Wan block (alpha_h, alpha_f, alpha_out)        (40, 2, 2) / (61, 2, 2) / (56, 4, 4)
+    SD3 block per image / text token               36 / 34, 49 / 33, 56 / 52
+    SD3.5 dual block                               58 / 34, 85 / 33, 85 / 52
+    FLUX double block                              30 / 28, 45 / 29, 52 / 48
+    FLUX single block                              28 / 30, 38 / 40, 48 / 52
+    output layers                                  SD3 0, FLUX 4 (all three)
 
 Two experts (Wan2.2 A14B, `ModelShape.experts` = 2; ddrl_engine.models.diffusers.WanExpertsPolicy): both
 transformers are held, sharded and trained (weights, gradients, AdamW states, adapters of both: P, the
@@ -113,14 +117,17 @@ from ddrl_engine.trainer.throughput import (DEFAULT_MFU, LORA_ADAPTERS, MatmulSh
 MASTER_BYTES = 4  # fp32 weights, gradients, optimizer states
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # [model] dtype -> bytes of the policy's parameters
 ACTIVATION_FACTORS = {2: (68, 4, 12), 4: (84, 8, 16)}  # compute bytes -> (alpha_h, alpha_f, alpha_out)
-LORA_ACTIVATION_FACTORS = {2: (40, 2, 2), 4: (56, 4, 4)}  # the same with a frozen base (LoRA)
+# The same with a frozen base (LoRA), by (base compute bytes c, adapter compute bytes a)
+LORA_ACTIVATION_FACTORS = {(2, 2): (40, 2, 2), (2, 4): (61, 2, 2), (4, 4): (56, 4, 4)}
 # MMDiT blocks (module docstring): kind -> compute bytes -> (beta per image token, beta per text token), x hidden
 BLOCK_FACTORS = {"sd3": {2: (58, 58), 4: (100, 100)}, "sd3_dual": {2: (86, 58), 4: (140, 100)},
                  "flux_double": {2: (56, 56), 4: (96, 96)}, "flux_single": {2: (50, 52), 4: (84, 88)}}
 OUT_FACTORS = {"sd3": {2: 6, 4: 12}, "flux": {2: 8, 4: 14}}  # family -> compute bytes -> beta_out, x hidden
-LORA_BLOCK_FACTORS = {"sd3": {2: (36, 34), 4: (56, 52)}, "sd3_dual": {2: (58, 34), 4: (85, 52)},
-                      "flux_double": {2: (30, 28), 4: (52, 48)}, "flux_single": {2: (28, 30), 4: (48, 52)}}
-LORA_OUT_FACTORS = {"sd3": {2: 0, 4: 0}, "flux": {2: 4, 4: 4}}
+LORA_BLOCK_FACTORS = {"sd3": {(2, 2): (36, 34), (2, 4): (49, 33), (4, 4): (56, 52)},
+                      "sd3_dual": {(2, 2): (58, 34), (2, 4): (85, 33), (4, 4): (85, 52)},
+                      "flux_double": {(2, 2): (30, 28), (2, 4): (45, 29), (4, 4): (52, 48)},
+                      "flux_single": {(2, 2): (28, 30), (2, 4): (38, 40), (4, 4): (48, 52)}}
+LORA_OUT_FACTORS = {"sd3": {(2, 2): 0, (2, 4): 0, (4, 4): 0}, "flux": {(2, 2): 4, (2, 4): 4, (4, 4): 4}}
 FAMILIES = ("wan", "sd3", "flux")
 PARALLEL = ("fsdp", "ddp", "none")
 GIB = 1024**3
@@ -216,23 +223,27 @@ class ModelShape:
         """The largest block's adapter parameters."""
         return rank * 2 * self.hidden * max(LORA_ADAPTERS[k][0] for k, _ in self._kinds())
 
-    def activation_bytes(self, tokens: int, compute_bytes: int, checkpointing: bool, lora_rank: int = 0) -> int:
+    def activation_bytes(self, tokens: int, compute_bytes: int, checkpointing: bool, lora_rank: int = 0,
+                         adapter_bytes: int | None = None) -> int:
         """Bytes autograd keeps for one sample of `tokens` image tokens (the module docstring's activations);
-        lora_rank > 0: a frozen base with adapters of that rank. A row runs one expert's blocks."""
+        lora_rank > 0: a frozen base with adapters of that rank computing in `adapter_bytes` (default
+        compute_bytes). A row runs one expert's blocks."""
         h, c, r = self.hidden, compute_bytes, lora_rank
+        a = adapter_bytes or c
+        key = (c, a) if r else c
         if self.family == "wan":
-            alpha_h, alpha_f, alpha_out = (LORA_ACTIVATION_FACTORS if r else ACTIVATION_FACTORS)[c]
+            alpha_h, alpha_f, alpha_out = (LORA_ACTIVATION_FACTORS if r else ACTIVATION_FACTORS)[key]
             # bytes per token and block; each adapter on the image tokens also saves x A^T (r values)
-            block_act = alpha_h * h + alpha_f * self.ffn_dim + c * r * LORA_ADAPTERS["wan"][1]
+            block_act = alpha_h * h + alpha_f * self.ffn_dim + a * r * LORA_ADAPTERS["wan"][1]
             blocks = self.num_blocks // self.experts
             if checkpointing:
                 return tokens * (blocks * c * h + block_act + alpha_out * h)
             return tokens * (blocks * block_act + alpha_out * h)
         text = self.text_tokens
         factors, out_factors = (LORA_BLOCK_FACTORS, LORA_OUT_FACTORS) if r else (BLOCK_FACTORS, OUT_FACTORS)
-        per_block = {k: (factors[k][c][0] * h + c * r * LORA_ADAPTERS[k][1]) * tokens
-                     + (factors[k][c][1] * h + c * r * LORA_ADAPTERS[k][2]) * text for k, _ in self.block_kinds}
-        out = out_factors[self.family][c] * h * tokens
+        per_block = {k: (factors[k][key][0] * h + a * r * LORA_ADAPTERS[k][1]) * tokens
+                     + (factors[k][key][1] * h + a * r * LORA_ADAPTERS[k][2]) * text for k, _ in self.block_kinds}
+        out = out_factors[self.family][key] * h * tokens
         if checkpointing:
             return self.num_blocks * c * h * (tokens + text) + max(per_block.values()) + out
         return sum(n * per_block[k] for k, n in self.block_kinds) + out
@@ -359,11 +370,13 @@ def estimate_memory(model: ModelShape | nn.Module, *, tokens: int, world_size: i
     fsdp = parallel == "fsdp"
     held = shape.shard(world_size) if fsdp else shape.params
     p, r = DTYPE_BYTES[dtype], lora_rank
-    # A full fine-tune keeps its trained weights in fp32 whatever the dtype (master weights; load_policy's
-    # upcast_trained): p then only sizes a LoRA run's frozen base and adapters.
+    # Whatever is trained is fp32 whatever the dtype (master weights: load_policy's upcast_trained for a full
+    # fine-tune, enable_lora's fp32 adapters): p then only sizes a LoRA run's frozen base.
     if not r:
         p, dtype = MASTER_BYTES, "fp32"
     c = 2 if fsdp else p  # FSDP2 computes in bf16 on CUDA; DDP and one process in the weights' dtype
+    a = c if fsdp else MASTER_BYTES  # the adapters' compute bytes: FSDP2 casts them, else peft runs them in fp32
+    t = MASTER_BYTES  # bytes of a trained value
     bound = (lambda rows: min(rows, micro_batch)) if micro_batch else (lambda rows: rows)
     b = max(rows_per_sample * bound(rollout_per_rank), bound(data_per_rank))
     n = tokens
@@ -373,15 +386,18 @@ def estimate_memory(model: ModelShape | nn.Module, *, tokens: int, world_size: i
     trained_held = (shape.lora_shard(r, world_size) if fsdp else trained) if r else held
     pre = "LoRA " if r else ""
     parts = {f"frozen base ({dtype})": p * held} if r else {}
-    parts |= {f"{pre}weights ({dtype})": p * trained_held,
-              f"{pre}gradients ({dtype})": p * trained_held + (p * trained if parallel == "ddp" else 0),
-              f"{pre}AdamW states ({dtype})": 2 * p * trained_held}
+    parts |= {f"{pre}weights (fp32)": t * trained_held,
+              f"{pre}gradients (fp32)": t * trained_held + (t * trained if parallel == "ddp" else 0),
+              f"{pre}AdamW states (fp32)": 2 * t * trained_held}
     # a frozen copy of the policy: a LoRA run's base is shared with it, except under FSDP2 (models.trainable.frozen_copy)
-    copy = p * ((held + trained_held) if fsdp else trained) if r else p * held
+    if r:
+        copy, what = (p * held + t * trained_held, f"{dtype} base + fp32 adapters") if fsdp else (t * trained, "fp32 adapters")
+    else:
+        copy, what = t * held, "fp32"
     if kl_reference:
-        parts[f"KL reference ({dtype})"] = copy
+        parts[f"KL reference ({what})"] = copy
     if ema:
-        parts[f"EMA weights ({dtype})"] = copy
+        parts[f"EMA weights ({what})"] = copy
     if prompts:
         parts["prompt bank (fp32)"] = 4 * (prompts + 1) * shape.text_tokens * shape.text_dim
     parts["rollout states + data latents"] = 4 * (rollout_per_rank * (sampler_steps + 1) + data_per_rank) * n * shape.latent_per_token
@@ -391,14 +407,15 @@ def estimate_memory(model: ModelShape | nn.Module, *, tokens: int, world_size: i
         parts["FSDP2 unsharded in flight"] = c * (2 * block + shape.root_params) + (c + MASTER_BYTES) * block_trained
     name = "activations" + (" (checkpointed)" if activation_checkpointing else "")
     if cp == 1:
-        parts[name] = b * shape.activation_bytes(n, c, activation_checkpointing, r)
+        parts[name] = b * shape.activation_bytes(n, c, activation_checkpointing, r, a)
     else:  # the blocks on this rank's tokens; the gathered output is whole
-        parts[name] = b * (shape.activation_bytes(n // cp, c, activation_checkpointing, r) + c * n * shape.latent_per_token)
+        parts[name] = b * (shape.activation_bytes(n // cp, c, activation_checkpointing, r, a) + c * n * shape.latent_per_token)
     inputs = dict(tokens=tokens, world_size=world_size, rollout_per_rank=rollout_per_rank, data_per_rank=data_per_rank,
                   context_parallel=cp,
                   parallel=parallel, activation_checkpointing=activation_checkpointing, kl_reference=kl_reference,
                   ema=ema, sampler_steps=sampler_steps, prompts=prompts, micro_batch=micro_batch,
-                  guidance_scale=guidance_scale, activation_rows=b, compute_bytes=c, lora_rank=r, dtype=dtype,
+                  guidance_scale=guidance_scale, activation_rows=b, compute_bytes=c, adapter_bytes=a if r else 0,
+                  lora_rank=r, dtype=dtype,
                   trained_params=trained)
     return MemoryEstimate(parts, inputs)
 

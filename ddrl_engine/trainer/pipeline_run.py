@@ -126,7 +126,7 @@ def load_policy(cfg: TrainConfig, *, log=print):
     if m.lora_rank:
         n = bundle.policy.enable_lora(m.lora_rank, alpha=m.lora_alpha or None, target_modules=tuple(m.lora_targets),
                                       seed=cfg.run.seed)
-        log(f"LoRA rank {m.lora_rank}: {n:,} trainable parameters")
+        log(f"LoRA rank {m.lora_rank}: {n:,} trainable parameters (fp32 adapters on the {m.dtype} base)")
     elif n := upcast_trained(bundle.policy):  # full fine-tuning: fp32 master weights (trainable.upcast_trained)
         log(f"full fine-tuning: the transformer's {n:,} parameters are trained in fp32 (loaded in {m.dtype}; "
             f"AdamW on {m.dtype} weights would round most updates away)")
