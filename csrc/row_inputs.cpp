@@ -1,6 +1,7 @@
 #include "row_inputs.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 namespace ddrl {
@@ -38,7 +39,7 @@ RowInputs prepare_row_inputs(const char* op, const std::vector<NamedTensor>& arg
                 " but '", first_name, "' has shape ", first.sizes(), "; they must match");
     TORCH_CHECK(t.device() == first.device(), op, ": '", a.name, "' is on ", t.device(),
                 " but '", first_name, "' is on ", first.device(), "; all tensors must share a device");
-    out.dtype = have_dtype ? at::promote_types(out.dtype, t.scalar_type()) : t.scalar_type();
+    out.dtype = have_dtype ? c10::promoteTypes(out.dtype, t.scalar_type()) : t.scalar_type();
     have_dtype = true;
   }
 

@@ -10,16 +10,11 @@ import torch
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddrl_inductor_")
 
 
-# Under the README's `-n 2 --dist loadgroup` the two pytest-xdist workers take whole files (one xdist
-# group per file; module fixtures are built once). The files whose tests start several processes
-# (torchrun / spawned ranks, 2-4 a test) form one group instead, so they run one after another on one
-# worker while the other takes the single-process files: two multi-process jobs at once would put up to
-# eight processes on two cores. That lane starts first, then the wheel build (80-120 s in one test, which
-# must not be left for last), then the other files by number of tests, most first (pytest_configure
-# turns off xdist's own reordering). Serially (`-n 0`) only the order of files changes.
-MULTIPROCESS_FILES = ("test_distributed.py", "test_context_parallel.py", "test_diffusers_context_parallel.py",
-                      "test_shutdown.py", "test_ring_attention.py", "test_examples.py")
-RUN_FIRST = MULTIPROCESS_FILES + ("test_wheel.py",)
+# Under the README's `-n 2 --dist loadfile` each pytest-xdist worker takes whole files (module fixtures
+# are built once), in this order: RUN_FIRST (the wheel build, 80-120 s in one test, which must not be left
+# for last), then the other files by number of tests, most first (xdist's own order, which
+# pytest_configure turns off to put RUN_FIRST ahead). Serially (`-n 0`) only the order of files changes.
+RUN_FIRST = ("test_wheel.py",)
 
 # The workers share the machine's cores: each takes its share of torch's threads (one each for -n 2 on
 # 2 cores), so no worker's OpenMP threads spin against the other's (test_wheel's compile jobs likewise).
@@ -30,16 +25,11 @@ if _XDIST_WORKERS > 1:
     torch.set_num_threads(max(1, _cores // _XDIST_WORKERS))
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (its own modifyitems hook)
 def pytest_collection_modifyitems(config, items):
     first = {name: i for i, name in enumerate(RUN_FIRST)}
     per_file = collections.Counter(item.path for item in items)
     # stable, and the path in the key keeps each file's tests together and in their order
     items.sort(key=lambda item: (first.get(item.path.name, len(first)), -per_file[item.path], str(item.path)))
-    if config.pluginmanager.hasplugin("xdist"):
-        for item in items:
-            name = item.path.name
-            item.add_marker(pytest.mark.xdist_group("multiprocess" if name in MULTIPROCESS_FILES else name))
     # GPU tests carry their own skipif; this only makes the reason visible in one place.
     if not torch.cuda.is_available():
         for item in items:
@@ -67,7 +57,7 @@ def _seed_from_env() -> int | None:
 
 def pytest_configure(config):
     _seed_from_env()  # a bad value stops the run before any test, with the variable named
-    # xdist would sort the groups by number of tests again, the wheel build last
+    # xdist would sort the files by number of tests again, the wheel build last
     if getattr(config.option, "loadscopereorder", False):
         config.option.loadscopereorder = False
 

@@ -1,6 +1,6 @@
 // CPU kernel of ddrl::diffusion_loss_rows: one pass computes each row's mean squared residual
 // and, when asked, writes the residual so the backward pass only rescales it.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 

@@ -3,7 +3,8 @@
 // read through their strides, as the CUDA pre-pass reads them. The quantised tensors are bitwise
 // those of the GPU pre-pass; the attention differs from the GPU only in the order of the fp32 sums
 // inside a tile (tensor cores) and in exp2f's last bits.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -1,6 +1,6 @@
 // CPU kernel of ddrl::scale_rows: the whole backward pass of the fused ops, one read and one
 // write per element, fp32 math whatever the storage dtype.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

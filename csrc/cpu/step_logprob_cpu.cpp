@@ -1,6 +1,6 @@
 // CPU kernel of ddrl::step_logprob_rows: one pass computes each row's Gaussian log-density and,
 // when asked, writes delta / std, from which backward derives every input's gradient.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 

@@ -1,7 +1,8 @@
 // CUDA implementations of ddrl::fp8_attention_quantize / fp8_attention_quantized: checks, device
 // guard, current stream, then the torch-free launchers (fp8_attention_quant.cu, and
 // cutlass/fp8_attention_sm90.cu when the build had CUTLASS and sm_90a: DDRL_WITH_FP8_SM90).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>

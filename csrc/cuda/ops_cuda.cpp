@@ -1,6 +1,7 @@
 // CUDA implementations of the ddrl ops: argument checks, device guard, current stream, then the
 // torch-free launchers in csrc/cuda/*.cu.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
