@@ -153,7 +153,7 @@ def test_step_logprob_grad_only_model_out(seed):
 def test_backward_is_one_scale_rows_per_input_and_nothing_else(op, seed):
     """A backward reads the stored residual once per input gradient (ddrl::scale_rows) and does nothing of
     the input's size besides: no zero-filled gradient of the residual output (autograd materialised one
-    on every backward, 2-3x the backward's own cost on CPU, before set_materialize_grads(False))."""
+    on every backward, 4x the backward's own cost on CPU, before set_materialize_grads(False))."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Calls(TorchDispatchMode):

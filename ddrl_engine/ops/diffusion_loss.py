@@ -36,7 +36,8 @@ def _setup_context(ctx, inputs, output):
     ctx.cols = pred[0].numel() if pred.shape[0] else 1
     # The stored residual is an output only to reach backward: no gradient flows into it, and none is
     # materialised for it (autograd would otherwise fill a zero tensor of the input's size every backward:
-    # an allocation, its page faults and a write, measured at 2-3x the whole backward's own cost on CPU).
+    # an allocation, its page faults and a write: diffusion_loss fp32 8 x 1M on CPU, backward 15.5 ms with it,
+    # 3.1 ms without).
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1], noise_coef, data_coef)
