@@ -5,6 +5,8 @@ import tempfile
 import pytest
 import torch
 
+from tests.worker_share import worker_cores
+
 # torch.compile caches compiled graphs (backward formulas included) across processes, keyed without
 # our ops' Python autograd code: a stale entry would test an old formula. Compile fresh per run.
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddrl_inductor_")
@@ -19,10 +21,8 @@ RUN_FIRST = ("test_wheel.py",)
 # The workers share the machine's cores: each takes its share of torch's threads (one each for -n 2 on
 # 2 cores), so no worker's OpenMP threads spin against the other's (test_wheel's compile jobs likewise).
 # Tests that need a thread count set it themselves; torchrun ranks run one thread each anyway.
-_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
-if _XDIST_WORKERS > 1:
-    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, _cores // _XDIST_WORKERS))
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1) > 1:
+    torch.set_num_threads(worker_cores())
 
 
 def pytest_collection_modifyitems(config, items):

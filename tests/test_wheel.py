@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.trainer_helpers import TINY_TOML
+from tests.worker_share import worker_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,10 +86,8 @@ def test_cpu_wheel_builds_installs_and_runs_outside_the_source_tree(tmp_path):
     # puts $CFLAGS in their place) plus -g0, the same code compiled a third faster (the build is most of
     # this test's time).
     cflags = os.environ.get("CFLAGS", sysconfig.get_config_var("CFLAGS") or "")
-    # Compile jobs: $MAX_JOBS, else this worker's share of the cores (pytest-xdist workers share them).
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    jobs = os.environ.get("MAX_JOBS") or str(max(1, min(2, cores // workers)))
+    # Compile jobs: $MAX_JOBS, else this worker's share of the cores (at most 2).
+    jobs = os.environ.get("MAX_JOBS") or str(min(2, worker_cores()))
     build_env = dict(base_env, DDRL_ENGINE_CUDA="0", MAX_JOBS=jobs, CFLAGS=f"{cflags} -g0".strip())
     pip = [sys.executable, "-m", "pip"]
     _run(pip + ["wheel", "--no-build-isolation", "--no-deps", "--no-index", "-w", str(wheels), str(src)],
